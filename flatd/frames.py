@@ -1,0 +1,529 @@
+"""Reading FITS headers into typed frames, without touching the pixels.
+
+Headers are parsed from the raw 2880-byte blocks: it is an order of magnitude faster
+than building an astropy Header, and it gives the byte offset of the data, which the
+stacker needs to memory-map row bands. Tile-compressed files (`.fits.fz`) are
+recognised by their ZIMAGE binary table; their pixels are read through astropy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+BLOCK = 2880
+CARD = 80
+FITS_SUFFIXES = (".fit", ".fits", ".fts", ".fit.fz", ".fits.fz", ".fz")
+IGNORED_PATTERNS = (re.compile(r"^[.~]"), re.compile(r"\.(tmp|part|partial|crdownload)$", re.I))
+# Headers longer than this are not FITS written by a camera; stop reading.
+MAX_HEADER_BLOCKS = 200
+
+
+class Kind(str, Enum):
+    FLAT = "flat"
+    DARK = "dark"
+    BIAS = "bias"
+    LIGHT = "light"
+    DARK_FLAT = "dark-flat"
+    MASTER = "master"
+    UNKNOWN = "unknown"
+
+
+class FrameError(Exception):
+    """A file that cannot be used as a frame; carries the file and the reason."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class KeywordMap:
+    """Header keywords tried in order for each fact; settable in the rules file."""
+
+    imagetype: tuple[str, ...] = ("IMAGETYP", "FRAME", "FRAMETYP", "OBSTYPE")
+    filter: tuple[str, ...] = ("FILTER", "FILTNAME", "FILTER1", "FILT-1")
+    exposure: tuple[str, ...] = ("EXPOSURE", "EXPTIME", "EXP", "ITIME")
+    temperature: tuple[str, ...] = ("CCD-TEMP", "CCDTEMP", "DETTEMP", "CCD_TEMP", "TEMPERAT", "SENSTEMP")
+    xbinning: tuple[str, ...] = ("XBINNING", "CCDXBIN", "BINX", "XBIN")
+    ybinning: tuple[str, ...] = ("YBINNING", "CCDYBIN", "BINY", "YBIN")
+    date: tuple[str, ...] = ("DATE-OBS", "DATE-LOC", "DATE")
+    instrument: tuple[str, ...] = ("INSTRUME", "CAMERA")
+    telescope: tuple[str, ...] = ("TELESCOP",)
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Sequence[str]] | None) -> "KeywordMap":
+        """Keywords given in the rules file are tried first, then the defaults."""
+        if not overrides:
+            return cls()
+        base = cls()
+        merged = {}
+        for name, keys in overrides.items():
+            default = getattr(base, name)
+            extra = tuple(k.upper() for k in keys)
+            merged[name] = extra + tuple(k for k in default if k not in extra)
+        return cls(**merged)
+
+
+DEFAULT_KEYWORDS = KeywordMap()
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Facts about one FITS image, read from its header."""
+
+    path: Path
+    kind: Kind
+    width: int
+    height: int
+    xbin: int = 1
+    ybin: int = 1
+    filter: str | None = None
+    exposure: float | None = None
+    temperature: float | None = None
+    set_temperature: float | None = None
+    date: datetime | None = None
+    instrument: str | None = None
+    telescope: str | None = None
+    software: str | None = None
+    bitpix: int = 16
+    bzero: float = 0.0
+    bscale: float = 1.0
+    naxis: int = 2
+    planes: int = 1
+    hdu_index: int = 0
+    compressed: bool = False
+    data_offset: int = 0
+    data_bytes: int = 0
+    file_size: int = 0
+    mtime: float = 0.0
+    headers: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def binning(self) -> str:
+        return f"{self.xbin}x{self.ybin}"
+
+    @property
+    def dimensions(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def size_key(self) -> tuple[int, int, int, int]:
+        """Binning plus dimensions: frames with different keys never combine."""
+        return (self.xbin, self.ybin, self.width, self.height)
+
+    @property
+    def required_bytes(self) -> int:
+        """Bytes the file must hold for its data to be complete (padded to 2880)."""
+        return self.data_offset + _padded(self.data_bytes)
+
+    def header_value(self, key: str) -> object:
+        return self.headers.get(key.upper())
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def parse_card_value(text: str) -> object:
+    """The value of one card's value field (columns 11-80): str, bool, int or float."""
+    text = text.lstrip()
+    if text.startswith("'"):
+        out, i = [], 1
+        while i < len(text):
+            ch = text[i]
+            if ch == "'":
+                if i + 1 < len(text) and text[i + 1] == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                break
+            out.append(ch)
+            i += 1
+        return "".join(out).rstrip()
+    value = text.split("/", 1)[0].strip()
+    if value == "T":
+        return True
+    if value == "F":
+        return False
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value.replace("D", "E").replace("d", "e"))
+    except ValueError:
+        return value
+
+
+def parse_header_bytes(raw: bytes) -> dict[str, object] | None:
+    """Cards of one header up to END, or None if END is not in `raw`."""
+    cards: dict[str, object] = {}
+    text = raw.decode("ascii", errors="replace")
+    for start in range(0, len(text) - CARD + 1, CARD):
+        card = text[start : start + CARD]
+        key = card[:8].rstrip()
+        if key == "END":
+            return cards
+        if card[8:10] == "= " and key not in cards:
+            cards[key] = parse_card_value(card[10:])
+    return None
+
+
+def _has_end_card(block: bytes) -> bool:
+    return any(block[i : i + 8] == b"END     " for i in range(0, BLOCK, CARD))
+
+
+def read_raw_header(handle, path: Path, offset: int) -> tuple[dict[str, object], int]:
+    """Parse the header that starts at `offset`; return its cards and the data offset."""
+    handle.seek(offset)
+    raw = b""
+    for _ in range(MAX_HEADER_BLOCKS):
+        block = handle.read(BLOCK)
+        if len(block) < BLOCK:
+            if not raw and offset == 0 and not block:
+                raise FrameError(path, "empty file (zero length)")
+            raise FrameError(path, "truncated header (file ends before END card)")
+        raw += block
+        if _has_end_card(block):
+            return parse_header_bytes(raw) or {}, offset + len(raw)
+    raise FrameError(path, f"no END card in the first {MAX_HEADER_BLOCKS} header blocks")
+
+
+def _data_bytes(cards: Mapping[str, object]) -> int:
+    naxis = int(cards.get("NAXIS", 0) or 0)
+    if naxis == 0:
+        return 0
+    n = abs(int(cards.get("BITPIX", 8))) // 8
+    for i in range(1, naxis + 1):
+        n *= int(cards.get(f"NAXIS{i}", 0) or 0)
+    gcount = int(cards.get("GCOUNT", 1) or 1)
+    pcount = int(cards.get("PCOUNT", 0) or 0)
+    return gcount * (n + pcount)
+
+
+def read_header_cards(path: Path) -> tuple[dict[str, object], dict]:
+    """Cards of the image header (primary, or the first image/compressed extension).
+
+    Returns the merged cards (primary first, the image extension's on top) and the
+    layout: hdu index, data offset, data bytes, compressed flag, BITPIX and axes.
+    """
+    path = Path(path)
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise FrameError(path, f"cannot open: {exc.strerror or exc}") from None
+    with handle:
+        first = handle.read(10)
+        if not first:
+            raise FrameError(path, "empty file (zero length)")
+        if not first.startswith(b"SIMPLE  ="):
+            raise FrameError(path, "not a FITS file (no SIMPLE card at the start)")
+        primary, data_offset = read_raw_header(handle, path, 0)
+        layout = _image_layout(primary, 0, data_offset, compressed=False)
+        if int(primary.get("NAXIS", 0) or 0) == 0 and primary.get("EXTEND", False):
+            ext_offset = data_offset + _padded(_data_bytes(primary))
+            handle.seek(ext_offset)
+            if handle.read(1):
+                ext, ext_data = read_raw_header(handle, path, ext_offset)
+                xtension = str(ext.get("XTENSION", "")).strip().upper()
+                if xtension == "BINTABLE" and ext.get("ZIMAGE") is True:
+                    merged = {**primary, **{k: v for k, v in ext.items() if not k.startswith("NAXIS") and k != "BITPIX"}}
+                    merged["BITPIX"] = ext.get("ZBITPIX")
+                    merged["NAXIS"] = ext.get("ZNAXIS")
+                    for i in range(1, int(ext.get("ZNAXIS", 0) or 0) + 1):
+                        merged[f"NAXIS{i}"] = ext.get(f"ZNAXIS{i}")
+                    layout = _image_layout(merged, 1, ext_data, compressed=True, stored=_data_bytes(ext))
+                    return merged, layout
+                if xtension == "IMAGE":
+                    merged = {**primary, **ext}
+                    return merged, _image_layout(merged, 1, ext_data, compressed=False)
+        return primary, layout
+
+
+def _image_layout(cards, hdu, offset, compressed, stored=None) -> dict:
+    return {
+        "hdu_index": hdu,
+        "data_offset": offset,
+        "data_bytes": stored if stored is not None else _data_bytes(cards),
+        "compressed": compressed,
+    }
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def _first(cards: Mapping[str, object], keys: Iterable[str]) -> object:
+    for key in keys:
+        value = cards.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def _as_float(value: object) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(str(value).strip().replace(",", "."))
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _as_text(value: object) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+_BINNING_PAIR = re.compile(r"^\s*(\d+)\s*[x*X ,]\s*(\d+)\s*$")
+
+
+def parse_binning(cards: Mapping[str, object], keywords: KeywordMap = DEFAULT_KEYWORDS) -> tuple[int, int]:
+    """XBINNING/YBINNING, else CCDXBIN/CCDYBIN, else CCDSUM '3 3', else BINNING '2*2'."""
+    xb = _as_float(_first(cards, keywords.xbinning))
+    yb = _as_float(_first(cards, keywords.ybinning))
+    if xb is None:
+        for key in ("CCDSUM", "BINNING"):
+            match = _BINNING_PAIR.match(str(cards.get(key, "")))
+            if match:
+                return int(match.group(1)), int(match.group(2))
+        if isinstance(cards.get("BINNING"), int):
+            return int(cards["BINNING"]), int(cards["BINNING"])
+        return 1, 1
+    return int(xb), int(yb if yb is not None else xb)
+
+
+_DATE_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?)?"
+)
+
+
+def parse_date(value: object) -> datetime | None:
+    """FITS dates: a date alone, or with a time and any number of decimals."""
+    match = _DATE_RE.match(str(value or "").strip())
+    if not match:
+        return None
+    y, mo, d, h, mi, s, frac = match.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    try:
+        return datetime(int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(s or 0), micro)
+    except ValueError:
+        return None
+
+
+# TheSkyX PICTTYPE codes.
+_PICTTYPE = {1: Kind.LIGHT, 2: Kind.BIAS, 3: Kind.DARK, 4: Kind.FLAT}
+_DARK_FLAT = re.compile(r"DARK[\s_-]*FLAT|FLAT[\s_-]*DARK")
+_KIND_WORDS = (("BIAS", Kind.BIAS), ("ZERO", Kind.BIAS), ("OFFSET", Kind.BIAS), ("DARK", Kind.DARK),
+               ("FLAT", Kind.FLAT), ("LIGHT", Kind.LIGHT), ("OBJECT", Kind.LIGHT), ("SCIENCE", Kind.LIGHT))
+_NAME_WORDS = (("darkflat", Kind.DARK_FLAT), ("flatdark", Kind.DARK_FLAT), ("bias", Kind.BIAS),
+               ("dark", Kind.DARK), ("flat", Kind.FLAT), ("light", Kind.LIGHT))
+
+
+def kind_from_imagetype(text: str) -> Kind | None:
+    """IMAGETYP, upper-cased and matched as a substring, as the original does, plus
+    masters and dark-flats, which the original took for plain flats or darks."""
+    upper = text.upper()
+    if "MASTER" in upper:
+        return Kind.MASTER
+    if _DARK_FLAT.search(upper):
+        return Kind.DARK_FLAT
+    for word, kind in _KIND_WORDS:
+        if word in upper:
+            return kind
+    return None
+
+
+def kind_from_name(path: Path) -> Kind:
+    name = path.name.lower().replace("-", "").replace("_", "").replace(" ", "")
+    for word, kind in _NAME_WORDS:
+        if word in name:
+            return kind
+    return Kind.UNKNOWN
+
+
+_STACK_COUNTS = ("NCOMBINE", "NUMFRAME", "STACKCNT", "NFRAMES")
+
+
+def is_stacked(cards: Mapping[str, object]) -> bool:
+    """A master or integration written by flatd or another stacker: never an input."""
+    if str(cards.get("CREATOR", "")).startswith("flatd"):
+        return True
+    if "MASTER" in str(cards.get("CALFRAME", "")).upper() or "INTEGRAT" in cards:
+        return True
+    for key in _STACK_COUNTS:
+        count = cards.get(key)
+        if isinstance(count, (int, float)) and not isinstance(count, bool) and count > 1:
+            return True
+    return False
+
+
+def detect_kind(cards: Mapping[str, object], path: Path, keywords: KeywordMap = DEFAULT_KEYWORDS) -> Kind:
+    """PICTTYPE first, then IMAGETYP (or its fallbacks), then the file name."""
+    if is_stacked(cards):
+        return Kind.MASTER
+    pict = cards.get("PICTTYPE")
+    if isinstance(pict, (int, float)) and not isinstance(pict, bool) and int(pict) in _PICTTYPE:
+        kind = _PICTTYPE[int(pict)]
+        imagetype = _as_text(_first(cards, keywords.imagetype))
+        if imagetype and kind_from_imagetype(imagetype) in (Kind.MASTER, Kind.DARK_FLAT):
+            return kind_from_imagetype(imagetype)
+        return kind
+    imagetype = _as_text(_first(cards, keywords.imagetype))
+    if imagetype:
+        kind = kind_from_imagetype(imagetype)
+        if kind is not None:
+            return kind
+    return kind_from_name(path)
+
+
+def frame_from_cards(
+    cards: Mapping[str, object],
+    path: Path | str,
+    layout: Mapping[str, object] | None = None,
+    keywords: KeywordMap = DEFAULT_KEYWORDS,
+    stat: os.stat_result | None = None,
+) -> Frame:
+    """A Frame from already-parsed header cards (no file access)."""
+    path = Path(path)
+    layout = layout or {}
+    naxis = int(cards.get("NAXIS", 0) or 0)
+    xbin, ybin = parse_binning(cards, keywords)
+    software = _as_text(_first(cards, ("SWCREATE", "CREATOR", "PROGRAM", "SOFTWARE", "ORIGIN")))
+    return Frame(
+        path=path,
+        kind=detect_kind(cards, path, keywords),
+        width=int(cards.get("NAXIS1", 0) or 0),
+        height=int(cards.get("NAXIS2", 0) or 0),
+        xbin=xbin,
+        ybin=ybin,
+        filter=_as_text(_first(cards, keywords.filter)),
+        exposure=_as_float(_first(cards, keywords.exposure)),
+        temperature=_as_float(_first(cards, keywords.temperature)),
+        set_temperature=_as_float(cards.get("SET-TEMP")),
+        date=parse_date(_first(cards, keywords.date)),
+        instrument=_as_text(_first(cards, keywords.instrument)),
+        telescope=_as_text(_first(cards, keywords.telescope)),
+        software=software,
+        bitpix=int(cards.get("BITPIX", 16) or 16),
+        bzero=_as_float(cards.get("BZERO")) or 0.0,
+        bscale=_as_float(cards.get("BSCALE")) or 1.0,
+        naxis=naxis,
+        planes=int(cards.get("NAXIS3", 1) or 1) if naxis >= 3 else 1,
+        hdu_index=int(layout.get("hdu_index", 0)),
+        compressed=bool(layout.get("compressed", False)),
+        data_offset=int(layout.get("data_offset", 0)),
+        data_bytes=int(layout.get("data_bytes", 0)),
+        file_size=stat.st_size if stat else 0,
+        mtime=stat.st_mtime if stat else 0.0,
+        headers=dict(cards),
+    )
+
+
+def frame_from_header_text(text: str, path: Path | str = "header.hdr", keywords: KeywordMap = DEFAULT_KEYWORDS) -> Frame:
+    """A Frame from a header dump with one card a line (as in realdata/headers)."""
+    padded = "".join(line.rstrip("\r\n").ljust(CARD)[:CARD] for line in text.splitlines())
+    cards = parse_header_bytes(padded.encode("ascii", errors="replace") + b"END".ljust(CARD))
+    return frame_from_cards(cards or {}, path, keywords=keywords)
+
+
+def read_frame(path: Path | str, keywords: KeywordMap = DEFAULT_KEYWORDS) -> Frame:
+    """Read a file's header into a Frame; raise FrameError for anything unusable."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise FrameError(path, f"cannot read: {exc.strerror or exc}") from None
+    if not path.is_file():
+        raise FrameError(path, "not a regular file")
+    cards, layout = read_header_cards(path)
+    frame = frame_from_cards(cards, path, layout, keywords, stat)
+    check_usable(frame)
+    if stat.st_size < frame.required_bytes and not frame.compressed:
+        raise FrameError(
+            path,
+            f"truncated: header promises {frame.required_bytes} bytes, file has {stat.st_size}",
+        )
+    if frame.compressed and stat.st_size < frame.data_offset + frame.data_bytes:
+        raise FrameError(path, "truncated compressed data")
+    return frame
+
+
+def check_usable(frame: Frame) -> None:
+    """Reject images flatd cannot combine: not 2-D, empty, or of an unknown data type."""
+    if frame.naxis == 0:
+        raise FrameError(frame.path, "no image data in the primary HDU or first extension")
+    if frame.naxis != 2 and not (frame.naxis == 3 and frame.planes == 1):
+        shape = "x".join(str(frame.header_value(f"NAXIS{i}")) for i in range(1, frame.naxis + 1))
+        raise FrameError(frame.path, f"{frame.naxis}-D image ({shape}); only 2-D images can be combined")
+    if frame.width <= 0 or frame.height <= 0:
+        raise FrameError(frame.path, f"image has no pixels ({frame.width}x{frame.height})")
+    if frame.bitpix not in (8, 16, 32, 64, -32, -64):
+        raise FrameError(frame.path, f"unsupported BITPIX {frame.bitpix}")
+
+
+def is_fits_name(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(FITS_SUFFIXES)
+
+
+def is_ignored_name(path: Path) -> bool:
+    """Hidden and temporary files: never frames."""
+    return any(p.search(path.name) for p in IGNORED_PATTERNS)
+
+
+def iter_fits_files(root: Path, recursive: bool = True, exclude: Sequence[Path] = ()) -> Iterable[Path]:
+    """FITS files under `root`, skipping hidden/temporary files and excluded folders."""
+    root = Path(root)
+    excluded = {Path(os.path.abspath(p)) for p in exclude}
+    if root.is_file():
+        if is_fits_name(root) and not is_ignored_name(root):
+            yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames
+            if not d.startswith(".") and Path(os.path.abspath(here / d)) not in excluded
+        )
+        for name in sorted(filenames):
+            candidate = here / name
+            if is_fits_name(candidate) and not is_ignored_name(candidate):
+                yield candidate
+        if not recursive:
+            break
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file left out, and why."""
+
+    path: Path
+    reason: str
+
+
+def read_frames(paths: Iterable[Path], keywords: KeywordMap = DEFAULT_KEYWORDS) -> tuple[list[Frame], list[Skipped]]:
+    """Read many headers; unreadable files are collected with their reason."""
+    frames: list[Frame] = []
+    bad: list[Skipped] = []
+    for path in paths:
+        try:
+            frames.append(read_frame(path, keywords))
+        except FrameError as exc:
+            bad.append(Skipped(exc.path, exc.reason))
+    return frames, bad
