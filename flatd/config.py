@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 DEFAULT_CONFIG_PATHS = (
     Path("~/.config/flatd/flatd.yaml").expanduser(),
@@ -120,6 +121,7 @@ class Grouping(Section):
     filter: bool = True
     temperature: Optional[float] = Field(1.0, ge=0.1, le=50)
     min_group_size: int = Field(5, ge=1)
+    folder: bool = True  # flats in different folders (sessions) never share a group
 
 
 class Precalibration(Section):
@@ -166,14 +168,26 @@ class Keywords(Section):
     telescope: list[str] = []
 
 
+def _scalar_text(value: Any) -> Any:
+    """Header values in a match may be written as YAML numbers or booleans (GAIN: 120)."""
+    if isinstance(value, bool):
+        return "T" if value else "F"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+MatchText = Annotated[str, BeforeValidator(_scalar_text)]
+
+
 class Match(Section):
     """Which flats a rule applies to: a path glob and header values (globs, any case)."""
 
     path: Optional[str] = None
-    instrument: Optional[str] = None
-    telescope: Optional[str] = None
-    filter: Optional[str] = None
-    header: dict[str, str] = {}
+    instrument: Optional[MatchText] = None
+    telescope: Optional[MatchText] = None
+    filter: Optional[MatchText] = None
+    header: dict[str, MatchText] = {}
 
 
 class Rule(Section):
@@ -204,6 +218,8 @@ class Rules(Section):
     schedule: Optional[str] = None
     state: PathValue = Path("~/.local/state/flatd").expanduser()
     rules: list[Rule] = []
+    # The folder relative paths are resolved against (the rules file's); None: cwd.
+    _base_dir: Optional[Path] = PrivateAttr(None)
 
     @field_validator("schedule")
     @classmethod
@@ -266,19 +282,29 @@ def _key_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _line_index(node: yaml.Node, prefix: tuple = (), index: Optional[dict] = None) -> dict:
-    """Map each key path (tuple) in a composed YAML document to its 1-based line."""
+def _line_index(node: yaml.Node, prefix: tuple = (), index: Optional[dict] = None,
+                duplicates: Optional[list] = None) -> dict:
+    """Map each key path (tuple) in a composed YAML document to its 1-based line.
+
+    Keys given twice in one mapping are appended to `duplicates` as ConfigProblems:
+    YAML would silently keep the last one.
+    """
     index = {} if index is None else index
     index.setdefault(prefix, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        seen: set = set()
         for key_node, value_node in node.value:
             key = key_node.value
-            index[prefix + (key,)] = key_node.start_mark.line + 1
-            _line_index(value_node, prefix + (key,), index)
+            line = key_node.start_mark.line + 1
+            if key in seen and duplicates is not None:
+                duplicates.append(ConfigProblem(_key_path(prefix + (key,)), "key given twice (only the last would count)", line))
+            seen.add(key)
+            index[prefix + (key,)] = line
+            _line_index(value_node, prefix + (key,), index, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             index[prefix + (i,)] = item.start_mark.line + 1
-            _line_index(item, prefix + (i,), index)
+            _line_index(item, prefix + (i,), index, duplicates)
     return index
 
 
@@ -347,13 +373,15 @@ def parse_rules(text: str, path: Optional[Path] = None, base: Optional[Path] = N
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(path, [ConfigProblem("(top level)", "the rules file must be a mapping of keys", 1)])
-    lines = _line_index(node) if node is not None else {}
-    problems = _rule_override_problems(data, lines)
+    duplicates: list[ConfigProblem] = []
+    lines = _line_index(node, duplicates=duplicates) if node is not None else {}
+    problems = duplicates + _rule_override_problems(data, lines)
     try:
         rules = Rules.model_validate(data)
     except ValidationError as exc:
         problems = _problems_from(exc, lines) + problems
     if problems:
+        problems.sort(key=lambda p: p.line or 0)
         raise ConfigError(path, problems)
     return resolve_relative_paths(rules, base or (path.parent if path else Path.cwd()))
 
@@ -364,6 +392,8 @@ def resolve_relative_paths(rules: Rules, base: Path) -> Rules:
     output.directory and inputs.move_to stay relative: they are relative to each
     capture folder / input folder by design.
     """
+    base = Path(os.path.abspath(base))
+
     def absolute(p: Optional[Path]) -> Optional[Path]:
         return None if p is None else (p if p.is_absolute() else (base / p))
 
@@ -373,6 +403,19 @@ def resolve_relative_paths(rules: Rules, base: Path) -> Rules:
     pre.__dict__["library"] = absolute(pre.library)
     pre.__dict__["file"] = absolute(pre.file)
     rules.__dict__["state"] = absolute(rules.state)
+    for rule in rules.rules:
+        # A rule's library/file override and its path glob: relative to the same folder.
+        override = rule.precalibration or {}
+        for key in ("library", "file"):
+            value = override.get(key)
+            if isinstance(value, str):
+                override[key] = str(absolute(_expand_path(value)))
+        pattern = rule.match.path
+        if pattern and not pattern.startswith(("*", "?", "[")):
+            expanded = os.path.expandvars(os.path.expanduser(pattern))
+            if not os.path.isabs(expanded):
+                rule.match.__dict__["path"] = str(base / expanded)
+    rules._base_dir = base
     return rules
 
 
@@ -465,7 +508,7 @@ def effective_for(rules: Rules, frame) -> Effective:
                 sections[name] = type(base).model_validate({**base.model_dump(), **override}) if override else base
             pre = sections["precalibration"]
             if rule.precalibration:
-                base_dir = Path.cwd()
+                base_dir = rules._base_dir or Path.cwd()
                 for key in ("library", "file"):
                     value = getattr(pre, key)
                     if value is not None and not value.is_absolute():

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 from typing import Iterable, Mapping, Sequence
 
 BLOCK = 2880
@@ -121,8 +122,12 @@ class Frame:
 
     @property
     def required_bytes(self) -> int:
-        """Bytes the file must hold for its data to be complete (padded to 2880)."""
-        return self.data_offset + _padded(self.data_bytes)
+        """Bytes the file must hold for its data to be complete.
+
+        The padding of the last block to 2880 bytes is not required: some writers leave
+        it out, and the pixels are all there without it.
+        """
+        return self.data_offset + self.data_bytes
 
     def header_value(self, key: str) -> object:
         return self.headers.get(key.upper())
@@ -202,7 +207,47 @@ def read_raw_header(handle, path: Path, offset: int) -> tuple[dict[str, object],
     raise FrameError(path, f"no END card in the first {MAX_HEADER_BLOCKS} header blocks")
 
 
+VALID_BITPIX = (8, 16, 32, 64, -32, -64)
+
+
+def _integer_card(cards: Mapping[str, object], key: str, path: Path, default: int | None = None) -> int:
+    """A structural keyword that must hold an integer; a clear FrameError otherwise."""
+    value = cards.get(key, default)
+    if value is None:
+        raise FrameError(path, f"missing {key} keyword")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FrameError(path, f"{key} = {value!r} is not an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise FrameError(path, f"{key} = {value!r} is not an integer")
+        value = int(value)
+    return value
+
+
+def check_structure(cards: Mapping[str, object], path: Path, prefix: str = "") -> None:
+    """BITPIX, NAXIS and NAXISn present and of the right type, as the standard requires.
+
+    `prefix` is "Z" for the image keywords of a tile-compressed extension.
+    """
+    bitpix = _integer_card(cards, f"{prefix}BITPIX", path)
+    if bitpix not in VALID_BITPIX:
+        raise FrameError(path, f"{prefix}BITPIX = {bitpix} is not a FITS data type (8, 16, 32, 64, -32, -64)")
+    naxis = _integer_card(cards, f"{prefix}NAXIS", path)
+    if not 0 <= naxis <= 999:
+        raise FrameError(path, f"{prefix}NAXIS = {naxis} is out of range (0..999)")
+    for i in range(1, naxis + 1):
+        length = _integer_card(cards, f"{prefix}NAXIS{i}", path)
+        if length < 0:
+            raise FrameError(path, f"{prefix}NAXIS{i} = {length} is negative")
+    if not prefix:
+        if _integer_card(cards, "PCOUNT", path, 0) < 0:
+            raise FrameError(path, "PCOUNT is negative")
+        if _integer_card(cards, "GCOUNT", path, 1) < 0:
+            raise FrameError(path, "GCOUNT is negative")
+
+
 def _data_bytes(cards: Mapping[str, object]) -> int:
+    """Size of the data that follows a header (checked by check_structure first)."""
     naxis = int(cards.get("NAXIS", 0) or 0)
     if naxis == 0:
         return 0
@@ -225,32 +270,44 @@ def read_header_cards(path: Path) -> tuple[dict[str, object], dict]:
         handle = open(path, "rb")
     except OSError as exc:
         raise FrameError(path, f"cannot open: {exc.strerror or exc}") from None
-    with handle:
-        first = handle.read(10)
-        if not first:
-            raise FrameError(path, "empty file (zero length)")
-        if not first.startswith(b"SIMPLE  ="):
-            raise FrameError(path, "not a FITS file (no SIMPLE card at the start)")
-        primary, data_offset = read_raw_header(handle, path, 0)
-        layout = _image_layout(primary, 0, data_offset, compressed=False)
-        if int(primary.get("NAXIS", 0) or 0) == 0 and primary.get("EXTEND", False):
-            ext_offset = data_offset + _padded(_data_bytes(primary))
-            handle.seek(ext_offset)
-            if handle.read(1):
-                ext, ext_data = read_raw_header(handle, path, ext_offset)
-                xtension = str(ext.get("XTENSION", "")).strip().upper()
-                if xtension == "BINTABLE" and ext.get("ZIMAGE") is True:
-                    merged = {**primary, **{k: v for k, v in ext.items() if not k.startswith("NAXIS") and k != "BITPIX"}}
-                    merged["BITPIX"] = ext.get("ZBITPIX")
-                    merged["NAXIS"] = ext.get("ZNAXIS")
-                    for i in range(1, int(ext.get("ZNAXIS", 0) or 0) + 1):
-                        merged[f"NAXIS{i}"] = ext.get(f"ZNAXIS{i}")
-                    layout = _image_layout(merged, 1, ext_data, compressed=True, stored=_data_bytes(ext))
-                    return merged, layout
-                if xtension == "IMAGE":
-                    merged = {**primary, **ext}
-                    return merged, _image_layout(merged, 1, ext_data, compressed=False)
+    try:
+        with handle:
+            return _read_header_cards(handle, path)
+    except OSError as exc:
+        raise FrameError(path, f"read error: {exc.strerror or exc}") from None
+
+
+def _read_header_cards(handle, path: Path) -> tuple[dict[str, object], dict]:
+    first = handle.read(10)
+    if not first:
+        raise FrameError(path, "empty file (zero length)")
+    if not first.startswith(b"SIMPLE  ="):
+        raise FrameError(path, "not a FITS file (no SIMPLE card at the start)")
+    primary, data_offset = read_raw_header(handle, path, 0)
+    check_structure(primary, path)
+    layout = _image_layout(primary, 0, data_offset, compressed=False)
+    if primary["NAXIS"] != 0 or not primary.get("EXTEND", False):
         return primary, layout
+    ext_offset = data_offset + _padded(_data_bytes(primary))
+    handle.seek(ext_offset)
+    if not handle.read(1):
+        return primary, layout
+    ext, ext_data = read_raw_header(handle, path, ext_offset)
+    xtension = str(ext.get("XTENSION", "")).strip().upper()
+    if xtension in ("BINTABLE", "IMAGE"):
+        check_structure(ext, path)
+    if xtension == "BINTABLE" and ext.get("ZIMAGE") is True:
+        check_structure(ext, path, prefix="Z")
+        merged = {**primary, **{k: v for k, v in ext.items() if not k.startswith("NAXIS") and k != "BITPIX"}}
+        merged["BITPIX"] = ext["ZBITPIX"]
+        merged["NAXIS"] = ext["ZNAXIS"]
+        for i in range(1, ext["ZNAXIS"] + 1):
+            merged[f"NAXIS{i}"] = ext[f"ZNAXIS{i}"]
+        return merged, _image_layout(merged, 1, ext_data, compressed=True, stored=_data_bytes(ext))
+    if xtension == "IMAGE":
+        merged = {**primary, **ext}
+        return merged, _image_layout(merged, 1, ext_data, compressed=False)
+    return primary, layout
 
 
 def _image_layout(cards, hdu, offset, compressed, stored=None) -> dict:
@@ -324,6 +381,29 @@ def parse_date(value: object) -> datetime | None:
         return datetime(int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(s or 0), micro)
     except ValueError:
         return None
+
+
+# Where a date-only DATE-OBS (Lowell LOIS: '2019-03-26') finds its time of day.
+_TIME_KEYS = ("TIME-OBS", "UTC-OBS", "UTCSTART", "UT", "TIME-BEG")
+_TIME_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?\s*$")
+
+
+def observation_date(cards: Mapping[str, object], keywords: KeywordMap = DEFAULT_KEYWORDS) -> datetime | None:
+    """The date keyword (DATE-OBS...), completed by a separate time card when it has no time."""
+    value = _first(cards, keywords.date)
+    date = parse_date(value)
+    if date is None or "T" in str(value) or ":" in str(value):
+        return date
+    for key in _TIME_KEYS:
+        match = _TIME_RE.match(str(cards.get(key) or ""))
+        if match:
+            h, mi, sec, frac = match.groups()
+            micro = int((frac or "0")[:6].ljust(6, "0"))
+            try:
+                return date.replace(hour=int(h), minute=int(mi), second=int(sec or 0), microsecond=micro)
+            except ValueError:
+                return date
+    return date
 
 
 # TheSkyX PICTTYPE codes.
@@ -402,29 +482,33 @@ def frame_from_cards(
     """A Frame from already-parsed header cards (no file access)."""
     path = Path(path)
     layout = layout or {}
-    naxis = int(cards.get("NAXIS", 0) or 0)
+
+    def integer(key: str, default: int) -> int:
+        return _integer_card(cards, key, path, default) if cards.get(key) is not None else default
+
+    naxis = integer("NAXIS", 0)
     xbin, ybin = parse_binning(cards, keywords)
     software = _as_text(_first(cards, ("SWCREATE", "CREATOR", "PROGRAM", "SOFTWARE", "ORIGIN")))
     return Frame(
         path=path,
         kind=detect_kind(cards, path, keywords),
-        width=int(cards.get("NAXIS1", 0) or 0),
-        height=int(cards.get("NAXIS2", 0) or 0),
+        width=integer("NAXIS1", 0) if naxis >= 1 else 0,
+        height=integer("NAXIS2", 0) if naxis >= 2 else 0,
         xbin=xbin,
         ybin=ybin,
         filter=_as_text(_first(cards, keywords.filter)),
         exposure=_as_float(_first(cards, keywords.exposure)),
         temperature=_as_float(_first(cards, keywords.temperature)),
         set_temperature=_as_float(cards.get("SET-TEMP")),
-        date=parse_date(_first(cards, keywords.date)),
+        date=observation_date(cards, keywords),
         instrument=_as_text(_first(cards, keywords.instrument)),
         telescope=_as_text(_first(cards, keywords.telescope)),
         software=software,
-        bitpix=int(cards.get("BITPIX", 16) or 16),
+        bitpix=integer("BITPIX", 16),
         bzero=_as_float(cards.get("BZERO")) or 0.0,
         bscale=_as_float(cards.get("BSCALE")) or 1.0,
         naxis=naxis,
-        planes=int(cards.get("NAXIS3", 1) or 1) if naxis >= 3 else 1,
+        planes=integer("NAXIS3", 1) if naxis >= 3 else 1,
         hdu_index=int(layout.get("hdu_index", 0)),
         compressed=bool(layout.get("compressed", False)),
         data_offset=int(layout.get("data_offset", 0)),
@@ -449,18 +533,23 @@ def read_frame(path: Path | str, keywords: KeywordMap = DEFAULT_KEYWORDS) -> Fra
         stat = path.stat()
     except OSError as exc:
         raise FrameError(path, f"cannot read: {exc.strerror or exc}") from None
-    if not path.is_file():
-        raise FrameError(path, "not a regular file")
-    cards, layout = read_header_cards(path)
-    frame = frame_from_cards(cards, path, layout, keywords, stat)
+    if not S_ISREG(stat.st_mode):
+        raise FrameError(path, "a directory, not a file" if S_ISDIR(stat.st_mode) else "not a regular file")
+    try:
+        cards, layout = read_header_cards(path)
+        frame = frame_from_cards(cards, path, layout, keywords, stat)
+    except FrameError:
+        raise
+    except (ValueError, TypeError, OverflowError, UnicodeError, OSError) as exc:
+        # A header this reader did not foresee: still a reason, never a traceback.
+        raise FrameError(path, f"unreadable header: {exc}") from None
     check_usable(frame)
-    if stat.st_size < frame.required_bytes and not frame.compressed:
+    if stat.st_size < frame.required_bytes:
+        what = "compressed data" if frame.compressed else "data"
         raise FrameError(
             path,
-            f"truncated: header promises {frame.required_bytes} bytes, file has {stat.st_size}",
+            f"truncated {what}: header promises {frame.required_bytes} bytes, file has {stat.st_size}",
         )
-    if frame.compressed and stat.st_size < frame.data_offset + frame.data_bytes:
-        raise FrameError(path, "truncated compressed data")
     return frame
 
 

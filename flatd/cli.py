@@ -1,0 +1,457 @@
+"""The flatd commands: parse, call, print. Heavy modules are imported by each command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the rules file: exit 2."""
+
+
+# ---------------------------------------------------------------------- parsers
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, metavar="F",
+                   help="rules file (default: $FLATD_CONFIG, ~/.config/flatd/flatd.yaml, /etc/flatd/flatd.yaml)")
+
+
+def _add_logging(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=("plain", "plain-time", "json"), default="plain", help="log line format")
+    p.add_argument("--verbose", action="store_true", help="more log lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flatd import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="flatd", description="Master flats from each night's flat frames, with nobody at the keyboard.")
+    parser.add_argument("--version", action="version", version=f"flatd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run-once", help="scan the capture folders now, combine and move, then exit")
+    _add_config(p)
+    _add_logging(p)
+    p.add_argument("--dry-run", action="store_true", help="say what would be done and why; change nothing")
+
+    p = sub.add_parser("watch", help="the service: watch the capture folders and process each settled session")
+    _add_config(p)
+    _add_logging(p)
+
+    p = sub.add_parser("status", help="flats waiting, last masters made, failed groups")
+    _add_config(p)
+    p.add_argument("--state", type=Path, help="state folder (default: from the rules file)")
+
+    p = sub.add_parser("retry", help="put failed jobs back to be tried again")
+    _add_config(p)
+    p.add_argument("job", nargs="?", help="job id (or its first characters); all failed jobs if omitted")
+
+    p = sub.add_parser("inspect", help="table of FITS files: kind, size, binning, filter, exposure, temperature")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--adu", action="store_true", help="also read the pixels and show each file's mean ADU")
+    p.add_argument("--sort", default="path", help="sort by path, kind, size, binning, filter, exposure, temperature, date, adu")
+    p.add_argument("--no-recursive", dest="recursive", action="store_false", help="do not look into sub-folders")
+
+    p = sub.add_parser("demo", help="write a demo capture session and calibration library")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--seed", type=int, default=2026)
+
+    p = sub.add_parser("config", help="rules-file tools")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    csub.required = True
+    c = csub.add_parser("check", help="validate a rules file; print every error with its key and line")
+    c.add_argument("file", nargs="?", type=Path, metavar="F")
+
+    _add_combine_parser(sub)
+    return parser
+
+
+def _add_combine_parser(sub) -> None:
+    p = sub.add_parser(
+        "combine", help="combine FILES into master flats (the original program's command line)",
+        description="Combine flat frames into a master flat. Options not given come from the rules file "
+                    "(--config), then from built-in defaults.")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILES")
+    pre = p.add_argument_group("precalibration")
+    pre.add_argument("-rp", "--noprca", action="store_true", help="no precalibration of input files")
+    pre.add_argument("-p", "--pedestal", type=float, metavar="<pedestal value>", help="subtract a pedestal value")
+    pre.add_argument("-b", "--bias", type=Path, metavar="<Bias FITS file>", help="subtract this dark or bias file")
+    pre.add_argument("-a", "--auto", type=Path, metavar="<auto bias directory>",
+                     help="select the best dark or bias for each flat from this directory")
+    pre.add_argument("-ar", "--autorecursive", action="store_true", help="search sub-folders of the auto directory")
+    pre.add_argument("-ab", "--autobias", action="store_true", help="consider only files typed bias or dark")
+    pre.add_argument("-ax", "--autodisplay", action="store_true", help="show each automatic calibration choice")
+    pre.add_argument("--policy", choices=("original", "exposure-match"), help="how the auto choice is scored")
+    meth = p.add_argument_group("combine method").add_mutually_exclusive_group()
+    meth.add_argument("-m", "--mean", action="store_true", help="simple mean")
+    meth.add_argument("-n", "--median", action="store_true", help="simple median")
+    meth.add_argument("-mm", "--minmax", type=int, metavar="<# values to clip>", help="min/max clip n values, then mean")
+    meth.add_argument("-s", "--sigma", type=float, metavar="<threshold>", help="drop values with z-score above threshold, then mean")
+    p.add_argument("--normalize", choices=("none", "multiplicative"), help="scale flats to a common level before rejecting")
+    grp = p.add_argument_group("grouping")
+    grp.add_argument("-gs", "--groupsize", action="store_true", help="group by size (dimensions and binning)")
+    grp.add_argument("-gf", "--groupfilter", action="store_true", help="group by filter name")
+    grp.add_argument("-gt", "--grouptemperature", type=float, metavar="<bandwidth>", help="group by temperature (bandwidth 0.1-50)")
+    grp.add_argument("-mg", "--minimumgroup", type=int, metavar="<minimum group size>", help="skip groups smaller than this")
+    out = p.add_argument_group("output")
+    out.add_argument("-od", "--outputdirectory", type=Path, metavar="<output directory>", help="folder for grouped masters")
+    out.add_argument("-o", "--output", type=Path, metavar="<output path>", help="master file (%%d date, %%t time)")
+    out.add_argument("-v", "--moveinputs", metavar="<directory>", help="after success move the inputs to this folder")
+    p.add_argument("-t", "--ignoretype", action="store_true", help="take every file as a flat, whatever its type")
+    p.add_argument("--memory-limit", metavar="SIZE", help="memory for the stack, e.g. 512MiB, 2GB")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
+    _add_config(p)
+    _add_logging(p)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _load_rules(path: Optional[Path], required: bool = True):
+    from flatd.config import ConfigError, find_config, load_rules
+
+    found = find_config(path)
+    if found is None and required:
+        raise UsageError("no rules file: give --config F, set FLATD_CONFIG, or create ~/.config/flatd/flatd.yaml")
+    if found is not None and not found.exists():
+        raise UsageError(f"rules file {found} does not exist")
+    try:
+        return load_rules(found)
+    except ConfigError as exc:
+        raise UsageError(exc.render()) from None
+
+
+def _progress_factory():
+    """A rich progress bar per job on a terminal; nothing otherwise (log lines suffice)."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    def factory(label: str, total: int):
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                            TimeElapsedColumn(), console=_console(stderr=True), transient=True)
+        task = progress.add_task(label, total=total)
+        progress.start()
+
+        def update(done: int, total_rows: int) -> None:
+            progress.update(task, completed=done, total=total_rows)
+            if done >= total_rows:
+                progress.stop()
+
+        return update
+
+    return factory
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_config_check(args) -> int:
+    from flatd.config import ConfigError, find_config, load_rules
+
+    path = find_config(args.file)
+    if path is None:
+        raise UsageError("no rules file to check: give F, or set FLATD_CONFIG")
+    if not path.exists():
+        raise UsageError(f"rules file {path} does not exist")
+    try:
+        rules = load_rules(path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} error(s)", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{path}: valid ({len(rules.capture)} capture folder(s), {len(rules.rules)} rule(s))")
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    from flatd.inspect import SORT_KEYS, inspect_paths, render_table
+
+    if args.sort not in SORT_KEYS:
+        raise UsageError(f"--sort takes one of: {', '.join(SORT_KEYS)}")
+    rows = inspect_paths(args.paths, adu=args.adu, sort=args.sort, recursive=args.recursive)
+    render_table(rows, _console(), adu=args.adu)
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from flatd.demo import write_demo
+
+    session = write_demo(args.dir, seed=args.seed)
+    print(f"demo session written to {session.root}")
+    print(f"  capture folder:      {session.captures}")
+    print(f"  calibration library: {session.calibration}")
+    print(f"  rules file:          {session.config}")
+    print(f"next: flatd run-once --config {session.config}")
+    return EXIT_OK
+
+
+def cmd_run_once(args) -> int:
+    from flatd.log import setup_logging
+
+    setup_logging(args.log_format, args.verbose)
+    rules = _load_rules(args.config)
+    if not rules.capture:
+        raise UsageError("the rules file names no capture folder (capture: [- path: ...])")
+    from flatd.service import run_once
+
+    report = run_once(rules, dry_run=args.dry_run, progress=_progress_factory())
+    print_report(report, dry_run=args.dry_run)
+    return report.exit_code
+
+
+def cmd_watch(args) -> int:
+    from flatd.log import setup_logging
+
+    setup_logging(args.log_format, args.verbose)
+    config_path = args.config
+    rules = _load_rules(config_path)
+    if not rules.capture:
+        raise UsageError("the rules file names no capture folder (capture: [- path: ...])")
+    from flatd.config import find_config
+    from flatd.service import Service
+
+    return Service(find_config(config_path), rules).run()
+
+
+def cmd_status(args) -> int:
+    from flatd.service import print_status
+
+    state = args.state
+    rules = None
+    if state is None:
+        rules = _load_rules(args.config)
+        state = rules.state
+    elif args.config:
+        rules = _load_rules(args.config)
+    return print_status(state, rules, _console())
+
+
+def cmd_retry(args) -> int:
+    from flatd.ledger import Ledger, LedgerLocked, StateLock
+
+    rules = _load_rules(args.config)
+    try:
+        with StateLock(rules.state):
+            ledger = Ledger.open(rules.state)
+            count = ledger.retry(args.job)
+            ledger.close()
+    except LedgerLocked:
+        # The service holds the lock; it re-reads failed jobs on its next sweep.
+        ledger = Ledger.open(rules.state)
+        count = ledger.retry(args.job)
+        ledger.close()
+    print(f"{count} failed job(s) put back; they are planned again on the next run")
+    return EXIT_OK if count or args.job is None else EXIT_FAILED
+
+
+def _combine_rules(args):
+    """The rules for `flatd combine`: command line, then --config, then defaults."""
+    from flatd.config import Rules, parse_size
+
+    rules = _load_rules(args.config, required=False) if args.config else Rules()
+    pre = rules.precalibration.model_dump()
+    if args.noprca:
+        pre["mode"] = "none"
+    elif args.pedestal is not None:
+        pre.update(mode="pedestal", pedestal=args.pedestal)
+    elif args.bias is not None:
+        pre.update(mode="file", file=args.bias)
+    elif args.auto is not None:
+        pre.update(mode="auto", library=args.auto)
+    if args.autorecursive:
+        pre["recursive"] = True
+    elif args.auto is not None and not args.config:
+        pre["recursive"] = False  # the original searched sub-folders only when asked
+    if args.autobias:
+        pre["bias_dark_only"] = True
+    elif args.auto is not None and not args.config:
+        pre["bias_dark_only"] = False
+    if args.policy:
+        pre["policy"] = args.policy
+    comb = rules.combine.model_dump()
+    if args.mean:
+        comb["method"] = "mean"
+    elif args.median:
+        comb["method"] = "median"
+    elif args.minmax is not None:
+        comb.update(method="minmax", minmax=args.minmax)
+    elif args.sigma is not None:
+        comb.update(method="sigma", sigma=args.sigma)
+    if args.normalize:
+        comb["normalize"] = args.normalize
+    grouping_flags = args.groupsize or args.groupfilter or args.grouptemperature is not None
+    if grouping_flags or not args.config:
+        grouping = {"size": args.groupsize, "filter": args.groupfilter,
+                    "temperature": args.grouptemperature, "min_group_size": 1, "folder": False}
+    else:
+        grouping = {**rules.grouping.model_dump(), "folder": False}
+    if args.minimumgroup is not None:
+        grouping["min_group_size"] = args.minimumgroup
+    inputs = rules.inputs.model_dump()
+    inputs["move_to"] = args.moveinputs if args.moveinputs else (inputs["move_to"] if args.config else None)
+    if args.ignoretype:
+        inputs["ignore_type"] = True
+    engine = rules.engine.model_dump()
+    if args.memory_limit:
+        try:
+            engine["memory_limit"] = parse_size(args.memory_limit)
+        except ValueError as exc:
+            raise UsageError(f"--memory-limit: {exc}") from None
+    data = rules.model_dump()
+    data.update(precalibration=pre, combine=comb, grouping=grouping, inputs=inputs, engine=engine, rules=[])
+    try:
+        return Rules.model_validate(data), bool(grouping_flags or (args.config and (grouping["size"] or grouping["filter"] or grouping["temperature"])))
+    except Exception as exc:  # pydantic ValidationError: a bad option value
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            raise UsageError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        raise
+
+
+def _expand_output_name(name: str) -> str:
+    """The original's -o accepted %d and %t for the date and time of the run."""
+    from datetime import datetime
+
+    now = datetime.now()
+    return name.replace("%d", now.strftime("%Y%m%d")).replace("%t", now.strftime("%H%M%S"))
+
+
+def cmd_combine(args) -> int:
+    from flatd.log import setup_logging
+
+    setup_logging(args.log_format, args.verbose)
+    rules, grouped = _combine_rules(args)
+    if grouped and args.output:
+        raise UsageError("-o names one master; with grouping options use -od for the folder of the masters")
+    if not grouped and args.outputdirectory and not args.output:
+        pass  # one master into -od, named by the template
+    from datetime import datetime
+
+    from flatd.calibration import LibraryCache
+    from flatd.frames import read_frames
+    from flatd.ledger import Ledger  # noqa: F401  (same runner, no ledger for explicit files)
+    from flatd.plan import plan_frames
+    from flatd.runner import Runner
+
+    missing = [p for p in args.files if not p.exists()]
+    for p in missing:
+        print(f"{p}: no such file", file=sys.stderr)
+    frames, bad = read_frames([p for p in args.files if p.exists()], rules.keyword_map())
+    output_dir = args.outputdirectory
+    output_name = None
+    if args.output:
+        output_dir = args.output.parent if str(args.output.parent) else Path(".")
+        output_name = _expand_output_name(args.output.name)
+    elif output_dir is None and not grouped:
+        output_dir = Path(".")
+    now = datetime.now()
+    libraries = LibraryCache(rules.keyword_map())
+    plan = plan_frames(frames, rules, None, libraries, now, output_dir=output_dir, output_name=output_name, by_folder=False)
+    from flatd.frames import Skipped
+
+    plan.left_out = bad + [Skipped(p, "no such file") for p in missing] + plan.left_out
+    if args.autodisplay:
+        for job in plan.jobs:
+            for item in job.inputs:
+                print(f"{item.frame.path}: {item.calibration.why or item.calibration.label}")
+    report = Runner(progress=_progress_factory(), workers=rules.engine.workers).run(plan, dry_run=args.dry_run, now=now)
+    print_report(report, dry_run=args.dry_run)
+    if not plan.jobs and not plan.failed:
+        print("nothing to combine", file=sys.stderr)
+        return EXIT_FAILED if (bad or missing or plan.left_out) else EXIT_OK
+    return EXIT_FAILED if (report.exit_code or missing) else EXIT_OK
+
+
+# ---------------------------------------------------------------------- report
+
+
+def print_report(report, dry_run: bool = False) -> None:
+    """What was done (or would be, in a dry run), and every file left out with why."""
+    out = _console()
+    verb = "would write" if dry_run else "wrote"
+    for outcome in report.outcomes:
+        job = outcome.job
+        rule = f" (rule {job.rule})" if job.rule else ""
+        if outcome.state == "would-run":
+            out.print(f"[bold]group {job.label}[/bold]{rule}: {len(job.inputs)} flats, {job.method.description}, "
+                      f"normalize {job.normalize}")
+            for item in job.inputs:
+                out.print(f"  {item.frame.path}  [dim]calibration:[/dim] {item.calibration.why or item.calibration.label}")
+            out.print(f"  -> {verb} {outcome.master}")
+            if job.move_to:
+                out.print(f"  -> would move the inputs to {job.move_to} (beside each input)")
+        elif outcome.state == "done":
+            out.print(f"[green]{verb}[/green] {outcome.master}  ({len(job.inputs)} flats, {job.label}{rule})")
+            if outcome.moved:
+                out.print(f"  moved {len(outcome.moved)} inputs to {outcome.moved[0][1].parent}")
+        elif outcome.state == "skipped":
+            out.print(f"skipped group {job.label}{rule}: {outcome.reason}")
+        else:
+            out.print(f"[red]failed[/red] group {job.label}{rule}: {outcome.reason}")
+            if outcome.master:
+                out.print(f"  (the master {outcome.master} was written)")
+    for failed in report.plan.failed:
+        rule = f" (rule {failed.rule})" if failed.rule else ""
+        out.print(f"[red]failed[/red] group {failed.label}{rule}: {failed.reason}")
+    for item in report.plan.left_out:
+        out.print(f"[yellow]left out[/yellow] {item.path}: {item.reason}")
+    if not report.outcomes and not report.plan.failed:
+        out.print("no groups to combine")
+
+
+COMMANDS = {
+    "run-once": cmd_run_once,
+    "watch": cmd_watch,
+    "status": cmd_status,
+    "retry": cmd_retry,
+    "inspect": cmd_inspect,
+    "demo": cmd_demo,
+    "combine": cmd_combine,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for usage errors
+        return int(exc.code or 0)
+    handler = cmd_config_check if args.command == "config" else COMMANDS[args.command]
+    try:
+        return handler(args)
+    except UsageError as exc:
+        print(f"flatd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("flatd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last guard: a plain message, no traceback, unless asked
+        if os.environ.get("FLATD_DEBUG"):
+            raise
+        from flatd.ledger import LedgerLocked
+
+        if isinstance(exc, LedgerLocked):
+            print(f"flatd: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"flatd: error: {exc} (set FLATD_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

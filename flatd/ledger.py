@@ -1,0 +1,289 @@
+"""The SQLite state: frames seen, jobs and their states, inputs moved, masters made.
+
+Every state change is its own committed transaction, so that after a crash the next
+start knows exactly how far each job got. One process at a time holds the ledger (a
+lock file with flock, released by the kernel when the process dies); `flatd status`
+reads it without the lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+DB_NAME = "flatd.sqlite"
+LOCK_NAME = "flatd.lock"
+
+PLANNED, WRITING, WRITTEN, MOVED, DONE, FAILED = "planned", "writing", "written", "moved", "done", "failed"
+UNFINISHED = (PLANNED, WRITING, WRITTEN, MOVED)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    folder TEXT,
+    kind TEXT,
+    seen_at REAL NOT NULL,
+    ready_at REAL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    label TEXT NOT NULL,
+    rule TEXT,
+    folder TEXT,
+    output_dir TEXT NOT NULL,
+    output_name TEXT NOT NULL,
+    master TEXT,
+    reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_inputs (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    calibration TEXT,
+    move_dir TEXT,
+    moved_to TEXT,
+    PRIMARY KEY (job_id, path)
+);
+CREATE INDEX IF NOT EXISTS job_inputs_path ON job_inputs(path);
+CREATE INDEX IF NOT EXISTS job_inputs_moved ON job_inputs(moved_to);
+CREATE TABLE IF NOT EXISTS masters (
+    path TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    label TEXT NOT NULL,
+    ncombine INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+class LedgerLocked(Exception):
+    """Another flatd process holds the ledger."""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    state: str
+    label: str
+    rule: Optional[str]
+    folder: Optional[str]
+    output_dir: str
+    output_name: str
+    master: Optional[str]
+    reason: Optional[str]
+    attempts: int
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class InputRow:
+    job_id: str
+    path: str
+    size: int
+    mtime: float
+    calibration: Optional[str]
+    move_dir: Optional[str]
+    moved_to: Optional[str]
+
+
+class StateLock:
+    """An exclusive flock on <state>/flatd.lock, held for the life of the process."""
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / LOCK_NAME
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "StateLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise LedgerLocked(
+                f"another flatd (pid {holder or '?'}) is using the state folder {self.path.parent}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "StateLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Ledger:
+    """Access to the state database. Use `Ledger.open()` as the single writer."""
+
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        self.db.row_factory = sqlite3.Row
+
+    @classmethod
+    def open(cls, state_dir: Path) -> "Ledger":
+        return cls(Path(state_dir) / DB_NAME)
+
+    @classmethod
+    def open_readonly(cls, state_dir: Path) -> Optional["Ledger"]:
+        path = Path(state_dir) / DB_NAME
+        return cls(path, readonly=True) if path.exists() else None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _write_many(self, statements: Iterable[tuple[str, Sequence]]) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in statements:
+                self.db.execute(sql, args)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------------ frames
+
+    def frame_ready(self, path: Path, size: int, mtime: float, folder: Path, kind: str) -> None:
+        self._write_many([(
+            "INSERT INTO frames(path, size, mtime, folder, kind, seen_at, ready_at) VALUES (?,?,?,?,?,?,?) "
+            "ON CONFLICT(path) DO UPDATE SET size=excluded.size, mtime=excluded.mtime, folder=excluded.folder, "
+            "kind=excluded.kind, ready_at=excluded.ready_at",
+            (str(path), size, mtime, str(folder), kind, _now(), _now()),
+        )])
+
+    def forget_frame(self, path: Path) -> None:
+        self._write_many([("DELETE FROM frames WHERE path=?", (str(path),))])
+
+    def waiting_frames(self) -> list[sqlite3.Row]:
+        return list(self.db.execute("SELECT * FROM frames ORDER BY folder, path"))
+
+    # ------------------------------------------------------------------ jobs
+
+    def consumed(self, path: Path, size: int, mtime: float) -> Optional[str]:
+        """The job that already combined this exact file (path, size, mtime), if any."""
+        row = self.db.execute(
+            "SELECT j.id, j.master FROM job_inputs i JOIN jobs j ON j.id=i.job_id "
+            "WHERE i.path=? AND i.size=? AND abs(i.mtime-?)<1e-3 AND j.state IN (?,?,?)",
+            (str(path), size, mtime, WRITTEN, MOVED, DONE),
+        ).fetchone()
+        return None if row is None else (row["master"] or row["id"])
+
+    def is_moved_input(self, path: Path) -> bool:
+        """True for a file that flatd itself moved away after combining it."""
+        return self.db.execute("SELECT 1 FROM job_inputs WHERE moved_to=? LIMIT 1", (str(path),)).fetchone() is not None
+
+    def is_master(self, path: Path) -> bool:
+        return self.db.execute("SELECT 1 FROM masters WHERE path=?", (str(path),)).fetchone() is not None
+
+    def job(self, job_id: str) -> Optional[JobRow]:
+        row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None else JobRow(**dict(row))
+
+    def jobs(self, states: Sequence[str] = (), limit: Optional[int] = None) -> list[JobRow]:
+        sql = "SELECT * FROM jobs"
+        args: list = []
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        sql += " ORDER BY updated_at DESC"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [JobRow(**dict(r)) for r in self.db.execute(sql, args)]
+
+    def inputs(self, job_id: str) -> list[InputRow]:
+        return [InputRow(**dict(r)) for r in self.db.execute("SELECT * FROM job_inputs WHERE job_id=? ORDER BY path", (job_id,))]
+
+    def plan_job(self, job_id: str, label: str, rule: Optional[str], folder: Optional[Path], output_dir: Path,
+                 output_name: str, inputs: Sequence[tuple[Path, int, float, str, Optional[Path]]]) -> None:
+        """Record a job and its inputs in state planned (again, if it was tried before)."""
+        now = _now()
+        statements = [
+            ("INSERT INTO jobs(id, state, label, rule, folder, output_dir, output_name, created_at, updated_at, attempts) "
+             "VALUES (?,?,?,?,?,?,?,?,?,1) ON CONFLICT(id) DO UPDATE SET state=excluded.state, reason=NULL, "
+             "output_dir=excluded.output_dir, output_name=excluded.output_name, updated_at=excluded.updated_at, "
+             "attempts=jobs.attempts+1",
+             (job_id, PLANNED, label, rule, str(folder) if folder else None, str(output_dir), output_name, now, now)),
+            ("DELETE FROM job_inputs WHERE job_id=?", (job_id,)),
+        ]
+        for path, size, mtime, calibration, move_dir in inputs:
+            statements.append((
+                "INSERT INTO job_inputs(job_id, path, size, mtime, calibration, move_dir) VALUES (?,?,?,?,?,?)",
+                (job_id, str(path), size, mtime, calibration, str(move_dir) if move_dir else None),
+            ))
+        self._write_many(statements)
+
+    def set_state(self, job_id: str, state: str, reason: Optional[str] = None) -> None:
+        self._write_many([("UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?", (state, reason, _now(), job_id))])
+
+    def master_written(self, job_id: str, master: Path, label: str, ncombine: int) -> None:
+        now = _now()
+        self._write_many([
+            ("UPDATE jobs SET state=?, master=?, updated_at=? WHERE id=?", (WRITTEN, str(master), now, job_id)),
+            ("INSERT OR REPLACE INTO masters(path, job_id, label, ncombine, created_at) VALUES (?,?,?,?,?)",
+             (str(master), job_id, label, ncombine, now)),
+        ])
+
+    def input_moved(self, job_id: str, path: Path, dest: Path) -> None:
+        self._write_many([
+            ("UPDATE job_inputs SET moved_to=? WHERE job_id=? AND path=?", (str(dest), job_id, str(path))),
+            ("DELETE FROM frames WHERE path=?", (str(path),)),
+        ])
+
+    def inputs_consumed(self, job_id: str) -> None:
+        """Inputs left in place: they leave the waiting list but stay recorded as consumed."""
+        self._write_many([
+            ("DELETE FROM frames WHERE path IN (SELECT path FROM job_inputs WHERE job_id=?)", (job_id,)),
+        ])
+
+    def forget_job(self, job_id: str) -> None:
+        """Drop an interrupted job that never wrote its master: it will be planned anew."""
+        self._write_many([("DELETE FROM job_inputs WHERE job_id=?", (job_id,)), ("DELETE FROM jobs WHERE id=?", (job_id,))])
+
+    def retry(self, job_id: Optional[str] = None) -> int:
+        """Put failed jobs (one, or all) back to be planned again. Returns how many."""
+        if job_id:
+            rows = self.db.execute("SELECT id FROM jobs WHERE state=? AND id LIKE ?", (FAILED, job_id + "%")).fetchall()
+        else:
+            rows = self.db.execute("SELECT id FROM jobs WHERE state=?", (FAILED,)).fetchall()
+        ids = [r["id"] for r in rows]
+        self._write_many([("DELETE FROM job_inputs WHERE job_id=?", (i,)) for i in ids]
+                         + [("DELETE FROM jobs WHERE id=?", (i,)) for i in ids])
+        return len(ids)
+
+    def recent_masters(self, limit: int = 10) -> list[sqlite3.Row]:
+        return list(self.db.execute("SELECT * FROM masters ORDER BY created_at DESC LIMIT ?", (limit,)))

@@ -1,0 +1,69 @@
+"""One log line per event that matters, on stderr: plain for people and journald, or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+LOGGER = logging.getLogger("flatd")
+
+
+class PlainFormatter(logging.Formatter):
+    """`event key=value ...`; journald adds its own timestamp, a terminal gets one here."""
+
+    def __init__(self, timestamps: bool):
+        super().__init__()
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        text = record.getMessage()
+        if fields:
+            text += " " + " ".join(f"{k}={_plain(v)}" for k, v in fields.items())
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        if self.timestamps:
+            text = time.strftime("%Y-%m-%d %H:%M:%S ", time.localtime(record.created)) + text
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", None) or record.getMessage(),
+            "message": record.getMessage(),
+        }
+        payload.update({k: _json(v) for k, v in getattr(record, "fields", {}).items()})
+        return json.dumps(payload, ensure_ascii=False)
+
+
+def _plain(value) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if (" " in text or not text) else text
+
+
+def _json(value):
+    return value if isinstance(value, (int, float, bool, type(None))) else str(value)
+
+
+def setup_logging(fmt: str = "plain", verbose: bool = False, stream=None) -> None:
+    """Configure the 'flatd' logger once per process."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        journald = not stream.isatty() and "JOURNAL_STREAM" in __import__("os").environ
+        handler.setFormatter(PlainFormatter(timestamps=not journald and fmt == "plain-time"))
+    LOGGER.handlers[:] = [handler]
+    LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
+    LOGGER.propagate = False
+
+
+def event(name: str, message: str = "", level: int = logging.INFO, **fields) -> None:
+    """Log one event: `name` is a stable identifier, `message` reads well for people."""
+    LOGGER.log(level, message or name, extra={"event": name, "fields": fields})

@@ -1,0 +1,217 @@
+"""Turning frames and rules into Jobs, and explaining what is left out and why.
+
+Pure: reads no pixels and writes nothing. The calibration library is reached through
+a cache handed in by the caller (it reads headers once per run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from flatd.calibration import Calibration, CalibrationError, Library, LibraryCache, calibration_for
+from flatd.combine import Method
+from flatd.config import Effective, Rules, effective_for
+from flatd.frames import Frame, Kind, Skipped
+from flatd.grouping import Group, GroupOptions, group_frames
+from flatd.masters import master_name, name_fields
+from flatd.stacker import StackInput
+
+# Kinds that are never combined into a master flat, even with ignore_type.
+NEVER_INPUTS = (Kind.MASTER,)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One group to combine into one master."""
+
+    id: str
+    group: Group
+    rule: Optional[str]
+    method: Method
+    normalize: str
+    inputs: tuple[StackInput, ...]
+    output_dir: Path
+    output_name: str
+    move_to: Optional[str]
+    memory_limit: int
+
+    @property
+    def label(self) -> str:
+        return self.group.label
+
+    @property
+    def frames(self) -> tuple[Frame, ...]:
+        return tuple(i.frame for i in self.inputs)
+
+
+@dataclass(frozen=True)
+class FailedGroup:
+    """A group that cannot be combined (calibration missing, too few for min/max...)."""
+
+    label: str
+    frames: tuple[Frame, ...]
+    reason: str
+    rule: Optional[str] = None
+
+
+@dataclass
+class Plan:
+    jobs: list[Job] = field(default_factory=list)
+    failed: list[FailedGroup] = field(default_factory=list)
+    left_out: list[Skipped] = field(default_factory=list)
+
+    def extend(self, other: "Plan") -> None:
+        self.jobs.extend(other.jobs)
+        self.failed.extend(other.failed)
+        self.left_out.extend(other.left_out)
+
+
+def job_id(frames: Iterable[Frame], settings: str) -> str:
+    """Stable identity of a job: its inputs (path, size, mtime) and its settings."""
+    digest = hashlib.sha256(settings.encode())
+    for f in sorted(frames, key=lambda f: str(f.path)):
+        digest.update(f"{os.path.abspath(f.path)}\0{f.file_size}\0{f.mtime:.6f}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def select_flats(frames: Sequence[Frame], rules: Rules) -> tuple[list[tuple[Frame, Effective]], list[Skipped]]:
+    """Flats with the settings that apply to each; every other frame with its reason."""
+    chosen, left_out = [], []
+    for frame in frames:
+        eff = effective_for(rules, frame)
+        if frame.kind in NEVER_INPUTS:
+            left_out.append(Skipped(frame.path, "a master or stacked image, never an input"))
+        elif frame.kind != Kind.FLAT and not eff.inputs.ignore_type:
+            left_out.append(Skipped(frame.path, f"type {frame.kind.value}, not a flat (set inputs.ignore_type to take it)"))
+        else:
+            chosen.append((frame, eff))
+    return chosen, left_out
+
+
+def _partition(chosen: Sequence[tuple[Frame, Effective]], by_folder: bool) -> dict:
+    """Flats that can share a group: same rule, and the same folder unless told otherwise."""
+    parts: dict[tuple, list[tuple[Frame, Effective]]] = defaultdict(list)
+    for frame, eff in chosen:
+        folder = str(frame.path.parent) if by_folder and eff.grouping.folder else ""
+        parts[(eff.rule or "", folder)].append((frame, eff))
+    return parts
+
+
+def plan_frames(
+    frames: Sequence[Frame],
+    rules: Rules,
+    capture_root: Optional[Path],
+    libraries: LibraryCache,
+    now: datetime,
+    output_dir: Optional[Path] = None,
+    output_name: Optional[str] = None,
+    by_folder: bool = True,
+) -> Plan:
+    """Plan the jobs for a batch of frames from one capture folder (or one command line).
+
+    `output_dir` / `output_name` override the rules (flatd combine's -od / -o).
+    """
+    plan = Plan()
+    chosen, plan.left_out = select_flats(frames, rules)
+    for (_, _), members in sorted(_partition(chosen, by_folder).items()):
+        eff = members[0][1]
+        groups, skipped = group_frames([f for f, _ in members], GroupOptions.from_settings(eff.grouping))
+        plan.left_out.extend(skipped)
+        for group in groups:
+            outcome = plan_group(group, eff, capture_root, libraries, now, output_dir, output_name, rules.engine.memory_limit)
+            (plan.jobs if isinstance(outcome, Job) else plan.failed).append(outcome)
+    _make_names_distinct(plan.jobs)
+    return plan
+
+
+def plan_group(
+    group: Group,
+    eff: Effective,
+    capture_root: Optional[Path],
+    libraries: LibraryCache,
+    now: datetime,
+    output_dir: Optional[Path],
+    output_name: Optional[str],
+    memory_limit: int,
+) -> Job | FailedGroup:
+    """A Job for one group, or the reason it cannot be made."""
+    method = Method.from_settings(eff.combine)
+    if len(group.frames) < method.min_frames:
+        return FailedGroup(
+            group.label, group.frames,
+            f"{method.description} needs at least {method.min_frames} frames, the group has {len(group.frames)}",
+            eff.rule,
+        )
+    try:
+        calibrations = calibrations_for(group.frames, eff, libraries)
+    except CalibrationError as exc:
+        return FailedGroup(group.label, group.frames, str(exc), eff.rule)
+    directory = output_dir or resolve_output_dir(eff.output.directory, capture_root, group.frames[0].path.parent)
+    fields = name_fields(group.frames, method.label, group.label, now)
+    name = master_name(output_name or eff.output.name, fields)
+    settings = f"{method.description}|{eff.combine.normalize}|{[c.label for c in calibrations]}"
+    return Job(
+        id=job_id(group.frames, settings),
+        group=group,
+        rule=eff.rule,
+        method=method,
+        normalize=eff.combine.normalize,
+        inputs=tuple(StackInput(f, c) for f, c in zip(group.frames, calibrations)),
+        output_dir=directory,
+        output_name=name,
+        move_to=eff.inputs.move_to,
+        memory_limit=memory_limit,
+    )
+
+
+def calibrations_for(frames: Sequence[Frame], eff: Effective, libraries: LibraryCache) -> list[Calibration]:
+    """The calibration of each flat, by the rule's precalibration settings."""
+    pre = eff.precalibration
+    library: Optional[Library] = None
+    fixed: Optional[Frame] = None
+    if pre.mode == "auto":
+        library = libraries.get(pre.library, pre.recursive, pre.bias_dark_only)
+    elif pre.mode == "file":
+        fixed = libraries.fixed(pre.file)
+    return [calibration_for(f, pre, library, fixed) for f in frames]
+
+
+def resolve_output_dir(directory: Path, capture_root: Optional[Path], fallback: Path) -> Path:
+    """output.directory: absolute, or relative to the capture folder the flats came from."""
+    if directory.is_absolute():
+        return directory
+    return (capture_root or fallback) / directory
+
+
+def _make_names_distinct(jobs: list[Job]) -> None:
+    """Two jobs planned to the same file get -2, -3...: a master never overwrites another."""
+    seen: dict[Path, int] = defaultdict(int)
+    for i, job in enumerate(jobs):
+        target = job.output_dir / job.output_name
+        seen[target] += 1
+        if seen[target] > 1:
+            stem, dot, suffix = job.output_name.rpartition(".")
+            jobs[i] = _replace(job, output_name=f"{stem}-{seen[target]}.{suffix}")
+
+
+def _replace(job: Job, **changes) -> Job:
+    from dataclasses import replace
+
+    return replace(job, **changes)
+
+
+def output_folders(rules: Rules) -> list[Path]:
+    """Folders that hold flatd's own outputs inside capture folders: never scanned."""
+    folders = []
+    for capture in rules.capture:
+        for eff_out in [rules.output] + [
+            type(rules.output).model_validate({**rules.output.model_dump(), **r.output}) for r in rules.rules if r.output
+        ]:
+            folders.append(resolve_output_dir(eff_out.directory, capture.path, capture.path))
+    return folders
