@@ -201,8 +201,8 @@ class Library:
         return _exposure(frame, self.keywords)
 
     def matching(self, flat: Frame) -> list[Frame]:
-        """Candidates of exactly the flat's width, height and binning."""
-        return [f for f in self.frames if f.size_key == flat.size_key]
+        """Candidates of exactly the flat's width, height and binning (never the flat itself)."""
+        return [f for f in self.frames if f.size_key == flat.size_key and f.path != flat.path]
 
     def choose(self, flat: Frame, policy: str = "original") -> Choice:
         """The best dark or bias for `flat`; raise CalibrationError when none fits."""
@@ -230,7 +230,7 @@ class Library:
             dt, de = abs(_temperature(f) - t), abs(self.exposure(f) - e)
             return dt + EXPOSURE_WEIGHT * de, dt, de
 
-        best = min(candidates, key=lambda f: (score(f)[0], str(f.path)))
+        best = min(candidates, key=lambda f: (round(score(f)[0], 9), str(f.path)))
         total, dt, de = score(best)
         notes = _missing_notes(flat, best, self.role(best))
         why = (f"{self._describe(best)}: |dT| {_num(dt)} + 3x|dExp| {_num(de)} = {_num(total)}"
@@ -250,17 +250,17 @@ class Library:
 
         matched = [f for f in darks if de(f) <= EXPOSURE_TOLERANCE + 1e-9]
         if matched:
-            best = min(matched, key=lambda f: (dt(f), de(f), str(f.path)))
+            best = min(matched, key=lambda f: (round(dt(f), 9), round(de(f), 9), str(f.path)))
             reason = (f"exposure {_num(self.exposure(best))} s matches the flat's {_num(e)} s within "
                       f"{_num(EXPOSURE_TOLERANCE)} s; |dT| {_num(dt(best))}, closest temperature of "
                       f"{len(matched)} matching")
         elif biases:
-            best = min(biases, key=lambda f: (dt(f), str(f.path)))
+            best = min(biases, key=lambda f: (round(dt(f), 9), str(f.path)))
             reason = (f"no dark within {_num(EXPOSURE_TOLERANCE)} s of the flat's {_num(e)} s; "
                       f"|dT| {_num(dt(best))}, closest temperature of {len(biases)} "
                       f"bias{'es' if len(biases) != 1 else ''}")
         else:
-            best = min(darks, key=lambda f: (de(f), dt(f), str(f.path)))
+            best = min(darks, key=lambda f: (round(de(f), 9), round(dt(f), 9), str(f.path)))
             reason = (f"no dark within {_num(EXPOSURE_TOLERANCE)} s of the flat's {_num(e)} s and no bias; "
                       f"closest exposure {_num(self.exposure(best))} s (|dExp| {_num(de(best))}), "
                       f"|dT| {_num(dt(best))}")

@@ -361,7 +361,7 @@ def cmd_combine(args) -> int:
     elif output_dir is None and not grouped:
         output_dir = Path(".")
     now = datetime.now()
-    libraries = LibraryCache(rules.keyword_map())
+    libraries = LibraryCache()
     plan = plan_frames(frames, rules, None, libraries, now, output_dir=output_dir, output_name=output_name, by_folder=False)
     from flatd.frames import Skipped
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import textwrap
 import time
 import unicodedata
 from collections import Counter
@@ -42,7 +43,7 @@ DATETIME_FORMAT = "%Y%m%dT%H%M%S"
 _TRANSLIT = {
     "α": "a", "β": "b", "γ": "g", "δ": "d", "ε": "e", "η": "h", "λ": "l", "μ": "u", "µ": "u",
     "Α": "A", "Β": "B", "Γ": "G", "Δ": "D", "Λ": "L", "°": "", "º": "", "ß": "ss", "æ": "ae",
-    "Æ": "AE", "ø": "o", "Ø": "O", "ð": "d", "þ": "th", "ł": "l", "Ł": "L",
+    "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "ð": "d", "þ": "th", "ł": "l", "Ł": "L",
 }
 _ALLOWED = re.compile(r"[A-Za-z0-9._+-]")
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
@@ -282,6 +283,12 @@ def card_text(value: object, limit: int | None = 68) -> str:
     return text[:limit] if limit else text
 
 
+def _wrap_card(text: str, width: int = 72) -> list[str]:
+    """Text for HISTORY/COMMENT cards, wrapped at spaces (astropy would cut words);
+    continuation cards are indented by two spaces."""
+    return textwrap.wrap(text, width=width, subsequent_indent="  ", break_on_hyphens=False) or [""]
+
+
 def _card_value(value: object) -> object:
     if isinstance(value, (bool, int, float, np.integer, np.floating)):
         return value
@@ -387,12 +394,14 @@ def master_header(
     header["CREATOR"] = (f"flatd {flatd.__version__}", "software that made this master")
     header["DATE"] = (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "UTC time this file was written")
     if method_description:
-        header["COMMENT"] = card_text(method_description, limit=None)
+        for part in _wrap_card(card_text(method_description, limit=None)):
+            header.add_comment(part)
     for index, (frame, cal) in enumerate(zip(frames, cals), start=1):
         line = f"input {index}/{len(frames)}: {frame.path.name}; {_calibration_text(cal)}"
         if factors is not None:
             line += f"; normalization factor {float(factors[index - 1]):.6g}"
-        header.add_history(card_text(line, limit=None))
+        for part in _wrap_card(card_text(line, limit=None)):
+            header.add_history(part)
     for key, value in (extra or {}).items():
         comment = None
         if isinstance(value, tuple):

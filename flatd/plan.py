@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Sequence
 from flatd.calibration import Calibration, CalibrationError, Library, LibraryCache, calibration_for
 from flatd.combine import Method
 from flatd.config import Effective, Rules, effective_for
-from flatd.frames import Frame, Kind, Skipped
+from flatd.frames import DEFAULT_KEYWORDS, Frame, KeywordMap, Kind, Skipped
 from flatd.grouping import Group, GroupOptions, group_frames
 from flatd.masters import master_name, name_fields
 from flatd.stacker import StackInput
@@ -124,7 +124,8 @@ def plan_frames(
         groups, skipped = group_frames([f for f, _ in members], GroupOptions.from_settings(eff.grouping))
         plan.left_out.extend(skipped)
         for group in groups:
-            outcome = plan_group(group, eff, capture_root, libraries, now, output_dir, output_name, rules.engine.memory_limit)
+            outcome = plan_group(group, eff, capture_root, libraries, now, output_dir, output_name,
+                                 rules.engine.memory_limit, rules.keyword_map())
             (plan.jobs if isinstance(outcome, Job) else plan.failed).append(outcome)
     _make_names_distinct(plan.jobs)
     return plan
@@ -139,6 +140,7 @@ def plan_group(
     output_dir: Optional[Path],
     output_name: Optional[str],
     memory_limit: int,
+    keywords: KeywordMap = DEFAULT_KEYWORDS,
 ) -> Job | FailedGroup:
     """A Job for one group, or the reason it cannot be made."""
     method = Method.from_settings(eff.combine)
@@ -149,7 +151,7 @@ def plan_group(
             eff.rule,
         )
     try:
-        calibrations = calibrations_for(group.frames, eff, libraries)
+        calibrations = calibrations_for(group.frames, eff, libraries, keywords)
     except CalibrationError as exc:
         return FailedGroup(group.label, group.frames, str(exc), eff.rule)
     directory = output_dir or resolve_output_dir(eff.output.directory, capture_root, group.frames[0].path.parent)
@@ -170,16 +172,15 @@ def plan_group(
     )
 
 
-def calibrations_for(frames: Sequence[Frame], eff: Effective, libraries: LibraryCache) -> list[Calibration]:
+def calibrations_for(frames: Sequence[Frame], eff: Effective, libraries: LibraryCache,
+                     keywords: KeywordMap = DEFAULT_KEYWORDS) -> list[Calibration]:
     """The calibration of each flat, by the rule's precalibration settings."""
     pre = eff.precalibration
-    library: Optional[Library] = None
+    library: Optional[Library] = libraries.for_settings(pre, keywords)
     fixed: Optional[Frame] = None
-    if pre.mode == "auto":
-        library = libraries.get(pre.library, pre.recursive, pre.bias_dark_only)
-    elif pre.mode == "file":
-        fixed = libraries.fixed(pre.file)
-    return [calibration_for(f, pre, library, fixed) for f in frames]
+    if pre.mode == "file" and frames:
+        fixed = calibration_for(frames[0], pre, None, None, keywords).frame
+    return [calibration_for(f, pre, library, fixed, keywords) for f in frames]
 
 
 def resolve_output_dir(directory: Path, capture_root: Optional[Path], fallback: Path) -> Path:

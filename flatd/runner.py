@@ -304,7 +304,7 @@ def process_capture(capture: CaptureFolder, rules: Rules, runner: Runner, dry_ru
                     now: Optional[datetime] = None) -> RunReport:
     """Scan, plan and run one capture folder: the one code path of run-once and watch."""
     now = now or datetime.now()
-    libraries = libraries or LibraryCache(rules.keyword_map())
+    libraries = libraries or LibraryCache()
     frames, bad = scan_folder(capture, rules, runner.ledger, time.time(), rules.stable if stable is None else stable)
     for item in bad:
         event("file_left_out", f"left out {item.path}: {item.reason}", logging.WARNING, path=item.path)

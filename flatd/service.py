@@ -21,7 +21,7 @@ def run_once(rules: Rules, dry_run: bool = False, progress=None, stable: Optiona
     from flatd.runner import RunReport, Runner, process_capture
 
     report = RunReport()
-    libraries = LibraryCache(rules.keyword_map())
+    libraries = LibraryCache()
     now = datetime.now()
     if dry_run:
         ledger = Ledger.open_readonly(rules.state)

@@ -1,0 +1,162 @@
+"""`flatd combine`: the original program's command line, in-process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from flatd.cli import main
+
+from fitstree import BIAS_LEVEL, pattern, snapshot
+
+
+def _flats(tree, n=5, **kw):
+    return [str(tree.flat(f"f{i:02d}.fits", level=20000 * (1 + 0.02 * i), **kw)) for i in range(n)]
+
+
+def test_one_master_to_output_file(tree, capsys):
+    files = _flats(tree)
+    out = tree.root / "master.fits"
+    assert main(["combine", "-s", "2.5", "-o", str(out), *files]) == 0
+    with fits.open(out) as hdul:
+        header = hdul[0].header
+        assert header["NCOMBINE"] == 5
+        assert header["IMAGETYP"] == "Master Flat"
+        assert hdul[0].data.dtype.kind == "f"
+        assert hdul[0].verify_checksum() == 1
+
+
+@pytest.mark.parametrize("flag", [["-m"], ["--mean"], ["-n"], ["--median"], ["-mm", "1"], ["--minmax", "2"],
+                                  ["-s", "2"], ["--sigma", "0.5"]])
+def test_each_method_short_and_long(tree, flag):
+    files = _flats(tree)
+    out = tree.root / "m.fits"
+    assert main(["combine", *flag, "-p", str(BIAS_LEVEL), "-o", str(out), *files]) == 0
+    data = fits.getdata(out)
+    assert np.abs(data / data.mean() - pattern(*data.shape)).max() < 0.03
+
+
+def test_bright_flats_do_not_wrap_around(tree):
+    """The original wrote int16: values above 32767 became negative."""
+    files = _flats(tree, level=50000.0) if False else [
+        str(tree.flat(f"b{i}.fits", level=50000.0)) for i in range(3)]
+    out = tree.root / "bright.fits"
+    assert main(["combine", "-m", "-rp", "--normalize", "none", "-o", str(out), *files]) == 0
+    data = fits.getdata(out)
+    assert data.min() > 32767
+
+
+def test_minmax_needs_2n_plus_1_frames(tree, capsys):
+    files = _flats(tree, n=4)
+    assert main(["combine", "-mm", "2", "-o", str(tree.root / "x.fits"), *files]) == 1
+    assert "needs at least 5 frames" in capsys.readouterr().out
+    assert not (tree.root / "x.fits").exists()
+
+
+def test_grouping_writes_one_master_per_group_into_od(tree, capsys):
+    files = _flats(tree, n=3, filt="R") + [str(tree.flat(f"g{i}.fits", filt="g")) for i in range(3)]
+    files += [str(tree.flat(f"G{i}.fits", filt="G")) for i in range(2)]  # same filter, other case
+    od = tree.root / "out"
+    assert main(["combine", "-gf", "-m", "-od", str(od), *files]) == 0
+    masters = sorted(od.glob("*.fits"))
+    assert len(masters) == 2
+    assert sorted(fits.getheader(m)["NCOMBINE"] for m in masters) == [3, 5]
+
+
+def test_groups_differing_only_in_size_get_distinct_names(tree):
+    files = [str(tree.flat(f"a{i}.fits", shape=(40, 50))) for i in range(3)]
+    files += [str(tree.flat(f"b{i}.fits", shape=(30, 50))) for i in range(3)]
+    od = tree.root / "out"
+    assert main(["combine", "-gs", "-m", "-od", str(od), *files]) == 0
+    assert len(list(od.glob("*.fits"))) == 2
+
+
+def test_minimum_group_size_skips_without_failing(tree, capsys):
+    files = _flats(tree, n=3, filt="R") + [str(tree.flat("s.fits", filt="S"))]
+    od = tree.root / "out"
+    assert main(["combine", "-gf", "-mg", "2", "-m", "-od", str(od), *files]) == 0
+    assert len(list(od.glob("*.fits"))) == 1
+    assert "s.fits" in capsys.readouterr().out
+
+
+def test_non_flats_are_refused_unless_ignore_type(tree, capsys):
+    files = [str(tree.flat(f"l{i}.fits", imagetyp="LIGHT")) for i in range(3)]
+    assert main(["combine", "-m", "-o", str(tree.root / "m.fits"), *files]) == 1
+    assert "not a flat" in capsys.readouterr().out
+    assert main(["combine", "-t", "-m", "-o", str(tree.root / "m.fits"), *files]) == 0
+    assert (tree.root / "m.fits").exists()
+
+
+def test_fixed_bias_of_other_size_is_an_error_for_the_group(tree, capsys):
+    files = _flats(tree, n=3)
+    bias = tree.bias("small.fits", shape=(20, 20))
+    assert main(["combine", "-m", "-b", str(bias), "-o", str(tree.root / "m.fits"), *files]) == 1
+    out = capsys.readouterr().out
+    assert "small.fits" in out
+    assert not (tree.root / "m.fits").exists()
+
+
+def test_auto_calibration_reports_each_choice(tree, capsys):
+    files = _flats(tree, n=3, exposure=2.0)
+    tree.bias("bias.fits")
+    tree.dark("dark2s.fits", exposure=2.0)
+    tree.dark("dark300s.fits", exposure=300.0)
+    assert main(["combine", "-m", "-a", str(tree.root / "calib"), "-ax", "-o", str(tree.root / "m.fits"), *files]) == 0
+    out = capsys.readouterr().out
+    assert out.count("dark2s.fits") >= 3
+    assert fits.getheader(tree.root / "m.fits")["HISTORY"][0].count("dark2s.fits") == 1
+
+
+def test_move_inputs_after_success(tree):
+    files = _flats(tree, n=3)
+    before = {p: open(p, "rb").read() for p in files}
+    assert main(["combine", "-m", "-v", str(tree.root / "done"), "-o", str(tree.root / "m.fits"), *files]) == 0
+    for p, data in before.items():
+        moved = tree.root / "done" / p.rsplit("/", 1)[1]
+        assert moved.read_bytes() == data
+        assert not (tree.root / p).exists()
+
+
+def test_existing_output_is_never_overwritten(tree):
+    files = _flats(tree, n=3)
+    out = tree.root / "m.fits"
+    out.write_bytes(b"precious")
+    assert main(["combine", "-m", "-o", str(out), *files]) == 0
+    assert out.read_bytes() == b"precious"
+    assert (tree.root / "m-2.fits").exists()
+
+
+def test_filter_name_cannot_escape_the_output_folder(tree):
+    files = [str(tree.flat(f"e{i}.fits", filt="../../x")) for i in range(3)]
+    od = tree.root / "out"
+    before = set(tree.root.rglob("*"))
+    assert main(["combine", "-gf", "-m", "-od", str(od), *files]) == 0
+    new = set(tree.root.rglob("*")) - before
+    assert new and all(od in p.parents or p == od for p in new)
+
+
+def test_usage_errors_exit_2_without_traceback(tree, capsys):
+    assert main(["combine"]) == 2
+    assert main(["combine", "-mm", "x", "a.fits"]) == 2
+    assert main(["combine", "-gf", "-o", "x.fits", *_flats(tree, n=1)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+
+
+def test_unreadable_inputs_are_named_and_the_rest_goes_on(tree, capsys):
+    files = _flats(tree, n=3)
+    bad = tree.root / "bad.fits"
+    bad.write_text("nope")
+    assert main(["combine", "-m", "-o", str(tree.root / "m.fits"), str(bad), *files]) == 0
+    assert "bad.fits" in capsys.readouterr().out
+    assert (tree.root / "m.fits").exists()
+    assert bad.read_text() == "nope"
+
+
+def test_dry_run_combines_nothing(tree, capsys):
+    files = _flats(tree, n=3)
+    before = snapshot(tree.root)
+    assert main(["combine", "-m", "--dry-run", "-o", str(tree.root / "m.fits"), *files]) == 0
+    assert snapshot(tree.root) == before
+    assert "would write" in capsys.readouterr().out

@@ -1,0 +1,212 @@
+"""`flatd run-once` in-process on seeded capture trees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from flatd.cli import main
+from flatd.ledger import DONE, Ledger, StateLock
+
+from fitstree import BIAS_LEVEL, pattern, snapshot
+
+RULES = """
+capture:
+  - path: {root}/captures
+output:
+  directory: masters
+inputs:
+  move_to: "originals-{{date}}"
+grouping:
+  size: true
+  filter: true
+  temperature: 1.0
+  min_group_size: 3
+precalibration:
+  mode: auto
+  library: {root}/calib
+combine:
+  method: sigma
+  sigma: 3.0
+stable: 0
+state: {root}/state
+"""
+
+
+def _session(tree, n=5, filters=("R", "G")):
+    for f in filters:
+        for i in range(n):
+            tree.flat(f"flat_{f}_{i:03d}.fits", level=20000 * (1 + 0.03 * i), filt=f)
+    for i in range(2):
+        tree.bias(f"bias_{i}.fits")
+    return tree.rules(RULES.format(root=tree.root))
+
+
+def _masters(root):
+    return sorted((root / "captures" / "masters").glob("*.fits"))
+
+
+def test_run_once_makes_one_master_per_group_and_moves_inputs(tree, capsys):
+    config = _session(tree)
+    assert main(["run-once", "--config", str(config)]) == 0
+    masters = _masters(tree.root)
+    assert len(masters) == 2
+    filters = sorted(fits.getheader(m)["FILTER"] for m in masters)
+    assert filters == ["G", "R"]
+    night = tree.root / "captures" / "night1"
+    assert not list(night.glob("flat_*.fits")), "inputs should have been moved"
+    moved = list(night.glob("originals-*/flat_*.fits"))
+    assert len(moved) == 10
+    for master in masters:
+        with fits.open(master) as hdul:
+            data = hdul[0].data
+            assert data.dtype == np.dtype(">f4")
+            assert hdul[0].header["NCOMBINE"] == 5
+            assert len(hdul[0].header["HISTORY"]) >= 5
+        normalized = data / data.mean()
+        # 5 frames of ~20000 e-: relative noise ~ 1/sqrt(5*20000) per pixel; allow 6 sigma.
+        assert np.abs(normalized - pattern(*data.shape)).max() < 6 / np.sqrt(5 * 20000 * 0.5)
+    ledger = Ledger.open_readonly(tree.root / "state")
+    assert {j.state for j in ledger.jobs()} == {DONE}
+
+
+def test_second_run_finds_nothing_new(tree, capsys):
+    config = _session(tree)
+    assert main(["run-once", "--config", str(config)]) == 0
+    before = snapshot(tree.root / "captures")
+    assert main(["run-once", "--config", str(config)]) == 0
+    assert snapshot(tree.root / "captures") == before
+
+
+def test_inputs_left_in_place_are_not_combined_twice(tree):
+    config = _session(tree)
+    config.write_text(config.read_text().replace('move_to: "originals-{date}"', "move_to: null"))
+    assert main(["run-once", "--config", str(config)]) == 0
+    assert main(["run-once", "--config", str(config)]) == 0
+    assert len(_masters(tree.root)) == 2
+    assert len(list((tree.root / "captures" / "night1").glob("flat_*.fits"))) == 10
+
+
+def test_dry_run_changes_nothing_and_explains(tree, capsys):
+    config = _session(tree)
+    (tree.root / "captures" / "night1" / "notes.fits").write_text("not a fits file")
+    tree.flat("dark_0001.fits", imagetyp="DARK")
+    before = snapshot(tree.root)
+    assert main(["run-once", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert snapshot(tree.root) == before
+    assert not (tree.root / "state").exists()
+    assert out.count("would write") == 2
+    assert "flat_R_000.fits" in out and "bias_" in out
+    assert "notes.fits" in out and "not a FITS file" in out
+    assert "dark_0001.fits" in out and "not a flat" in out
+
+
+def test_bad_files_are_reported_and_left_alone(tree, capsys):
+    config = _session(tree, filters=("R",))
+    night = tree.root / "captures" / "night1"
+    (night / "empty.fits").write_bytes(b"")
+    (night / "text.fits").write_text("hello")
+    good = (night / "flat_R_000.fits").read_bytes()
+    (night / "truncated.fits").write_bytes(good[: len(good) // 2])
+    bad_before = {p.name: p.read_bytes() for p in night.glob("*.fits") if not p.name.startswith("flat_")}
+    assert main(["run-once", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert len(_masters(tree.root)) == 1
+    for name, data in bad_before.items():
+        assert (night / name).read_bytes() == data
+        assert name in out
+    assert "zero length" in out and "truncated" in out
+
+
+def test_too_few_for_minmax_fails_that_group_only(tree, capsys):
+    config = _session(tree, n=3, filters=("R",))
+    for i in range(7):
+        tree.flat(f"flat_G_{i:03d}.fits", filt="G")
+    config.write_text(config.read_text().replace("method: sigma", "method: minmax\n  minmax: 2"))
+    assert main(["run-once", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "needs at least 5 frames" in out
+    assert len(_masters(tree.root)) == 1
+    assert len(list((tree.root / "captures" / "night1").glob("flat_R_*.fits"))) == 3
+
+
+def test_small_group_is_left_in_place_and_not_a_failure(tree, capsys):
+    config = _session(tree, filters=("R",))
+    tree.flat("flat_SII_000.fits", filt="SII")
+    assert main(["run-once", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "flat_SII_000.fits" in out and "min_group_size" in out
+    assert (tree.root / "captures" / "night1" / "flat_SII_000.fits").exists()
+
+
+def test_rules_choose_settings_per_rig_and_dry_run_names_the_rule(tree, capsys):
+    config = _session(tree, filters=("R",))
+    for i in range(5):
+        tree.flat(f"other_{i}.fits", filt="R", folder="captures/newt200")
+    config.write_text(config.read_text() + f"""
+rules:
+  - name: newt
+    match: {{path: "{tree.root}/captures/newt200/**"}}
+    combine: {{method: median}}
+""")
+    assert main(["run-once", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "rule newt" in out and "median" in out
+    assert "sigma clip" in out
+
+
+def test_master_outside_calibration_library_fails_clearly(tree, capsys):
+    config = _session(tree, filters=("R",))
+    for p in (tree.root / "calib").glob("*.fits"):
+        p.unlink()
+    tree.bias("small_bias.fits", shape=(20, 20))
+    assert main(["run-once", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "flat_R_000.fits" in out or "R" in out
+    assert len(_masters(tree.root)) == 0
+    assert len(list((tree.root / "captures" / "night1").glob("flat_*.fits"))) == 5
+
+
+def test_invalid_rules_file_exits_2_with_key_and_line(tree, capsys):
+    config = tree.rules("capture:\n  - path: /x\ngrouping:\n  temperature: 99\n")
+    assert main(["run-once", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}:4: at 'grouping.temperature'" in err
+
+
+def test_second_process_is_refused_while_the_ledger_is_held(tree, capsys):
+    config = _session(tree, filters=("R",))
+    with StateLock(tree.root / "state"):
+        assert main(["run-once", "--config", str(config)]) == 2
+    assert "another flatd" in capsys.readouterr().err
+
+
+def test_calibrated_master_matches_pattern_but_uncalibrated_does_not(tree):
+    """The bias pedestal makes an uncalibrated master flatter than the illumination."""
+    config = _session(tree, filters=("R",))
+    config.write_text(config.read_text().replace("mode: auto", "mode: none"))
+    assert main(["run-once", "--config", str(config)]) == 0
+    (master,) = _masters(tree.root)
+    data = fits.getdata(master)
+    p = pattern(*data.shape)
+    calibrated = data - BIAS_LEVEL
+    assert np.abs(calibrated / calibrated.mean() - p).max() < 0.01
+    assert np.abs(data / data.mean() - p).max() > 0.01
+
+
+def test_outputs_inside_watched_folder_are_never_inputs(tree):
+    config = _session(tree, filters=("R",))
+    config.write_text(config.read_text().replace("move_to: \"originals-{date}\"", "move_to: null"))
+    assert main(["run-once", "--config", str(config)]) == 0
+    (master,) = _masters(tree.root)
+    # A master copied back beside the flats is recognised as a master, not a flat.
+    (tree.root / "captures" / "night1" / "copy_of_master.fits").write_bytes(master.read_bytes())
+    for i in range(5):
+        tree.flat(f"flat_R_new_{i}.fits", filt="R")
+    assert main(["run-once", "--config", str(config)]) == 0
+    masters = _masters(tree.root)
+    assert len(masters) == 2
+    newest = max(masters, key=lambda p: p.stat().st_mtime_ns)
+    assert fits.getheader(newest)["NCOMBINE"] == 5

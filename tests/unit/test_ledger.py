@@ -1,0 +1,96 @@
+"""The ledger: job states committed step by step, consumed inputs, the state lock."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flatd import ledger as L
+
+
+def _plan(ledger, job_id="job1", paths=("a.fits", "b.fits"), move_dir=None):
+    ledger.plan_job(job_id, "1x1 R", None, Path("/cap"), Path("/cap/masters"), "M.fits",
+                    [(Path(p), 100, 1.5, "none", move_dir) for p in paths])
+
+
+def test_job_goes_through_its_states(tmp_path):
+    ledger = L.Ledger.open(tmp_path)
+    _plan(ledger)
+    assert ledger.job("job1").state == L.PLANNED
+    ledger.set_state("job1", L.WRITING)
+    ledger.master_written("job1", Path("/cap/masters/M.fits"), "1x1 R", 2)
+    row = ledger.job("job1")
+    assert row.state == L.WRITTEN and row.master == "/cap/masters/M.fits"
+    assert ledger.is_master(Path("/cap/masters/M.fits"))
+    ledger.input_moved("job1", Path("a.fits"), Path("/cap/orig/a.fits"))
+    assert ledger.is_moved_input(Path("/cap/orig/a.fits"))
+    assert not ledger.is_moved_input(Path("a.fits"))
+    ledger.set_state("job1", L.DONE)
+    assert [j.id for j in ledger.jobs([L.DONE])] == ["job1"]
+    assert ledger.jobs(L.UNFINISHED) == []
+
+
+def test_state_survives_reopening(tmp_path):
+    ledger = L.Ledger.open(tmp_path)
+    _plan(ledger)
+    ledger.set_state("job1", L.WRITING)
+    ledger.close()
+    again = L.Ledger.open(tmp_path)
+    assert again.job("job1").state == L.WRITING
+    assert [r.path for r in again.inputs("job1")] == ["a.fits", "b.fits"]
+
+
+def test_consumed_only_after_master_is_written(tmp_path):
+    ledger = L.Ledger.open(tmp_path)
+    _plan(ledger)
+    assert ledger.consumed(Path("a.fits"), 100, 1.5) is None
+    ledger.master_written("job1", Path("/m.fits"), "x", 2)
+    assert ledger.consumed(Path("a.fits"), 100, 1.5) == "/m.fits"
+    # The same path with other bytes (a new flat under an old name) is not consumed.
+    assert ledger.consumed(Path("a.fits"), 101, 1.5) is None
+
+
+def test_retry_removes_failed_jobs_only(tmp_path):
+    ledger = L.Ledger.open(tmp_path)
+    _plan(ledger, "job1")
+    _plan(ledger, "job2", ("c.fits",))
+    ledger.set_state("job1", L.FAILED, "no dark matches")
+    assert ledger.retry() == 1
+    assert ledger.job("job1") is None and ledger.job("job2") is not None
+    assert ledger.retry("job2") == 0
+
+
+def test_replanning_counts_attempts(tmp_path):
+    ledger = L.Ledger.open(tmp_path)
+    _plan(ledger)
+    _plan(ledger)
+    assert ledger.job("job1").attempts == 2
+
+
+def test_readonly_ledger_reads_while_writer_is_open(tmp_path):
+    writer = L.Ledger.open(tmp_path)
+    _plan(writer)
+    reader = L.Ledger.open_readonly(tmp_path)
+    assert reader.job("job1").state == L.PLANNED
+    assert L.Ledger.open_readonly(tmp_path / "none") is None
+
+
+def test_second_lock_is_refused_and_released_on_exit(tmp_path):
+    with L.StateLock(tmp_path):
+        with pytest.raises(L.LedgerLocked, match=str(os.getpid())):
+            L.StateLock(tmp_path).acquire()
+    L.StateLock(tmp_path).acquire().release()
+
+
+def test_lock_dies_with_its_process(tmp_path):
+    script = textwrap.dedent(f"""
+        import os
+        from flatd.ledger import StateLock
+        StateLock({str(tmp_path)!r}).acquire()
+        os._exit(0)   # no clean-up: the kernel drops the flock
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    L.StateLock(tmp_path).acquire().release()

@@ -1,0 +1,465 @@
+"""Output names, master headers and atomic writes (flatd.masters)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+import flatd
+from flatd import masters
+from flatd.calibration import Calibration
+from flatd.config import NAME_FIELDS, Output
+from flatd.frames import Frame, Kind, read_frame
+from flatd.masters import (
+    cleanup_temp_files,
+    master_header,
+    master_name,
+    name_fields,
+    safe_component,
+    unique_path,
+    write_master,
+)
+
+WHEN = datetime(2026, 11, 25, 1, 2, 3)
+
+
+def make_frame(name="flat_001.fits", **kw) -> Frame:
+    values = dict(
+        path=Path("/captures") / name,
+        kind=Kind.FLAT,
+        width=4144,
+        height=2822,
+        xbin=1,
+        ybin=1,
+        filter="L",
+        exposure=2.0,
+        temperature=-10.0,
+        set_temperature=-10.0,
+        date=datetime(2026, 11, 24, 18, 30, 0),
+        instrument="ZWO ASI294MM Pro",
+        telescope="RedCat 51",
+    )
+    values.update(kw)
+    return Frame(**values)
+
+
+def temp_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in Path(directory).iterdir() if p.name.endswith(".tmp"))
+
+
+# ------------------------------------------------------------------- safe_component
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("../../x", "x"),
+        ("a/b", "a_b"),
+        ("a\\b", "a_b"),
+        ("..", "none"),
+        (".", "none"),
+        ("", "none"),
+        (None, "none"),
+        ("Hα", "Ha"),
+        ("OIII", "OIII"),
+        ("R G B", "R_G_B"),
+        ("C:\\Windows", "C_Windows"),
+        ("a\x00b\nc", "a_b_c"),
+        (".hidden", "hidden"),
+        ("__x__", "x"),
+        ("-10.0", "-10.0"),
+        ("SigmaClip2.0", "SigmaClip2.0"),
+        ("a..b", "a.b"),
+        ("CON", "CON_"),
+        ("  ", "none"),
+    ],
+)
+def test_safe_component(text, expected):
+    assert safe_component(text) == expected
+
+
+def test_safe_component_fallback_and_length():
+    assert safe_component("///", fallback="nofilter") == "nofilter"
+    long = safe_component("x" * 1000)
+    assert long == "x" * 64
+    assert len(safe_component("ab/" * 100)) <= 64
+
+
+@pytest.mark.parametrize("text", ["../../x", "..", "/", "a/../../b", "..\\..\\x", "\x00", "....//....//", "é/è", "../" * 40])
+def test_safe_component_never_a_path(text):
+    out = safe_component(text)
+    assert "/" not in out and "\\" not in out and "\0" not in out
+    assert out not in (".", "..")
+    assert not out.startswith(".")
+    assert Path(out).name == out
+    assert out.isascii()
+
+
+# ------------------------------------------------------------------- names
+
+
+def fields(**kw):
+    base = name_fields([make_frame()], "SigmaClip2.0", "g1", WHEN)
+    base.update(kw)
+    return base
+
+
+def test_name_fields_cover_config():
+    values = name_fields([make_frame(), make_frame("b.fits", temperature=-10.2, exposure=3.0)], "SigmaClip2.0", "g1", WHEN)
+    assert set(values) == set(NAME_FIELDS)
+    assert values["filter"] == "L"
+    assert values["binning"] == "1x1"
+    assert values["size"] == "4144x2822"
+    assert values["method"] == "SigmaClip2.0"
+    assert values["date"] == "20261124-183000"  # earliest DATE-OBS, not the time of combining
+    assert values["time"] == "183000"
+    assert values["datetime"] == "20261124T183000"
+    assert values["temperature"] == "-10.1"
+    assert values["exposure"] == "2.5"
+    assert values["instrument"] == "ZWO ASI294MM Pro"
+    assert values["count"] == "2"
+    assert values["group"] == "g1"
+
+
+def test_name_fields_missing_values():
+    frame = make_frame(filter=None, temperature=None, exposure=None, date=None, instrument=None, telescope=None)
+    values = name_fields([frame], "Mean", "", WHEN)
+    assert values["filter"] == "nofilter"
+    assert values["temperature"] == "na"
+    assert values["exposure"] == "na"
+    assert values["date"] == "20261125-010203"  # no DATE-OBS: the time given
+    assert values["instrument"] == "none"
+
+
+def test_name_fields_most_common_filter_and_no_negative_zero():
+    frames = [make_frame(filter="R"), make_frame(filter="G"), make_frame(filter="G"),
+              make_frame(temperature=-0.04)]
+    values = name_fields(frames[:3], "Median", "g", WHEN)
+    assert values["filter"] == "G"
+    assert name_fields([frames[3]], "Median", "g", WHEN)["temperature"] == "0.0"
+
+
+def test_default_name_like_the_original():
+    name = master_name(Output().name, fields())
+    assert name == "FLAT-L-1x1-4144x2822-SigmaClip2.0-20261124-183000--10.0C.fits"
+
+
+def test_names_differ_for_groups_differing_only_in_size():
+    template = Output().name
+    a = name_fields([make_frame(width=4144, height=2822)], "Mean", "g", WHEN)
+    b = name_fields([make_frame(width=2072, height=1411)], "Mean", "g", WHEN)
+    assert master_name(template, a) != master_name(template, b)
+
+
+def test_master_name_sanitizes_every_field():
+    name = master_name("{filter}_{instrument}_{telescope}.fits",
+                       fields(filter="../../x", instrument="a/b\\c", telescope=".."))
+    assert name == "x_a_b_c_none.fits"
+    assert Path(name).name == name
+
+
+def test_master_name_raw_values_and_format_specs():
+    raw = {"filter": None, "temperature": -9.96, "date": WHEN, "exposure": 1.5, "count": 7}
+    assert master_name("{filter}_{temperature}_{date}_{exposure}_{count}", raw) == \
+        "nofilter_-10.0_20261125-010203_1.5_7.fits"
+    assert master_name("{temperature:.0f}_{count:03d}_{date:%Y-%m-%d}", fields(count="7")) == \
+        "-10_007_2026-11-24.fits"
+
+
+@pytest.mark.parametrize("template", ["x.fit", "x.fts", "x.FITS", "x.fits"])
+def test_master_name_keeps_fits_extension(template):
+    assert master_name(template, fields()) == template
+
+
+def test_master_name_appends_fits():
+    assert master_name("FLAT-{filter}", fields()) == "FLAT-L.fits"
+    assert master_name("FLAT-{filter}.png", fields()) == "FLAT-L.png.fits"
+
+
+@pytest.mark.parametrize("template", ["sub/{filter}.fits", "../{filter}.fits", "/abs/{filter}.fits",
+                                      "a\\{filter}.fits", ".{filter}.fits", "a:{filter}.fits", "{nope}.fits"])
+def test_master_name_rejects_non_plain_templates(template):
+    with pytest.raises(ValueError):
+        master_name(template, fields())
+
+
+def test_master_name_limits_length():
+    long = {k: "y" * 64 for k in NAME_FIELDS}
+    name = master_name("{" + "}-{".join(NAME_FIELDS) + "}", long)
+    assert name.endswith(".fits")
+    assert len(name.encode()) <= 240
+
+
+# ------------------------------------------------------------------- header
+
+
+def test_master_header_cards():
+    frames = [
+        make_frame("a.fits", exposure=2.0, temperature=-10.0, set_temperature=-10.0, date=datetime(2026, 11, 24, 18, 31)),
+        make_frame("b.fits", exposure=3.0, temperature=-10.4, set_temperature=-10.0, date=datetime(2026, 11, 24, 18, 30)),
+        make_frame("c.fits", exposure=4.0, temperature=-9.8, set_temperature=-10.0, filter="R"),
+    ]
+    dark = make_frame("master_dark_2s.fits", kind=Kind.DARK, path=Path("/lib/master_dark_2s.fits"))
+    cals = [Calibration(mode="file", frame=dark), Calibration(mode="file", frame=dark),
+            Calibration(mode="file", frame=dark)]
+    header = master_header(frames, cals, "sigma clip, z=2.0, single pass", "SigmaClip2.0", "multiplicative",
+                           factors=[1.0, 0.95, 1.1], extra={"OBSERVER": ("Jane Dœ", "who took them")})
+    assert header["IMAGETYP"] == "Master Flat"
+    assert header["FILTER"] == "L"
+    assert header["XBINNING"] == 1 and header["YBINNING"] == 1
+    assert header["EXPTIME"] == pytest.approx(3.0)
+    assert header["EXPOSURE"] == pytest.approx(3.0)
+    assert header["CCD-TEMP"] == pytest.approx(-10.0667, abs=1e-3)
+    assert header["SET-TEMP"] == pytest.approx(-10.0)
+    assert header["DATE-OBS"].startswith("2026-11-24T18:30:00")
+    assert header["INSTRUME"] == "ZWO ASI294MM Pro"
+    assert header["TELESCOP"] == "RedCat 51"
+    assert header["NCOMBINE"] == 3
+    assert header["COMBMETH"] == "SigmaClip2.0"
+    assert header["CLIPSIG"] == 2.0
+    assert header["NORMALIZ"] == "multiplicative"
+    assert header["CALMODE"] == "file"
+    assert header["CREATOR"] == f"flatd {flatd.__version__}"
+    assert header["OBSERVER"] == "Jane Doe"
+    cards = [str(h) for h in header["HISTORY"]]
+    assert all(len(c) <= 72 for c in cards)
+    assert sum(c.startswith("input ") for c in cards) == 3  # one entry per input
+    history = " ".join(c.strip() for c in cards)
+    for frame, factor in zip(frames, ("1", "0.95", "1.1")):
+        assert frame.path.name in history
+        assert f"normalization factor {factor}" in history
+    assert history.count("/lib/master_dark_2s.fits") == 3
+    assert any("sigma clip" in str(c) for c in header["COMMENT"])
+
+
+def test_master_header_parameters_and_modes():
+    frames = [make_frame("a.fits", instrument="A"), make_frame("b.fits", instrument="B")]
+    h = master_header(frames, [], "min/max clip", "MinMaxClip2", "none")
+    assert h["CLIPN"] == 2
+    assert h["CALMODE"] == "none"
+    assert "INSTRUME" not in h  # inputs disagree
+    h = master_header(frames, [Calibration(mode="pedestal", pedestal=100)] * 2, "mean", "Mean", "none")
+    assert h["CALMODE"] == "pedestal" and h["PEDESTAL"] == 100
+    assert "CLIPN" not in h and "CLIPSIG" not in h
+    h = master_header(frames, [Calibration(mode="pedestal", pedestal=100), Calibration()], "mean", "Mean", "none")
+    assert h["CALMODE"] == "mixed" and "PEDESTAL" not in h
+    with pytest.raises(ValueError):
+        master_header(frames, [Calibration()], "mean", "Mean", "none")
+    with pytest.raises(ValueError):
+        master_header(frames, [], "mean", "Mean", "none", factors=[1.0])
+
+
+def test_master_header_values_are_card_safe(tmp_path):
+    frame = make_frame("ä\x07.fits", filter="Hα\x00\x1b[31m", instrument="Kamera™ ü", telescope="x" * 200, exposure=None,
+                       temperature=None, set_temperature=None, date=None)
+    h = master_header([frame], [], "mean", "Mean", "none")
+    assert h["FILTER"] == "Ha [31m"
+    assert "EXPTIME" not in h and "CCD-TEMP" not in h and "DATE-OBS" not in h
+    for card in h.cards:
+        assert str(card.value).isascii()
+    # The header writes and verifies.
+    path = write_master(tmp_path, "x.fits", np.ones((4, 4)), h)
+    with fits.open(path, checksum=True) as hdul:
+        assert hdul[0].header["INSTRUME"] == h["INSTRUME"]
+
+
+def test_master_is_recognised_as_master_by_frames(tmp_path):
+    h = master_header([make_frame(), make_frame("b.fits")], [], "mean", "Mean", "none")
+    path = write_master(tmp_path, "m.fits", np.ones((8, 6), dtype=np.float32), h)
+    assert read_frame(path).kind is Kind.MASTER
+
+
+# ------------------------------------------------------------------- writing
+
+
+def test_write_master_float32_checksum_and_round_trip(tmp_path):
+    data = np.linspace(40000, 65535, 64 * 48).reshape(48, 64)
+    data[0, 0] = 32768.0
+    data[0, 1] = 65535.0
+    header = master_header([make_frame()], [], "mean", "Mean", "none")
+    path = write_master(tmp_path / "out", "m.fits", data, header)
+    assert path == tmp_path / "out" / "m.fits"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checksum mismatch would warn
+        with fits.open(path, checksum=True) as hdul:
+            hdu = hdul[0]
+            assert hdu.header["BITPIX"] == -32
+            assert "CHECKSUM" in hdu.header and "DATASUM" in hdu.header
+            assert hdu.verify_checksum() == 1
+            assert hdu.verify_datasum() == 1
+            back = hdu.data
+            assert back.dtype.kind == "f"
+            np.testing.assert_array_equal(back, data.astype(np.float32))
+            assert back.min() >= 32768.0  # nothing wrapped to negative, unlike the original's int16
+            assert back[0, 1] == 65535.0
+    assert temp_files(tmp_path / "out") == []
+
+
+def test_write_master_corruption_is_detected(tmp_path):
+    path = write_master(tmp_path, "m.fits", np.full((10, 10), 50000.0), fits.Header())
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with fits.open(path, checksum=False) as hdul:
+            assert hdul[0].verify_datasum() == 0
+
+
+def test_write_master_never_overwrites(tmp_path):
+    existing = tmp_path / "m.fits"
+    existing.write_bytes(b"not mine")
+    first = write_master(tmp_path, "m.fits", np.ones((3, 3)), fits.Header())
+    second = write_master(tmp_path, "m.fits", np.ones((3, 3)) * 2, fits.Header())
+    assert first == tmp_path / "m-2.fits"
+    assert second == tmp_path / "m-3.fits"
+    assert existing.read_bytes() == b"not mine"
+    assert fits.getdata(second)[0, 0] == 2.0
+    assert temp_files(tmp_path) == []
+
+
+def test_write_master_without_hard_links(tmp_path, monkeypatch):
+    import errno
+
+    def no_link(src, dst, *a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    (tmp_path / "m.fits").write_bytes(b"old")
+    path = write_master(tmp_path, "m.fits", np.ones((3, 3)), fits.Header())
+    assert path.name == "m-2.fits"
+    assert (tmp_path / "m.fits").read_bytes() == b"old"
+    assert temp_files(tmp_path) == []
+
+
+def test_write_master_failure_leaves_nothing(tmp_path, monkeypatch):
+    def broken_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        write_master(tmp_path, "m.fits", np.ones((3, 3)), fits.Header())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_master_failure_while_linking_leaves_nothing(tmp_path, monkeypatch):
+    def broken_link(src, dst, *a, **k):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "link", broken_link)
+    with pytest.raises(OSError):
+        write_master(tmp_path, "m.fits", np.ones((3, 3)), fits.Header())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_master_directory_fsync_failure_removes_final(tmp_path, monkeypatch):
+    import flatd.masters as m
+
+    def broken_dir_sync(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(m, "fsync_dir", broken_dir_sync)
+    with pytest.raises(OSError):
+        write_master(tmp_path, "m.fits", np.ones((3, 3)), fits.Header())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_master_temp_name_is_hidden_in_target(tmp_path, monkeypatch):
+    seen = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    write_master(tmp_path, "m.fits", np.ones((3, 3)), fits.Header())
+    names = seen[0]
+    assert len(names) == 1
+    assert names[0].startswith(".flatd-") and names[0].endswith(".tmp")
+
+
+def test_write_master_rejects_bad_names(tmp_path):
+    for bad in ("../m.fits", "a/m.fits", ".m.fits", "", ".."):
+        with pytest.raises(ValueError):
+            write_master(tmp_path, bad, np.ones((3, 3)), fits.Header())
+    with pytest.raises(ValueError):
+        write_master(tmp_path, "m.fits", np.ones(3), fits.Header())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hostile_filter_ends_up_inside_output_folder(tmp_path):
+    """Invariant 8, end to end: FILTER='../../x' in a real file's header."""
+    capture = tmp_path / "capture" / "night"
+    capture.mkdir(parents=True)
+    hdu = fits.PrimaryHDU(np.full((6, 8), 30000, dtype=np.uint16))
+    hdu.header["IMAGETYP"] = "Flat Field"
+    hdu.header["FILTER"] = "../../x"
+    hdu.header["INSTRUME"] = "/etc/passwd"
+    hdu.header["CCD-TEMP"] = -10.0
+    hdu.header["EXPTIME"] = 1.5
+    hdu.header["DATE-OBS"] = "2026-11-24T18:30:00.1234567"
+    source = capture / "flat_001.fits"
+    hdu.writeto(source)
+    frame = read_frame(source)
+    assert frame.filter == "../../x"
+
+    out = tmp_path / "capture" / "night" / "masters"
+    for template in (Output().name, "{filter}", "{instrument}-{filter}.fits"):
+        name = master_name(template, name_fields([frame], "Mean", "g", WHEN))
+        header = master_header([frame], [], "mean", "Mean", "none")
+        path = write_master(out, name, np.ones((6, 8)), header)
+        assert path.parent == out
+        assert os.path.realpath(path).startswith(os.path.realpath(out) + os.sep)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["FLAT-x-1x1-8x6-Mean-20261124-183000--10.0C.fits", "x.fits", "etc_passwd-x.fits"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "capture" / "x").exists()
+
+
+def test_unique_path(tmp_path):
+    target = tmp_path / "m.fits"
+    assert unique_path(target) == target
+    target.write_bytes(b"")
+    assert unique_path(target) == tmp_path / "m-2.fits"
+    (tmp_path / "m-2.fits").write_bytes(b"")
+    assert unique_path(target) == tmp_path / "m-3.fits"
+    folder = tmp_path / "originals-20261125-010203"
+    folder.mkdir()
+    assert unique_path(folder) == tmp_path / "originals-20261125-010203-2"
+
+
+def test_cleanup_temp_files(tmp_path):
+    ours = [tmp_path / ".flatd-m.fits-abcd.tmp", tmp_path / ".flatd-move-x.fits-1234.tmp"]
+    for p in ours:
+        p.write_bytes(b"half")
+    others = [tmp_path / "m.fits", tmp_path / ".other.tmp", tmp_path / "flatd-m.tmp", tmp_path / ".flatd-m.fits"]
+    for p in others:
+        p.write_bytes(b"keep")
+    (tmp_path / ".flatd-dir.tmp").mkdir()
+    removed = cleanup_temp_files(tmp_path)
+    assert sorted(removed) == sorted(ours)
+    assert all(p.exists() for p in others)
+    assert (tmp_path / ".flatd-dir.tmp").is_dir()
+    assert cleanup_temp_files(tmp_path / "missing") == []
+
+
+def test_cleanup_temp_files_spares_fresh_ones(tmp_path):
+    fresh = tmp_path / ".flatd-m.fits-abcd.tmp"
+    fresh.write_bytes(b"")
+    assert cleanup_temp_files(tmp_path, min_age=3600) == []
+    assert fresh.exists()
+    old = os.stat(fresh).st_mtime - 7200
+    os.utime(fresh, (old, old))
+    assert cleanup_temp_files(tmp_path, min_age=3600) == [fresh]
+
+
+def test_method_parameter():
+    assert masters.method_parameter("SigmaClip2.5") == ("CLIPSIG", 2.5, "sigma clip threshold (z-score)")
+    assert masters.method_parameter("MinMaxClip3")[:2] == ("CLIPN", 3)
+    assert masters.method_parameter("Median") is None
