@@ -303,7 +303,7 @@ def median_network(n: int) -> tuple[np.ndarray, int, int]:
 
 def _tile_width(n: int) -> int:
     """Columns per tile: keep a tile's N rows (and the median's copy) in L1/L2."""
-    return int(min(1024, max(64, (16384 // max(n, 1)) // 16 * 16)))
+    return int(min(1024, max(128, (8192 // max(n, 1)) // 16 * 16)))
 
 
 def _kernel_args(method: Method, n: int) -> tuple:

@@ -140,33 +140,29 @@ def _padded(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
+_INTEGER = re.compile(r"[+-]?\d+\Z")
+
+
 def parse_card_value(text: str) -> object:
     """The value of one card's value field (columns 11-80): str, bool, int or float."""
     text = text.lstrip()
     if text.startswith("'"):
-        out, i = [], 1
-        while i < len(text):
-            ch = text[i]
-            if ch == "'":
-                if i + 1 < len(text) and text[i + 1] == "'":
-                    out.append("'")
-                    i += 2
-                    continue
-                break
-            out.append(ch)
-            i += 1
-        return "".join(out).rstrip()
-    value = text.split("/", 1)[0].strip()
+        # A quote inside a string is written twice; the string ends at a lone quote.
+        end = text.find("'", 1)
+        while end != -1 and text.startswith("'", end + 1):
+            end = text.find("'", end + 2)
+        body = text[1:] if end == -1 else text[1:end]
+        return body.replace("''", "'").rstrip()
+    slash = text.find("/")
+    value = (text if slash == -1 else text[:slash]).strip()
+    if not value:
+        return None
     if value == "T":
         return True
     if value == "F":
         return False
-    if not value:
-        return None
-    try:
+    if _INTEGER.match(value):
         return int(value)
-    except ValueError:
-        pass
     try:
         return float(value.replace("D", "E").replace("d", "e"))
     except ValueError:

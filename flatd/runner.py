@@ -20,7 +20,7 @@ from flatd import ledger as L
 from flatd.calibration import LibraryCache
 from flatd.config import CaptureFolder, Rules
 from flatd.frames import Frame, FrameError, Skipped, iter_fits_files, read_frame, read_header_cards
-from flatd.fsops import move_file, resolve_move_dir
+from flatd.fsops import file_digest, move_file, resolve_move_dir
 from flatd.log import event
 from flatd.masters import cleanup_temp_files, master_header, write_master
 from flatd.plan import FailedGroup, Job, Plan, output_folders, plan_frames
@@ -216,18 +216,24 @@ class Runner:
 
 
 def _already_moved(src: Path, dest_dir: Path, size: int, mtime: float) -> Optional[Path]:
-    """The copy of `src` in `dest_dir` from a move a crash interrupted, if there is one."""
+    """The copy of `src` in `dest_dir` from a move a crash interrupted, if there is one.
+
+    A same-filesystem move links first (same inode); a cross-filesystem move copies
+    (same size and content). A clash prefix ("1_name") may have been added.
+    """
     if not dest_dir.is_dir():
         return None
     src_stat = src.stat() if src.exists() else None
     for candidate in dest_dir.iterdir():
-        if not candidate.name.endswith(src.name) or candidate.name.startswith("."):
+        if candidate.name.startswith(".") or not (candidate.name == src.name or candidate.name.endswith("_" + src.name)):
             continue
         st = candidate.stat()
-        if src_stat is not None:
-            if (st.st_ino, st.st_dev) == (src_stat.st_ino, src_stat.st_dev):
+        if src_stat is None:
+            if st.st_size == size and abs(st.st_mtime - mtime) < 1e-3:
                 return candidate
-        elif st.st_size == size and abs(st.st_mtime - mtime) < 1e-3:
+        elif (st.st_ino, st.st_dev) == (src_stat.st_ino, src_stat.st_dev):
+            return candidate
+        elif st.st_size == src_stat.st_size and file_digest(candidate) == file_digest(src):
             return candidate
     return None
 
