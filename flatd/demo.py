@@ -626,7 +626,9 @@ combine:
 engine:
   memory_limit: 256MiB
 settle: 20s                     # short, for trying `flatd watch` on the demo
-stable: 2s
+stable: 0s                      # the demo's files are complete when written, so
+                                # `flatd run-once` can follow `flatd demo` at once;
+                                # on a real capture folder keep the default 5s
 rescan: 1m
 state: state
 """

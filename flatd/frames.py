@@ -346,19 +346,30 @@ def _as_text(value: object) -> str | None:
 _BINNING_PAIR = re.compile(r"^\s*(\d+)\s*[x*X ,]\s*(\d+)\s*$")
 
 
+def _binning_factor(value: object) -> int | None:
+    """A binning factor: a whole number from 1 up; anything else counts as missing."""
+    number = _as_float(value)
+    if number is None or not number.is_integer() or not 1 <= number <= 1024:
+        return None
+    return int(number)
+
+
 def parse_binning(cards: Mapping[str, object], keywords: KeywordMap = DEFAULT_KEYWORDS) -> tuple[int, int]:
     """XBINNING/YBINNING, else CCDXBIN/CCDYBIN, else CCDSUM '3 3', else BINNING '2*2'."""
-    xb = _as_float(_first(cards, keywords.xbinning))
-    yb = _as_float(_first(cards, keywords.ybinning))
+    xb = _binning_factor(_first(cards, keywords.xbinning))
+    yb = _binning_factor(_first(cards, keywords.ybinning))
     if xb is None:
         for key in ("CCDSUM", "BINNING"):
             match = _BINNING_PAIR.match(str(cards.get(key, "")))
             if match:
-                return int(match.group(1)), int(match.group(2))
-        if isinstance(cards.get("BINNING"), int):
-            return int(cards["BINNING"]), int(cards["BINNING"])
+                pair = _binning_factor(match.group(1)), _binning_factor(match.group(2))
+                if pair[0] is not None and pair[1] is not None:
+                    return pair
+        single = cards.get("BINNING")
+        if isinstance(single, int) and not isinstance(single, bool) and _binning_factor(single):
+            return single, single
         return 1, 1
-    return int(xb), int(yb if yb is not None else xb)
+    return xb, yb if yb is not None else xb
 
 
 _DATE_RE = re.compile(

@@ -179,65 +179,115 @@ def _mean_adu(frame: Frame) -> float:
 # ------------------------------------------------------------------- rendering
 
 
-def _fmt_number(value: float | None, fmt: str) -> str:
-    return "" if value is None else format(value, fmt)
+def _fmt_number(value: float | None, fmt: str, unit: str = "") -> str:
+    return "" if value is None else format(value, fmt) + unit
+
+
+# Control characters (a newline in a file name...) would break the table's lines.
+_PRINTABLE = {i: "?" for i in range(32)} | {127: "?"}
+_PATH_MIN_WIDTH = 16
+
+
+def _cells(row: Row, adu: bool) -> list[str]:
+    frame = row.frame
+    assert frame is not None
+    cells = [
+        str(row.path),
+        frame.kind.value,
+        frame.dimensions,
+        frame.binning,
+        frame.filter or "",
+        _fmt_number(frame.exposure, "g", "s"),
+        _fmt_number(frame.temperature, ".1f", "°C"),
+        frame.date.isoformat(sep=" ", timespec="seconds") if frame.date else "",
+    ]
+    if adu:
+        cells.append(_fmt_number(row.adu, ".1f") or "—")
+    return [cell.translate(_PRINTABLE) for cell in cells]
 
 
 def render_table(rows: list[Row], console: "Console", adu: bool) -> None:
-    """Print the rows as a table; files that could not be read are listed below it."""
-    from rich.table import Table
-    from rich.text import Text
+    """Print the rows as a table; files that could not be read are listed below it.
 
-    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    table.add_column("path", overflow="fold")
-    table.add_column("kind")
-    table.add_column("size", justify="right")
-    table.add_column("binning", justify="right")
-    table.add_column("filter")
-    table.add_column("exposure", justify="right")
-    table.add_column("temperature", justify="right")
-    table.add_column("date")
+    The columns are laid out here and printed as one rich Text (bold header, other
+    kinds than flat dimmed, problems in red): rich's own Table measures and renders
+    every cell apart, which takes more than a second for 2,000 files. Paths longer
+    than the room left by the other columns are folded onto continuation lines.
+    """
+    from rich.cells import cell_len, chop_cells
+    from rich.text import Span, Text
+
+    headers = ["path", "kind", "size", "binning", "filter", "exposure", "temperature", "date"]
+    right = [False, False, True, True, False, True, True, False]
     if adu:
-        table.add_column("mean ADU", justify="right")
+        headers.append("mean ADU")
+        right.append(True)
 
-    problems: list[Row] = []
+    good = [row for row in rows if row.frame is not None]
+    problems = [row for row in rows if row.error]
+    table_rows = [_cells(row, adu) for row in good]
+
+    pieces: list[str] = []
+    spans: list[Span] = []
+    position = 0
+
+    def emit(parts: list[tuple[str, str | None]]) -> None:
+        nonlocal position
+        last = len(parts) - 1
+        for index, (text, style) in enumerate(parts):
+            if index == last:
+                text = text.rstrip()
+            if style and text:
+                spans.append(Span(position, position + len(text), style))
+            pieces.append(text)
+            position += len(text)
+        pieces.append("\n")
+        position += 1
+
+    if table_rows:
+        widths = [cell_len(h) for h in headers]
+        for cells in table_rows:
+            for i, cell in enumerate(cells):
+                width = cell_len(cell)
+                if width > widths[i]:
+                    widths[i] = width
+        room = console.width - sum(widths[1:]) - 2 * (len(headers) - 1)
+        widths[0] = max(_PATH_MIN_WIDTH, min(widths[0], room))
+
+        def pad(text: str, i: int) -> str:
+            gap = " " * max(0, widths[i] - cell_len(text))
+            return gap + text if right[i] else text + gap
+
+        def line(cells: list[str]) -> list[tuple[str, str | None]]:
+            parts: list[tuple[str, str | None]] = []
+            for i, cell in enumerate(cells):
+                style = "dim" if i == 1 and cell != "flat" else None
+                parts.append((pad(cell, i), style))
+                if i < len(cells) - 1:
+                    parts.append(("  ", None))
+            return parts
+
+        emit([("  ".join(pad(h, i) for i, h in enumerate(headers)), "bold")])
+        for cells in table_rows:
+            path = cells[0]
+            folded = [path] if cell_len(path) <= widths[0] else chop_cells(path, widths[0])
+            emit(line([folded[0], *cells[1:]]))
+            for more in folded[1:]:
+                emit([(more, None)])
+
     counts: dict[str, int] = {}
-    for row in rows:
-        frame = row.frame
-        if frame is None:
-            problems.append(row)
-            continue
-        if row.error:
-            problems.append(row)
-        counts[frame.kind.value] = counts.get(frame.kind.value, 0) + 1
-        cells = [
-            Text(str(row.path)),
-            Text(frame.kind.value, style=None if frame.kind.value == "flat" else "dim"),
-            Text(frame.dimensions),
-            Text(frame.binning),
-            Text(frame.filter or ""),
-            Text(_fmt_number(frame.exposure, "g") + ("s" if frame.exposure is not None else "")),
-            Text(_fmt_number(frame.temperature, ".1f") + ("°C" if frame.temperature is not None else "")),
-            Text(frame.date.isoformat(sep=" ", timespec="seconds") if frame.date else ""),
-        ]
-        if adu:
-            cells.append(Text(_fmt_number(row.adu, ".1f") if row.adu is not None else "—"))
-        table.add_row(*cells)
-
-    if table.row_count:
-        console.print(table)
-    unreadable = sum(1 for row in rows if row.frame is None)
-    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
-    line = f"{len(rows)} file{'s' if len(rows) != 1 else ''}"
-    if summary:
-        line += f": {summary}"
+    for row in good:
+        counts[row.frame.kind.value] = counts.get(row.frame.kind.value, 0) + 1
+    unreadable = len(rows) - len(good)
+    parts = [f"{n} {kind}" for kind, n in sorted(counts.items())]
     if unreadable:
-        line += f"{',' if summary else ':'} {unreadable} unreadable"
-    console.print(Text(line, style="bold"))
+        parts.append(f"{unreadable} unreadable")
+    summary = f"{len(rows)} file{'' if len(rows) == 1 else 's'}" + (": " + ", ".join(parts) if parts else "")
+    emit([(summary, "bold")])
     if problems:
-        console.print(Text("Problems:", style="bold red"))
+        emit([("Problems:", "bold red")])
         for row in problems:
-            message = Text("  ")
-            message.append(str(row.path), style="red")
-            message.append(f": {row.error}")
-            console.print(message)
+            emit([("  ", None), (str(row.path).translate(_PRINTABLE), "red"), (f": {row.error}".translate(_PRINTABLE), None)])
+
+    text = Text("".join(pieces).rstrip("\n"), spans=spans)
+    console.print(text, soft_wrap=True, highlight=False)
