@@ -191,7 +191,10 @@ def cmd_inspect(args) -> int:
 def cmd_demo(args) -> int:
     from flatd.demo import write_demo
 
-    session = write_demo(args.dir, seed=args.seed)
+    try:
+        session = write_demo(args.dir, seed=args.seed)
+    except FileExistsError:
+        raise UsageError(f"{args.dir} exists and is not empty; name a new folder") from None
     print(f"demo session written to {session.root}")
     print(f"  capture folder:      {session.captures}")
     print(f"  calibration library: {session.calibration}")

@@ -384,7 +384,9 @@ def level_rows(height: int) -> slice:
 
 def frame_level(rows: np.ndarray) -> float:
     """The level of a calibrated frame from its sampled rows: their float64 mean."""
-    rows = np.asarray(rows)
+    # contiguous, so that the summation order (hence the rounding) does not depend on
+    # whether the rows came as a strided view or as a copy
+    rows = np.ascontiguousarray(rows)
     if rows.size == 0:
         raise ValueError("no pixels to measure a level from")
     return float(np.mean(rows, dtype=np.float64))

@@ -383,7 +383,7 @@ def parse_rules(text: str, path: Optional[Path] = None, base: Optional[Path] = N
     if problems:
         problems.sort(key=lambda p: p.line or 0)
         raise ConfigError(path, problems)
-    return resolve_relative_paths(rules, base or (path.parent if path else Path.cwd()))
+    return resolve_relative_paths(rules, base or (path.absolute().parent if path else Path.cwd()))
 
 
 def resolve_relative_paths(rules: Rules, base: Path) -> Rules:

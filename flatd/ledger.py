@@ -65,6 +65,12 @@ CREATE TABLE IF NOT EXISTS masters (
     ncombine INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS folders (
+    path TEXT PRIMARY KEY,
+    last_ready REAL,
+    processed_at REAL,
+    notes TEXT
+);
 """
 
 
@@ -191,6 +197,32 @@ class Ledger:
 
     def waiting_frames(self) -> list[sqlite3.Row]:
         return list(self.db.execute("SELECT * FROM frames ORDER BY folder, path"))
+
+    def frame(self, path: Path) -> Optional[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM frames WHERE path=?", (str(path),)).fetchone()
+
+    # ------------------------------------------------------------------ capture folders (the service's settle timers)
+
+    def folder_ready(self, folder: Path, at: float) -> None:
+        """A new flat became ready under a capture folder at `at` (wall clock)."""
+        self._write_many([(
+            "INSERT INTO folders(path, last_ready) VALUES (?,?) ON CONFLICT(path) DO UPDATE SET last_ready=excluded.last_ready",
+            (str(folder), at),
+        )])
+
+    def folder_processed(self, folder: Path, at: float, notes: Optional[str]) -> None:
+        """A capture folder's settled batch was processed; `notes`: what was left and why (JSON)."""
+        self._write_many([(
+            "INSERT INTO folders(path, processed_at, notes) VALUES (?,?,?) "
+            "ON CONFLICT(path) DO UPDATE SET processed_at=excluded.processed_at, notes=excluded.notes",
+            (str(folder), at, notes),
+        )])
+
+    def folders(self) -> list[sqlite3.Row]:
+        try:
+            return list(self.db.execute("SELECT * FROM folders ORDER BY path"))
+        except sqlite3.OperationalError:  # a read-only look at a ledger older than this table
+            return []
 
     # ------------------------------------------------------------------ jobs
 

@@ -270,11 +270,13 @@ def own_output_patterns(rules: Rules) -> list[str]:
 
 
 def scan_folder(capture: CaptureFolder, rules: Rules, ledger: Optional[L.Ledger],
-                now: float, stable: float) -> tuple[list[Frame], list[Skipped]]:
+                now: float, stable: float,
+                ready: Optional[Callable[[Path, os.stat_result], bool]] = None) -> tuple[list[Frame], list[Skipped]]:
     """Ready frames under a capture folder, and every file left out with its reason.
 
     A file is left out when it is flatd's own output (masters, moved inputs), was
-    already combined, is still being written, or is not a usable FITS image.
+    already combined, is still being written, or is not a usable FITS image. `ready`
+    (the service's stability tracker) replaces the mtime check when given.
     """
     exclude = output_folders(rules) + [rules.state]
     patterns = own_output_patterns(rules)
@@ -291,7 +293,11 @@ def scan_folder(capture: CaptureFolder, rules: Rules, ledger: Optional[L.Ledger]
         except OSError as exc:
             skipped.append(Skipped(path, f"cannot read: {exc.strerror or exc}"))
             continue
-        if now - st.st_mtime < stable:
+        if ready is not None:
+            if not ready(path, st):
+                skipped.append(Skipped(path, "not ready yet (still being written, or not yet seen stable)"))
+                continue
+        elif now - st.st_mtime < stable:
             skipped.append(Skipped(path, f"still being written (changed {now - st.st_mtime:.0f} s ago)"))
             continue
         if ledger is not None:
@@ -307,11 +313,13 @@ def scan_folder(capture: CaptureFolder, rules: Rules, ledger: Optional[L.Ledger]
 
 def process_capture(capture: CaptureFolder, rules: Rules, runner: Runner, dry_run: bool = False,
                     stable: Optional[float] = None, libraries: Optional[LibraryCache] = None,
-                    now: Optional[datetime] = None) -> RunReport:
+                    now: Optional[datetime] = None,
+                    ready: Optional[Callable[[Path, os.stat_result], bool]] = None) -> RunReport:
     """Scan, plan and run one capture folder: the one code path of run-once and watch."""
     now = now or datetime.now()
     libraries = libraries or LibraryCache()
-    frames, bad = scan_folder(capture, rules, runner.ledger, time.time(), rules.stable if stable is None else stable)
+    frames, bad = scan_folder(capture, rules, runner.ledger, time.time(), rules.stable if stable is None else stable,
+                              ready)
     for item in bad:
         event("file_left_out", f"left out {item.path}: {item.reason}", logging.WARNING, path=item.path)
     plan = plan_frames(frames, rules, capture.path, libraries, now)

@@ -329,8 +329,9 @@ def _validate(inputs: Sequence[StackInput], method: Method) -> None:
             if cal.frame is None:
                 raise StackError(f"flat {frame.path}: calibration mode 'file' without a frame", frame.path)
             if (cal.frame.width, cal.frame.height) != (first.width, first.height):
+                word = "bias" if cal.frame.kind.value == "bias" else "dark"
                 raise StackError(
-                    f"dark {cal.frame.path} is {_shape_text(cal.frame)} but flats are {_shape_text(first)}",
+                    f"{word} {cal.frame.path} is {_shape_text(cal.frame)} but flats are {_shape_text(first)}",
                     cal.frame.path,
                 )
         elif cal.mode == "pedestal":

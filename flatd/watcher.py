@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
+from watchdog.events import FileSystemEventHandler
+
 from flatd.config import CaptureFolder, Rules
 from flatd.frames import is_fits_name, is_ignored_name, iter_fits_files
 from flatd.log import event
@@ -323,17 +325,19 @@ def _absolute_move_globs(rules: Rules) -> list[str]:
 # --------------------------------------------------------------------------- observers
 
 
-class EnqueueHandler:
+class EnqueueHandler(FileSystemEventHandler):
     """A watchdog event handler that only puts paths on a queue (never does real work).
 
     Items: ("path", folder_index, path) for a file that appeared, changed, moved in or
-    went away; ("dir", folder_index, path) for a folder that appeared (moved in whole:
-    its files send no events of their own).
+    went away; ("dir", folder_index, path) for a folder that appeared (moved in whole,
+    its files send no events of their own); ("gone-dir", folder_index, path) for a
+    folder that went away.
     """
 
-    IGNORED_EVENTS = ("opened", "closed_no_write")
+    IGNORED_EVENTS = ("opened", "closed_no_write")  # our own header reads cause these
 
     def __init__(self, out: "queue.SimpleQueue", index: int):
+        super().__init__()
         self.out = out
         self.index = index
 
@@ -341,18 +345,19 @@ class EnqueueHandler:
         kind = ev.event_type
         if kind in self.IGNORED_EVENTS:
             return
-        paths = [ev.src_path]
-        if getattr(ev, "dest_path", None):
-            paths.append(ev.dest_path)
-        for raw in paths:
-            path = os.fsdecode(raw)
-            if ev.is_directory:
-                if kind in ("created", "moved") and raw is paths[-1]:
-                    self.out.put(("dir", self.index, path))
-                elif kind == "deleted" or kind == "moved":
-                    self.out.put(("gone-dir", self.index, path))
-            else:
-                self.out.put(("path", self.index, path))
+        src = os.fsdecode(ev.src_path)
+        dest = os.fsdecode(ev.dest_path) if getattr(ev, "dest_path", None) else None
+        if ev.is_directory:
+            if kind in ("moved", "deleted"):
+                self.out.put(("gone-dir", self.index, src))
+            if kind == "created":
+                self.out.put(("dir", self.index, src))
+            if kind == "moved" and dest:
+                self.out.put(("dir", self.index, dest))
+            return
+        self.out.put(("path", self.index, src))
+        if dest:
+            self.out.put(("path", self.index, dest))
 
 
 WATCH_LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE)

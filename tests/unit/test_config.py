@@ -1,0 +1,514 @@
+"""flatd.config: the rules file's schema, units, errors with key paths and lines, rules[]."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from flatd.config import (
+    NAME_FIELDS,
+    ConfigError,
+    ConfigProblem,
+    Rules,
+    effective_for,
+    find_config,
+    load_rules,
+    parse_duration,
+    parse_rules,
+    parse_size,
+    rule_matches,
+)
+from flatd.frames import Frame, Kind
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "flatd.example.yaml"
+
+# The rules file of DESIGN.md, verbatim.
+DESIGN_RULES = """\
+capture:                      # folders that receive flats
+  - path: /data/captures
+    recursive: true           # the default
+    poll: auto                # auto | true | false: polling for network shares
+output:
+  directory: masters          # relative to the capture folder, or absolute
+  name: "FLAT-{filter}-{binning}-{method}-{date}-{temperature}C.fits"
+inputs:
+  ignore_type: false          # treat every FITS as a flat
+  move_to: "originals-{date}" # relative to each input's folder, or absolute; null leaves inputs in place
+grouping:
+  size: true
+  filter: true
+  temperature: 1.0            # mean-shift bandwidth in °C; null: no temperature grouping
+  min_group_size: 5
+precalibration:
+  mode: auto                  # none | pedestal | file | auto
+  pedestal: 100
+  file: null
+  library: /data/calibration
+  recursive: true
+  bias_dark_only: true
+  policy: original            # original (|dT| + 3|dExp|) | exposure-match (WBPP-like)
+combine:
+  method: sigma               # mean | median | minmax | sigma
+  sigma: 2.0
+  minmax: 2
+  normalize: multiplicative   # none | multiplicative
+engine:
+  memory_limit: 512MiB
+settle: 10m                   # quiet time after the last new flat
+stable: 5s                    # a file's size and mtime unchanged this long
+rescan: 5m                    # full rescan, in case an event was missed
+schedule: null                # optional cron line for a sweep, e.g. "0 9 * * *"
+state: ~/.local/state/flatd   # ledger and lock
+rules:                        # overrides for the flats a rule matches; first match wins
+  - match: {path: "/data/captures/newt200/**", instrument: "ZWO ASI2600MM*"}
+    combine: {method: median}
+    precalibration: {library: /data/calibration/2600mm}
+"""
+
+
+def parse(text: str, path: str | Path = "/etc/flatd/flatd.yaml") -> Rules:
+    return parse_rules(textwrap.dedent(text), Path(path))
+
+
+def problems(text: str, path: str | Path = "/etc/flatd/flatd.yaml") -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(text, path)
+    return info.value.render().splitlines()
+
+
+def frame(path="/data/captures/newt200/2024-05-01/FLAT_Ha_001.fits", instrument="ZWO ASI2600MM Pro",
+          filter="Ha", telescope="Newt 200", **headers) -> Frame:
+    cards = {"INSTRUME": instrument, "FILTER": filter, "TELESCOP": telescope, **headers}
+    return Frame(path=Path(path), kind=Kind.FLAT, width=6248, height=4176, filter=filter,
+                 instrument=instrument, telescope=telescope, headers=cards)
+
+
+# ------------------------------------------------------------------ every key parses
+
+
+def test_design_example_parses_with_every_key():
+    rules = parse(DESIGN_RULES)
+    (capture,) = rules.capture
+    assert (capture.path, capture.recursive, capture.poll) == (Path("/data/captures"), True, "auto")
+    assert rules.output.directory == Path("masters")
+    assert rules.output.name == "FLAT-{filter}-{binning}-{method}-{date}-{temperature}C.fits"
+    assert (rules.inputs.ignore_type, rules.inputs.move_to) == (False, "originals-{date}")
+    g = rules.grouping
+    assert (g.size, g.filter, g.temperature, g.min_group_size) == (True, True, 1.0, 5)
+    p = rules.precalibration
+    assert (p.mode, p.pedestal, p.file, p.library) == ("auto", 100.0, None, Path("/data/calibration"))
+    assert (p.recursive, p.bias_dark_only, p.policy) == (True, True, "original")
+    c = rules.combine
+    assert (c.method, c.sigma, c.minmax, c.normalize) == ("sigma", 2.0, 2, "multiplicative")
+    assert rules.engine.memory_limit == 512 * 2**20
+    assert (rules.settle, rules.stable, rules.rescan) == (600.0, 5.0, 300.0)
+    assert rules.schedule is None
+    assert rules.state == Path("~/.local/state/flatd").expanduser()
+    (rule,) = rules.rules
+    assert rule.match.path == "/data/captures/newt200/**"
+    assert rule.match.instrument == "ZWO ASI2600MM*"
+    assert rule.combine == {"method": "median"}
+    assert rule.precalibration == {"library": "/data/calibration/2600mm"}
+
+
+def test_empty_file_gives_the_defaults():
+    for text in ("", "# nothing but a comment\n", "---\n"):
+        rules = parse(text)
+        assert rules.capture == [] and rules.rules == []
+        assert rules.precalibration.mode == "none"
+        assert rules.combine.method == "sigma"
+        assert rules.settle == 600.0
+    assert load_rules(None) == Rules()
+
+
+def test_schedule_cron_line():
+    assert parse('schedule: "0 9 * * *"').schedule == "0 9 * * *"
+
+
+# ------------------------------------------------------------------ units
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [(90, 90.0), ("90", 90.0), ("90s", 90.0), ("10m", 600.0), ("1h", 3600.0), ("1.5h", 5400.0),
+     ("2min", 120.0), ("1d", 86400.0), ("500ms", 0.5), (0, 0.0), (2.5, 2.5), (" 5 s ", 5.0), ("10M", 600.0)],
+)
+def test_durations(value, seconds):
+    assert parse_duration(value) == pytest.approx(seconds)
+    assert parse(f"settle: {value!r}" if isinstance(value, str) else f"settle: {value}").settle == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["soon", "10 minutes", "-5s", "1h30m", "", True, -1, "5x"])
+def test_bad_durations(value):
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    "value, size",
+    [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("2GiB", 2 * 2**30), (1048576, 1048576), ("1048576", 1048576),
+     ("64KiB", 65536), ("1.5GiB", int(1.5 * 2**30)), ("100kb", 100_000), ("300M", 300 * 10**6), ("4096B", 4096)],
+)
+def test_sizes(value, size):
+    assert parse_size(value) == size
+    text = f"engine: {{memory_limit: {value!r}}}" if isinstance(value, str) else f"engine: {{memory_limit: {value}}}"
+    assert parse(text).engine.memory_limit == size
+
+
+@pytest.mark.parametrize("value", ["lots", "0", 0, -5, "-1GB", "2 parsecs", True, "GB"])
+def test_bad_sizes(value):
+    with pytest.raises(ValueError):
+        parse_size(value)
+
+
+# ------------------------------------------------------------------ errors: key path and line
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("grouping:\n  size: true\n  temperature: 0\n",
+         "/etc/flatd/flatd.yaml:3: at 'grouping.temperature': Input should be greater than or equal to 0.1"),
+        ("grouping:\n  temperature: 60\n",
+         "/etc/flatd/flatd.yaml:2: at 'grouping.temperature': Input should be less than or equal to 50"),
+        ("\n\ngrouping:\n  temperature: warm\n",
+         "/etc/flatd/flatd.yaml:4: at 'grouping.temperature': Input should be a valid number, "
+         "unable to parse string as a number"),
+        ("grouping:\n  min_group_size: 0\n",
+         "/etc/flatd/flatd.yaml:2: at 'grouping.min_group_size': Input should be greater than or equal to 1"),
+        ("combine:\n  method: average\n",
+         "/etc/flatd/flatd.yaml:2: at 'combine.method': Input should be 'mean', 'median', 'minmax' or 'sigma'"),
+        ("combine:\n  sigma: -1\n", "/etc/flatd/flatd.yaml:2: at 'combine.sigma': Input should be greater than 0"),
+        ("settle: soon\n",
+         "/etc/flatd/flatd.yaml:1: at 'settle': 'soon' is not a duration such as 90, 90s, 10m or 1h"),
+        ("engine:\n  memory_limit: lots\n",
+         "/etc/flatd/flatd.yaml:2: at 'engine.memory_limit': 'lots' is not a size such as 512MiB, 2GB or a number "
+         "of bytes"),
+        ("capture:\n  - path: /a\n  - path: /b\n    poll: sometimes\n",
+         "/etc/flatd/flatd.yaml:4: at 'capture[1].poll': 'sometimes': poll is auto, true or false"),
+        ("capture:\n  - recursive: false\n", "/etc/flatd/flatd.yaml:2: at 'capture[0].path': Field required"),
+        ("precalibration:\n  mode: file\n",
+         "/etc/flatd/flatd.yaml:1: at 'precalibration': mode 'file' needs precalibration.file"),
+        ("precalibration:\n  mode: auto\n",
+         "/etc/flatd/flatd.yaml:1: at 'precalibration': mode 'auto' needs precalibration.library"),
+        ("precalibration:\n  mode: flat\n  library: /x\n",
+         "/etc/flatd/flatd.yaml:2: at 'precalibration.mode': Input should be 'none', 'pedestal', 'file' or 'auto'"),
+        ("schedule: '0 9 * *'\n",
+         "/etc/flatd/flatd.yaml:1: at 'schedule': '0 9 * *' is not a cron line of 5 fields "
+         "(minute hour day month weekday)"),
+        ("output:\n  name: 'FLAT-{filtre}.fits'\n",
+         "/etc/flatd/flatd.yaml:2: at 'output.name': unknown field {filtre}; known: " + ", ".join(sorted(NAME_FIELDS))),
+        ("inputs:\n  ignore_type: perhaps\n",
+         "/etc/flatd/flatd.yaml:2: at 'inputs.ignore_type': Input should be a valid boolean, unable to interpret input"),
+        ("keywords:\n  filter: FWHEEL\n", "/etc/flatd/flatd.yaml:2: at 'keywords.filter': Input should be a valid list"),
+    ],
+)
+def test_invalid_value_names_key_and_line(text, expected):
+    assert problems(text) == [expected]
+
+
+def test_schedule_out_of_range():
+    (line,) = problems("schedule: '0 25 * * *'\n")
+    assert line.startswith("/etc/flatd/flatd.yaml:1: at 'schedule': '0 25 * * *': ")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("grouping:\n  temprature: 1.0\n", "/etc/flatd/flatd.yaml:2: at 'grouping.temprature': unknown key"),
+        ("combin:\n  method: mean\n", "/etc/flatd/flatd.yaml:1: at 'combin': unknown key"),
+        ("capture:\n  - path: /a\n    recurse: true\n", "/etc/flatd/flatd.yaml:3: at 'capture[0].recurse': unknown key"),
+        ("rules:\n  - match: {filtre: Ha}\n", "/etc/flatd/flatd.yaml:2: at 'rules[0].match.filtre': unknown key"),
+        ("rules:\n  - match: {}\n    engine: {memory_limit: 1GB}\n",
+         "/etc/flatd/flatd.yaml:3: at 'rules[0].engine': unknown key"),
+    ],
+)
+def test_unknown_keys(text, expected):
+    assert problems(text) == [expected]
+
+
+def test_several_errors_are_all_reported_in_line_order():
+    text = """\
+        capture:
+          - path: /data/captures
+            poll: never
+        grouping:
+          temperature: 0
+          colour: true
+        combine:
+          method: mean
+          sigma: zero
+        settle: later
+        rules:
+          - match: {filter: Ha}
+            combine: {method: best}
+    """
+    assert problems(text) == [
+        "/etc/flatd/flatd.yaml:3: at 'capture[0].poll': 'never': poll is auto, true or false",
+        "/etc/flatd/flatd.yaml:5: at 'grouping.temperature': Input should be greater than or equal to 0.1",
+        "/etc/flatd/flatd.yaml:6: at 'grouping.colour': unknown key",
+        "/etc/flatd/flatd.yaml:9: at 'combine.sigma': Input should be a valid number, unable to parse string as a number",
+        "/etc/flatd/flatd.yaml:10: at 'settle': 'later' is not a duration such as 90, 90s, 10m or 1h",
+        "/etc/flatd/flatd.yaml:13: at 'rules[0].combine.method': Input should be 'mean', 'median', 'minmax' or 'sigma'",
+    ]
+
+
+def test_error_holds_each_problem():
+    with pytest.raises(ConfigError) as info:
+        parse("settle: x\nstable: y\n")
+    assert info.value.path == Path("/etc/flatd/flatd.yaml")
+    assert info.value.problems == [
+        ConfigProblem("settle", "'x' is not a duration such as 90, 90s, 10m or 1h", 1),
+        ConfigProblem("stable", "'y' is not a duration such as 90, 90s, 10m or 1h", 2),
+    ]
+    assert str(info.value) == info.value.render()
+
+
+def test_duplicate_keys_are_errors():
+    assert problems("combine:\n  method: mean\ncombine:\n  method: median\n") == [
+        "/etc/flatd/flatd.yaml:3: at 'combine': key given twice (only the last would count)",
+    ]
+    assert problems("grouping:\n  size: true\n  size: false\n") == [
+        "/etc/flatd/flatd.yaml:3: at 'grouping.size': key given twice (only the last would count)",
+    ]
+
+
+def test_yaml_syntax_error_has_a_line():
+    (line,) = problems("grouping:\n  size: true\n   filter: [unclosed\n")
+    assert line.startswith("/etc/flatd/flatd.yaml:3: at '(syntax)': ")
+
+
+def test_top_level_must_be_a_mapping():
+    assert problems("- capture\n- output\n") == [
+        "/etc/flatd/flatd.yaml:1: at '(top level)': the rules file must be a mapping of keys",
+    ]
+
+
+def test_render_without_a_file_name():
+    with pytest.raises(ConfigError) as info:
+        parse_rules("settle: x\n")
+    assert info.value.render() == "<rules>:1: at 'settle': 'x' is not a duration such as 90, 90s, 10m or 1h"
+
+
+def test_unreadable_rules_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_rules(tmp_path / "missing.yaml")
+    assert info.value.render() == f"{tmp_path / 'missing.yaml'}: at '(file)': cannot read: No such file or directory"
+
+
+# ------------------------------------------------------------------ rules[] overrides
+
+
+def test_rule_overrides_are_checked_against_the_base():
+    text = """\
+        precalibration:
+          mode: none
+        rules:
+          - match: {filter: Ha}
+            precalibration: {mode: auto}
+          - match: {filter: OIII}
+            combine:
+              method: minmax
+              minmax: 0
+          - match: {filter: SII}
+            grouping: {temperature: 0.01, bogus: 1}
+    """
+    assert problems(text) == [
+        "/etc/flatd/flatd.yaml:5: at 'rules[0].precalibration': mode 'auto' needs precalibration.library",
+        "/etc/flatd/flatd.yaml:9: at 'rules[1].combine.minmax': Input should be greater than or equal to 1",
+        "/etc/flatd/flatd.yaml:11: at 'rules[2].grouping.temperature': Input should be greater than or equal to 0.1",
+        "/etc/flatd/flatd.yaml:11: at 'rules[2].grouping.bogus': unknown key",
+    ]
+
+
+def test_rule_override_completed_by_the_base_is_valid():
+    rules = parse("""\
+        precalibration: {mode: auto, library: /data/calibration}
+        rules:
+          - match: {filter: Ha}
+            precalibration: {policy: exposure-match}
+          - match: {filter: L}
+            precalibration: {mode: file, file: /data/calibration/bias.fits}
+    """)
+    assert len(rules.rules) == 2
+
+
+def test_rule_needs_a_match():
+    assert problems("rules:\n  - combine: {method: mean}\n") == [
+        "/etc/flatd/flatd.yaml:2: at 'rules[0].match': Field required",
+    ]
+
+
+# ------------------------------------------------------------------ rule matching
+
+MATCHING = """\
+    combine: {method: sigma, sigma: 2.5}
+    rules:
+      - name: newt200-2600
+        match: {path: "/data/captures/newt200/**", instrument: "ZWO ASI2600MM*"}
+        combine: {method: median}
+        precalibration: {mode: pedestal, pedestal: 50}
+      - name: any-2600
+        match: {instrument: "zwo asi2600mm*"}
+        combine: {method: mean}
+      - name: ha
+        match: {filter: "H[ae]*"}
+        grouping: {temperature: null}
+      - name: gain
+        match: {header: {GAIN: 100, OBSERVER: "Ann*"}}
+        output: {directory: /srv/masters}
+      - name: scope
+        match: {telescope: "Refractor*"}
+        inputs: {move_to: null}
+"""
+
+
+@pytest.fixture
+def matching() -> Rules:
+    return parse(MATCHING)
+
+
+def test_path_and_instrument_globs(matching):
+    rule = matching.rules[0]
+    assert rule_matches(rule, frame())
+    assert rule_matches(rule, frame(path="/data/captures/newt200/flat.fits"))  # directly in the folder
+    assert not rule_matches(rule, frame(path="/data/captures/refractor/flat.fits"))
+    assert not rule_matches(rule, frame(instrument="ZWO ASI294MC Pro"))
+    assert not rule_matches(rule, frame(instrument=None))
+
+
+def test_first_match_wins(matching):
+    first = effective_for(matching, frame())
+    assert first.rule == "newt200-2600"
+    assert first.combine.method == "median"
+    assert first.combine.sigma == 2.5  # not overridden: the base value
+    assert (first.precalibration.mode, first.precalibration.pedestal) == ("pedestal", 50.0)
+    assert first.grouping == matching.grouping
+
+    elsewhere = effective_for(matching, frame(path="/data/captures/refractor/a.fits"))
+    assert elsewhere.rule == "any-2600"  # instrument compared without regard to case
+    assert elsewhere.combine.method == "mean"
+    assert elsewhere.precalibration == matching.precalibration
+
+
+def test_filter_header_and_telescope_matches(matching):
+    other = dict(path="/elsewhere/x.fits", instrument="QHY268M")
+    assert effective_for(matching, frame(filter="Ha", **other)).rule == "ha"
+    assert effective_for(matching, frame(filter="He", **other)).grouping.temperature is None
+    assert effective_for(matching, frame(filter="OIII", GAIN=100, OBSERVER="Anna", **other)).rule == "gain"
+    assert effective_for(matching, frame(filter="OIII", GAIN=100, OBSERVER="Anna", **other)).output.directory == \
+        Path("/srv/masters")
+    assert effective_for(matching, frame(filter="OIII", GAIN=120, OBSERVER="Anna", **other)).rule is None
+    assert effective_for(matching, frame(filter="OIII", GAIN=100, **other)).rule is None
+    assert effective_for(matching, frame(filter="L", telescope="Refractor 80", **other)).inputs.move_to is None
+
+
+def test_no_match_gives_the_base(matching):
+    eff = effective_for(matching, frame(path="/x/y.fits", instrument="QHY", filter="L"))
+    assert eff.rule is None
+    assert (eff.output, eff.inputs, eff.grouping, eff.precalibration, eff.combine) == (
+        matching.output, matching.inputs, matching.grouping, matching.precalibration, matching.combine)
+
+
+def test_unnamed_rule_is_labelled_by_index():
+    rules = parse("rules:\n  - match: {filter: R}\n  - match: {filter: L}\n")
+    assert effective_for(rules, frame(filter="L")).rule == "rules[1]"
+
+
+# ------------------------------------------------------------------ relative paths
+
+
+def test_relative_paths_resolve_against_the_rules_file_folder(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "flatd.yaml").write_text(textwrap.dedent("""\
+        capture:
+          - path: captures
+          - path: /abs/captures
+        output: {directory: masters}
+        inputs: {move_to: "originals-{date}"}
+        precalibration: {mode: auto, library: calibration}
+        state: state
+        rules:
+          - match: {path: "captures/newt200/**"}
+            precalibration: {library: calibration/2600mm, file: bias.fits}
+          - match: {path: "*/refractor/**"}
+            precalibration: {mode: file, file: ../shared/bias.fits}
+    """))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rules = load_rules(Path("../conf/flatd.yaml"))
+    assert rules.capture[0].path == conf / "captures"
+    assert rules.capture[1].path == Path("/abs/captures")
+    assert rules.precalibration.library == conf / "calibration"
+    assert rules.state == conf / "state"
+    assert rules.output.directory == Path("masters")  # relative to each capture folder, by design
+    assert rules.inputs.move_to == "originals-{date}"
+
+    eff = effective_for(rules, frame(path=conf / "captures" / "newt200" / "flat.fits"))
+    assert eff.rule == "rules[0]"
+    assert eff.precalibration.library == conf / "calibration" / "2600mm"
+    assert eff.precalibration.file == conf / "bias.fits"
+
+    eff = effective_for(rules, frame(path="/data/refractor/flat.fits"))
+    assert eff.rule == "rules[1]"  # a pattern that starts with a wildcard stays as it is
+    assert eff.precalibration.file.resolve() == (tmp_path / "shared" / "bias.fits")
+
+
+def test_home_is_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rules = parse("capture:\n  - path: ~/captures\nstate: ~/state\n")
+    assert rules.capture[0].path == tmp_path / "captures"
+    assert rules.state == tmp_path / "state"
+
+
+def test_find_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLATD_CONFIG", str(tmp_path / "env.yaml"))
+    assert find_config(tmp_path / "given.yaml") == tmp_path / "given.yaml"
+    assert find_config(None) == tmp_path / "env.yaml"
+
+
+def test_keyword_map_from_rules():
+    kmap = parse("keywords:\n  filter: [FWHEEL]\n  temperature: [ambtemp]\n").keyword_map()
+    assert kmap.filter[0] == "FWHEEL" and "FILTER" in kmap.filter
+    assert kmap.temperature[0] == "AMBTEMP"
+    assert Rules().keyword_map().filter[0] == "FILTER"
+
+
+# ------------------------------------------------------------------ the example file
+
+
+def test_example_config_parses():
+    rules = load_rules(EXAMPLE)
+    assert rules.capture and rules.rules
+    assert rules.precalibration.mode == "auto"
+
+
+def _model_keys(model: type[BaseModel]) -> set[str]:
+    return set(model.model_fields)
+
+
+def test_example_config_shows_every_key():
+    data = yaml.safe_load(EXAMPLE.read_text())
+    assert set(data) == _model_keys(Rules)
+    from flatd.config import (CaptureFolder, CombineSettings, Engine, Grouping, Inputs, Keywords, Match, Output,
+                              Precalibration, Rule)
+
+    sections = {"output": Output, "inputs": Inputs, "grouping": Grouping, "precalibration": Precalibration,
+                "combine": CombineSettings, "engine": Engine, "keywords": Keywords}
+    for name, model in sections.items():
+        assert set(data[name]) == _model_keys(model), name
+    assert set().union(*(set(c) for c in data["capture"])) == _model_keys(CaptureFolder)
+    assert set().union(*(set(r) for r in data["rules"])) == _model_keys(Rule)
+    assert set().union(*(set(r["match"]) for r in data["rules"])) == _model_keys(Match)
+
+
+def test_example_config_lists_every_name_field():
+    text = EXAMPLE.read_text()
+    for field in NAME_FIELDS:
+        assert "{" + field + "}" in text, field
