@@ -125,13 +125,24 @@ class Grouping(Section):
 
 
 class Precalibration(Section):
-    mode: Literal["none", "pedestal", "file", "auto"] = "auto"
+    mode: Literal["none", "pedestal", "file", "auto"] = "none"
     pedestal: float = 100.0
     file: Optional[PathValue] = None
     library: Optional[PathValue] = None
     recursive: bool = True
     bias_dark_only: bool = True
     policy: Literal["original", "exposure-match"] = "original"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_from_source(cls, data: Any) -> Any:
+        """Without a mode, a library means auto and a file means file; else none."""
+        if isinstance(data, dict) and "mode" not in data:
+            if data.get("library") is not None:
+                return {**data, "mode": "auto"}
+            if data.get("file") is not None:
+                return {**data, "mode": "file"}
+        return data
 
     @model_validator(mode="after")
     def _needs_source(self) -> "Precalibration":
@@ -208,7 +219,7 @@ class Rules(Section):
     output: Output = Output()
     inputs: Inputs = Inputs()
     grouping: Grouping = Grouping()
-    precalibration: Precalibration = Precalibration(mode="none")
+    precalibration: Precalibration = Precalibration()
     combine: CombineSettings = CombineSettings()
     engine: Engine = Engine()
     keywords: Keywords = Keywords()

@@ -540,6 +540,8 @@ def read_frame(path: Path | str, keywords: KeywordMap = DEFAULT_KEYWORDS) -> Fra
         stat = path.stat()
     except OSError as exc:
         raise FrameError(path, f"cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte in the name
+        raise FrameError(path, f"cannot read: {exc}") from None
     if not S_ISREG(stat.st_mode):
         raise FrameError(path, "a directory, not a file" if S_ISDIR(stat.st_mode) else "not a regular file")
     try:

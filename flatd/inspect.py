@@ -57,6 +57,12 @@ def _candidates(paths: Sequence[Path], recursive: bool) -> list[Path]:
     return out
 
 
+def _without_path(message: str, path: Path) -> str:
+    """A reason without the "<path>: " the stacker's messages start with."""
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
 def _sort_value(row: Row, key: str) -> object:
     """The value a row sorts by for `key`, or None when it has none."""
     frame = row.frame
@@ -84,13 +90,18 @@ def _sort_value(row: Row, key: str) -> object:
 
 
 def sort_rows(rows: Sequence[Row], key: str = "path") -> list[Row]:
-    """Rows ordered by one column; rows without a value for it come last, by path."""
+    """Rows ordered by one column, ties by path.
+
+    Frames without a value for the column come after those with one, and files that
+    could not be read come last (except when sorting by path, which they have).
+    """
     if key not in SORT_KEYS:
         raise ValueError(f"cannot sort by {key!r}; choose one of {', '.join(SORT_KEYS)}")
 
     def order(row: Row) -> tuple:
         value = _sort_value(row, key)
-        return (value is None, value if value is not None else 0, str(row.path))
+        unreadable = row.frame is None and key != "path"
+        return (unreadable, value is None, value if value is not None else 0, str(row.path))
 
     return sorted(rows, key=order)
 
@@ -105,7 +116,9 @@ def inspect_paths(
     """A row for every FITS file under `paths` (and every explicit file), sorted."""
     if sort not in SORT_KEYS:
         raise ValueError(f"cannot sort by {sort!r}; choose one of {', '.join(SORT_KEYS)}")
-    mean: Callable[[Frame], float] | None = _mean_adu_function() if adu else None
+    mean: Callable[[Frame], float] | None = None
+    if adu:
+        from flatd.stacker import mean_adu as mean  # reads pixels: numpy, only when asked
     rows: list[Row] = []
     for path in _candidates(paths, recursive):
         try:
@@ -118,62 +131,10 @@ def inspect_paths(
         if mean is not None:
             try:
                 value = float(mean(frame))
-            except FrameError as exc:
-                error = f"mean ADU: {exc.reason}"
-            except (OSError, ValueError) as exc:
-                error = f"mean ADU: cannot read the pixels ({exc})"
+            except Exception as exc:  # StackError, FrameError, OSError...: a reason in the table
+                error = "mean ADU: " + _without_path(str(getattr(exc, "reason", None) or exc), path)
         rows.append(Row(path, frame, error, value))
     return sort_rows(rows, sort)
-
-
-# ------------------------------------------------------------------- mean ADU
-
-
-def _mean_adu_function() -> Callable[[Frame], float]:
-    """The mean-ADU reader (imported only when asked for: it needs numpy)."""
-    return _mean_adu
-
-
-_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
-_CHUNK_VALUES = 4 * 2**20
-
-
-def _mean_adu(frame: Frame) -> float:
-    """Mean physical value (BZERO + BSCALE x stored) of the frame's finite pixels.
-
-    Uncompressed data are memory-mapped and summed in bands, so memory stays small
-    whatever the image size; tile-compressed data are decompressed by astropy.
-    """
-    import numpy as np
-
-    if frame.compressed:
-        from astropy.io import fits
-
-        with fits.open(frame.path, memmap=False) as hdus:
-            data = np.asarray(hdus[frame.hdu_index].data, dtype=np.float64)
-        finite = data[np.isfinite(data)]
-        if finite.size == 0:
-            raise FrameError(frame.path, "no finite pixel values")
-        return float(finite.mean())
-
-    count = frame.width * frame.height * frame.planes
-    data = np.memmap(frame.path, dtype=np.dtype(_DTYPES[frame.bitpix]), mode="r",
-                     offset=frame.data_offset, shape=(count,))
-    total = 0.0
-    n = 0
-    floating = frame.bitpix < 0
-    try:
-        for start in range(0, count, _CHUNK_VALUES):
-            chunk = data[start : start + _CHUNK_VALUES]
-            if floating:
-                chunk = chunk[np.isfinite(chunk)]
-            total += float(chunk.sum(dtype=np.float64))
-            n += chunk.size
-    finally:
-        del data
-    if n == 0:
-        raise FrameError(frame.path, "no finite pixel values")
-    return frame.bzero + frame.bscale * (total / n)
 
 
 # ------------------------------------------------------------------- rendering
@@ -211,8 +172,9 @@ def render_table(rows: list[Row], console: "Console", adu: bool) -> None:
 
     The columns are laid out here and printed as one rich Text (bold header, other
     kinds than flat dimmed, problems in red): rich's own Table measures and renders
-    every cell apart, which takes more than a second for 2,000 files. Paths longer
-    than the room left by the other columns are folded onto continuation lines.
+    every cell apart, which takes more than a second for 2,000 files. On a terminal,
+    paths longer than the room left by the other columns are folded onto
+    continuation lines; into a file or a pipe each row is one line.
     """
     from rich.cells import cell_len, chop_cells
     from rich.text import Span, Text
@@ -251,8 +213,11 @@ def render_table(rows: list[Row], console: "Console", adu: bool) -> None:
                 width = cell_len(cell)
                 if width > widths[i]:
                     widths[i] = width
-        room = console.width - sum(widths[1:]) - 2 * (len(headers) - 1)
-        widths[0] = max(_PATH_MIN_WIDTH, min(widths[0], room))
+        if console.is_terminal:
+            # Fold long paths to the room the terminal leaves; into a file or a pipe
+            # (grep, sort), every row stays on one line whatever its length.
+            room = console.width - sum(widths[1:]) - 2 * (len(headers) - 1)
+            widths[0] = max(_PATH_MIN_WIDTH, min(widths[0], room))
 
         def pad(text: str, i: int) -> str:
             gap = " " * max(0, widths[i] - cell_len(text))

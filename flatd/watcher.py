@@ -328,18 +328,18 @@ def _absolute_move_globs(rules: Rules) -> list[str]:
 class EnqueueHandler(FileSystemEventHandler):
     """A watchdog event handler that only puts paths on a queue (never does real work).
 
-    Items: ("path", folder_index, path) for a file that appeared, changed, moved in or
-    went away; ("dir", folder_index, path) for a folder that appeared (moved in whole,
-    its files send no events of their own); ("gone-dir", folder_index, path) for a
-    folder that went away.
+    Items: ("path", key, path) for a file that appeared, changed, moved in or
+    went away; ("dir", key, path) for a folder that appeared (moved in whole,
+    its files send no events of their own); ("gone-dir", key, path) for a
+    folder that went away. `key` names the capture folder (its path).
     """
 
     IGNORED_EVENTS = ("opened", "closed_no_write")  # our own header reads cause these
 
-    def __init__(self, out: "queue.SimpleQueue", index: int):
+    def __init__(self, out: "queue.SimpleQueue", key):
         super().__init__()
         self.out = out
-        self.index = index
+        self.key = key
 
     def dispatch(self, ev) -> None:
         kind = ev.event_type
@@ -349,15 +349,15 @@ class EnqueueHandler(FileSystemEventHandler):
         dest = os.fsdecode(ev.dest_path) if getattr(ev, "dest_path", None) else None
         if ev.is_directory:
             if kind in ("moved", "deleted"):
-                self.out.put(("gone-dir", self.index, src))
+                self.out.put(("gone-dir", self.key, src))
             if kind == "created":
-                self.out.put(("dir", self.index, src))
+                self.out.put(("dir", self.key, src))
             if kind == "moved" and dest:
-                self.out.put(("dir", self.index, dest))
+                self.out.put(("dir", self.key, dest))
             return
-        self.out.put(("path", self.index, src))
+        self.out.put(("path", self.key, src))
         if dest:
-            self.out.put(("path", self.index, dest))
+            self.out.put(("path", self.key, dest))
 
 
 WATCH_LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE)

@@ -229,12 +229,15 @@ def test_sigma_strictly_greater():
 
 
 def test_sigma_all_rejected_falls_back_to_minmax_2():
-    col = [0, 0, 10, 10, 20, 20]  # z-scores 1.22 and 0 ... with z = 0.1, 10s are kept
-    assert combine(column(col), Method("sigma", sigma=0.1))[0, 0] == 10.0
-    col = [1, 2, 4, 8, 16, 32, 64]  # z < 1 rejects every value here
-    z = 0.2
-    assert ref_sigma(col, z) == ref_minmax(col, 2)
-    assert combine(column(col), Method("sigma", sigma=z))[0, 0] == pytest.approx(ref_minmax(col, 2))
+    # mean 6, std 4.52: z-scores 1.33, 1.11, 0.66, 0.89, 0.89, all > 0.5
+    col = [0, 1, 9, 10, 10]
+    mean, std = statistics.fmean(col), statistics.pstdev(col)
+    assert all(abs(x - mean) / std > 0.5 for x in col)
+    # min/max clip n=2 on 4 distinct values makes one pass: [1, 9] -> 5 (the mean is 6)
+    assert ref_sigma(col, 0.5) == ref_minmax(col, 2) == 5.0
+    assert combine(column(col), Method("sigma", sigma=0.5))[0, 0] == 5.0
+    # a z-score of 0 is never rejected
+    assert combine(column([0, 0, 10, 10, 20, 20]), Method("sigma", sigma=0.1))[0, 0] == 10.0
 
 
 def test_wide_rows_cross_tile_boundaries():

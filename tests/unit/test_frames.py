@@ -729,3 +729,8 @@ def test_iter_fits_files_skips_hidden_temporary_and_excluded(tmp_path):
     ]
     assert rel(iter_fits_files(tmp_path / "a.fits")) == ["a.fits"]
     assert rel(iter_fits_files(tmp_path / "~lock.fits")) == []
+
+
+def test_a_nul_in_the_name_is_a_frame_error():
+    with pytest.raises(FrameError, match="cannot read: embedded null byte"):
+        read_frame("flat\0.fits")
