@@ -333,11 +333,18 @@ def _as_stack(stack) -> np.ndarray:
         raise ValueError(f"a stack has shape (frames, rows, cols); got shape {stack.shape}")
     if stack.shape[0] == 0:
         raise ValueError("cannot combine an empty stack (no frames)")
-    return np.ascontiguousarray(stack, dtype=np.float32)
+    stack = np.ascontiguousarray(stack, dtype=np.float32)
+    if not stack.flags.writeable:  # numba would compile the kernels again for read-only arrays
+        stack = stack.copy()
+    return stack
 
 
 def default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def combine(stack: np.ndarray, method: Method, workers: Optional[int] = None, out: Optional[np.ndarray] = None) -> np.ndarray:

@@ -85,6 +85,27 @@ class JobAbandoned(BaseException):
     """
 
 
+def _adopt_library_loggers() -> None:
+    """watchdog's and APScheduler's warnings in flatd's log format (one line, or JSON)."""
+    handlers = logging.getLogger("flatd").handlers
+    if not handlers:
+        return
+    for name in ("watchdog", "apscheduler"):
+        library = logging.getLogger(name)
+        library.handlers[:] = list(handlers)
+        library.setLevel(logging.WARNING)
+        library.propagate = False
+    inotify = logging.getLogger("watchdog.observers.inotify")
+    if _not_a_stop_race not in inotify.filters:
+        inotify.addFilter(_not_a_stop_race)
+
+
+def _not_a_stop_race(record: logging.LogRecord) -> bool:
+    # Stopping an inotify observer can log a spurious "queue_events() called when the
+    # thread is inactive" error (a race inside watchdog): not worth a line.
+    return "called when the thread is inactive" not in record.getMessage()
+
+
 def _stat(path: Path) -> Optional[os.stat_result]:
     """The stat of a regular file, or None when it is gone (or not a regular file)."""
     import stat as S
@@ -133,6 +154,7 @@ class Service:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT. LedgerLocked propagates (exit 2 in the CLI)."""
         lock = StateLock(self.rules.state).acquire()
+        _adopt_library_loggers()
         previous = self._install_signals()
         try:
             self.ledger = Ledger.open(self.rules.state)
@@ -278,8 +300,9 @@ class Service:
             watch = start_watch(capture, EnqueueHandler(self.queue, path), polling,
                                 make_native=self.make_native, make_polling=self.make_polling)
         except OSError as exc:
-            event("watch_failed", f"cannot watch {path}: {exc.strerror or exc}; relying on rescans every "
-                  f"{self.rules.rescan:g} s", logging.ERROR, folder=path)
+            if path not in self.missing:
+                event("watch_failed", f"cannot watch {path}: {exc.strerror or exc}; relying on rescans every "
+                      f"{self.rules.rescan:g} s and trying again", logging.ERROR, folder=path)
             self.missing.add(path)
             return
         self.missing.discard(path)
@@ -408,13 +431,23 @@ class Service:
         """Walk every capture folder: find what events missed, notice what went away."""
         started = self.clock()
         for path, capture in [(p, s.capture) for p, s in self.folders.items()]:
-            if path in self.missing or (path in self.watches and not self.watches[path].alive()):
+            if not path.is_dir():
+                # Gone (an unmounted share, a deleted folder): watch again when it is back.
+                old = self.watches.pop(path, None)
+                if old is not None:
+                    old.stop()
+                if path not in self.missing:
+                    event("folder_missing", f"capture folder {path} is not there; looking again every "
+                          f"{self.rules.rescan:g} s", logging.WARNING, folder=path)
+                    self.missing.add(path)
+                for tracked in self.tracker.unchecked(path) + [Path(p) for p in self.tracker.stable_under(path)]:
+                    self._touch(path, tracked)
+                continue
+            if path in self.missing or path not in self.watches or not self.watches[path].alive():
                 old = self.watches.pop(path, None)
                 if old is not None:
                     old.stop()
                 self._start_watch(capture)
-            if not path.is_dir():
-                continue
             seen = set()
             for found in self.filters[path].walk():
                 seen.add(found)
@@ -741,6 +774,9 @@ def _print_status(ledger: Ledger, rules: Optional[Rules], console, alive: bool) 
     captures = [str(c.path) for c in rules.capture] if rules is not None else []
     names = list(dict.fromkeys(captures + sorted(waiting)))
 
+    failed_jobs = ledger.jobs(["failed"])
+    failed_inputs = {row.path for job in failed_jobs for row in ledger.inputs(job.id)}
+
     console.print("\n[bold]Waiting flats[/bold]")
     if not names:
         console.print("  none")
@@ -754,13 +790,17 @@ def _print_status(ledger: Ledger, rules: Optional[Rules], console, alive: bool) 
         if info is not None and info["last_ready"]:
             last_ready = max(last_ready, info["last_ready"])
         processed = info["processed_at"] if info is not None else None
-        text = f"  {escape(name)}: {len(rows)} flat(s) waiting, last new flat {_ago(now - last_ready)}"
+        in_failed = sum(1 for r in rows if r["path"] in failed_inputs)
+        text = f"  {escape(name)}: {len(rows)} flat(s) waiting"
+        if in_failed:
+            text += f" ({in_failed} of them in failed groups)"
+        text += f", last new flat {_ago(now - last_ready)}"
         if processed is not None and processed >= last_ready:
             text += "; left after the last batch (see below); considered again when more flats arrive"
         elif settle is not None:
             left = last_ready + settle - now
             if left > 0:
-                text += f"; settles in {_duration(left)}"
+                text += f"; settles in {_duration(left)}" + ("" if alive else " (once flatd watch runs)")
             else:
                 text += "; settled, processing due" if alive else "; settled (processed when flatd watch runs)"
         console.print(text)
@@ -775,7 +815,7 @@ def _print_status(ledger: Ledger, rules: Optional[Rules], console, alive: bool) 
 
     console.print("\n[bold]Failed groups[/bold]")
     lines, left = [], []
-    for job in ledger.jobs(["failed"]):
+    for job in failed_jobs:
         lines.append(f"  {_when(job.updated_at)}  {escape(job.label)} in {escape(job.folder or '?')}: "
                      f"{escape(job.reason or 'no reason recorded')}  (flatd retry {job.id})")
     for name, info in folders.items():

@@ -32,7 +32,8 @@ import numpy as np
 from numba import njit
 
 from flatd.calibration import Calibration
-from flatd.combine import Method, check_level, combine_rows_into, default_workers, frame_level, level_rows
+from flatd.combine import (Method, check_level, combine_rows_into, default_workers, frame_level, level_rows,
+                           normalization_factors)
 from flatd.frames import Frame
 
 CLIP_MAX = 65535.0
@@ -224,8 +225,6 @@ class PixelSource:
             data = np.ascontiguousarray(data)
             if data.dtype.byteorder not in ("=", "|"):
                 data = data.astype(data.dtype.newbyteorder("="))
-            if data.dtype == np.bool_:
-                data = data.view(np.uint8)
             return _fill_native, data.reshape(rows, self.width), 1.0, 0.0
         buf = self._read_plain(r0, r1, scratch)
         scale, zero = float(self.frame.bscale), float(self.frame.bzero)
@@ -429,7 +428,7 @@ def stack_frames(
     n = len(inputs)
     width, height = inputs[0].frame.width, inputs[0].frame.height
     workers = int(workers or default_workers())
-    _raise_fd_limit(n + len({id(i.calibration.frame) for i in inputs}))
+    _raise_fd_limit(2 * n)
 
     sources = _Sources(inputs)
     try:
@@ -450,8 +449,7 @@ def stack_frames(
                         raise StackError(
                             f"flat {item.frame.path}: {problem} (calibration: {item.calibration.label}); "
                             "cannot normalize", item.frame.path)
-                mean = math.fsum(levels) / n
-                factors = np.array([mean / level for level in levels], dtype=np.float32)
+                factors = normalization_factors(levels)
             else:
                 factors = np.ones(n, dtype=np.float32)
             image = np.empty((height, width), dtype=np.float32)
@@ -495,19 +493,23 @@ def _run(pool: Optional[ThreadPoolExecutor], fn, jobs, on_done=None) -> list:
 
 
 def _measure_levels(inputs, sources: _Sources, cal_keys, height: int, pool) -> list[float]:
+    """Each input's level on the sampled rows, after its calibration. Inputs are taken
+    calibration file by calibration file, so one calibration sample is held at a time."""
     sample = level_rows(height)
-    cal_samples: dict[Path, np.ndarray] = {}
-    for key, src in sources.cals.items():
-        cal_samples[key] = src.sample_rows(sample)
+    levels = [0.0] * len(inputs)
+    by_cal: dict[Optional[Path], list[int]] = {}
+    for i, key in enumerate(cal_keys):
+        by_cal.setdefault(key, []).append(i)
+    for key, indices in by_cal.items():
+        cal = sources.cals[key].sample_rows(sample) if key is not None else None
 
-    def level_of(i: int) -> float:
-        src = sources.flats[i]
-        cal = cal_samples[cal_keys[i]] if cal_keys[i] is not None else None
-        rows = src.sample_rows(sample, pedestal=_calibration_args(inputs[i]), cal=cal)
-        return frame_level(rows)
+        def level_of(i: int, cal=cal) -> float:
+            rows = sources.flats[i].sample_rows(sample, pedestal=_calibration_args(inputs[i]), cal=cal)
+            return frame_level(rows)
 
-    levels = _run(pool, level_of, range(len(inputs)))
-    cal_samples.clear()
+        for i, level in zip(indices, _run(pool, level_of, indices)):
+            levels[i] = level
+        del cal
     return levels
 
 

@@ -398,7 +398,12 @@ class Watch:
         return "polling" if self.polling else "native"
 
     def alive(self) -> bool:
-        return bool(getattr(self.observer, "is_alive", lambda: False)())
+        """The observer and every emitter still run (a polling emitter stops when its
+        folder goes away)."""
+        if not getattr(self.observer, "is_alive", lambda: False)():
+            return False
+        emitters = getattr(self.observer, "emitters", None)
+        return emitters is None or all(e.is_alive() for e in emitters)
 
     def stop(self, timeout: float = 2.0) -> None:
         try:

@@ -307,3 +307,32 @@ def test_memory_stays_under_the_limit(tmp_path):
     # ru_maxrss is a high-water mark: whatever it grew by was allocated during the stack
     assert stats["rss_growth"] <= limit + 16 * 2**20, stats
     assert stats["mean"] > 0
+
+
+class Abandon(BaseException):
+    pass
+
+
+def test_progress_can_cut_a_job_short(files, monkeypatch):
+    """The service raises a BaseException from the progress callback to abandon a job:
+    it propagates, no band starts after it, and every file is closed."""
+    sources = []
+    real = S.open_pixels
+
+    def tracking(frame):
+        sources.append(real(frame))
+        return sources[-1]
+
+    monkeypatch.setattr(S, "open_pixels", tracking)
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if len(calls) == 2:
+            raise Abandon()
+
+    inputs = [StackInput(f) for f in files["flats"]]
+    with pytest.raises(Abandon):
+        stack_frames(inputs, Method("median"), memory_limit=limit_for(3, len(inputs), 0, 2), workers=2, progress=progress)
+    assert len(calls) == 2
+    assert sources and all(s._fd is None and s._hdul is None for s in sources)
