@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 import traceback
@@ -757,6 +758,9 @@ def print_status(state: Path, rules: Optional[Rules], console) -> int:
         return 0
     try:
         _print_status(ledger, rules, console, alive)
+    except sqlite3.OperationalError as exc:  # the very first start is still creating the tables
+        console.print(f"the ledger cannot be read yet ({exc}); try again in a moment")
+        return 1
     finally:
         ledger.close()
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -354,6 +355,8 @@ def _waiting(state: Path) -> int:
         return 0
     try:
         return len(ledger.waiting_frames())
+    except sqlite3.OperationalError:  # the service is still creating the tables
+        return 0
     finally:
         ledger.close()
 
@@ -413,6 +416,8 @@ def test_a_group_too_small_waits_in_place_for_more_flats(tmp_path):
             try:
                 rows = [r for r in ledger.folders() if r["notes"]]
                 return json.loads(rows[0]["notes"]) if rows else None
+            except sqlite3.OperationalError:  # the service is still creating the tables
+                return None
             finally:
                 ledger.close()
 
