@@ -1,0 +1,124 @@
+"""The installed `flatd` on a generated session with a known illumination pattern."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from flatd.demo import write_demo
+
+FLATD = shutil.which("flatd", path=str(Path(sys.executable).parent)) or "flatd"
+
+
+def flatd(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([FLATD, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"flatd {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _digests(paths):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "session"
+    session = write_demo(root)
+    before = _digests(session.flat_files)
+    proc = flatd("run-once", "--config", session.config)
+    masters = sorted(session.captures.rglob("masters/*.fits"))
+    return session, before, proc, masters
+
+
+def test_one_master_per_combinable_group(demo_run):
+    session, _, proc, masters = demo_run
+    assert len(masters) == len(session.combinable)
+    labels = {(fits.getheader(m)["FILTER"], fits.getheader(m)["XBINNING"], round(fits.getheader(m)["CCD-TEMP"]))
+              for m in masters}
+    assert labels == {(g.filter, g.binning, round(g.setpoint)) for g in session.combinable}
+
+
+def test_masters_match_the_illumination_within_the_noise(demo_run):
+    session, _, _, masters = demo_run
+    for group in session.combinable:
+        (master,) = [m for m in masters
+                     if fits.getheader(m)["FILTER"] == group.filter and fits.getheader(m)["XBINNING"] == group.binning
+                     and abs(fits.getheader(m)["CCD-TEMP"] - group.setpoint) < 2]
+        data = fits.getdata(master).astype(np.float64)
+        residual = data / data.mean() - session.illumination(group)
+        noise = session.expected_noise(group)
+        z = residual / noise
+        # Sigma clipping at 2 trims the tails a little: the spread is at most that of a plain mean.
+        assert np.sqrt(np.mean(z**2)) < 1.3, group.label
+        assert np.abs(z).max() < 8, group.label
+
+
+def test_cosmic_ray_hits_are_gone_with_sigma_clip(demo_run):
+    session, _, _, masters = demo_run
+    assert session.cosmic_rays, "the demo should have cosmic-ray hits"
+    for group in session.combinable:
+        (master,) = [m for m in masters
+                     if fits.getheader(m)["FILTER"] == group.filter and fits.getheader(m)["XBINNING"] == group.binning
+                     and abs(fits.getheader(m)["CCD-TEMP"] - group.setpoint) < 2]
+        data = fits.getdata(master).astype(np.float64)
+        expected = data.mean() * session.illumination(group)
+        noise = session.expected_noise(group) * data.mean()
+        for path in group.files:
+            for row, col in session.cosmic_rays.get(path.name, ()):
+                assert abs(data[row, col] - expected[row, col]) < 6 * noise[row, col], (path.name, row, col)
+
+
+def test_inputs_moved_byte_identical_and_others_left(demo_run):
+    session, before, proc, _ = demo_run
+    moved = [p for p in session.captures.rglob("originals-*/*") if p.is_file()]
+    combined = {p.name for g in session.combinable for p in g.files}
+    assert {p.name for p in moved} == combined
+    after = _digests(moved)
+    assert all(after[name] == before[name] for name in combined)
+    for group in session.groups:
+        if group.too_few:
+            assert all(p.exists() for p in group.files)
+    for other in session.others:
+        assert other.exists()
+    assert "left out" in proc.stdout
+
+
+def test_second_run_makes_nothing_and_exits_0(demo_run):
+    session, _, _, masters = demo_run
+    proc = flatd("run-once", "--config", session.config)
+    assert sorted(session.captures.rglob("masters/*.fits")) == masters
+    assert "wrote" not in proc.stdout
+
+
+def test_inspect_lists_the_masters_as_masters(demo_run):
+    session, _, _, masters = demo_run
+    proc = flatd("inspect", masters[0].parent, "--adu", "--sort", "filter")
+    assert proc.stdout.count("master") >= len(masters)
+
+
+def test_help_and_usage_errors(tmp_path):
+    assert flatd("--help").returncode == 0
+    bad = flatd("combine", "--sigma", "abc", "x.fits", check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    missing = flatd("run-once", "--config", tmp_path / "nope.yaml", check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_config_check_reports_every_error_with_line(tmp_path):
+    rules = tmp_path / "r.yaml"
+    rules.write_text("capture:\n  - path: /x\n    poll: sometimes\ncombine:\n  method: average\n")
+    proc = flatd("config", "check", rules, check=False)
+    assert proc.returncode == 2
+    assert f"{rules}:3: at 'capture[0].poll'" in proc.stderr
+    assert f"{rules}:5: at 'combine.method'" in proc.stderr
+    ok = flatd("config", "check", Path(__file__).parents[2] / "config" / "flatd.example.yaml")
+    assert "valid" in ok.stdout
