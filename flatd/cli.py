@@ -206,7 +206,7 @@ def cmd_demo(args) -> int:
 def cmd_run_once(args) -> int:
     from flatd.log import setup_logging
 
-    setup_logging(args.log_format, args.verbose)
+    setup_logging(args.log_format, args.verbose, quiet_on_terminal=True)
     rules = _load_rules(args.config)
     if not rules.capture:
         raise UsageError("the rules file names no capture folder (capture: [- path: ...])")
@@ -338,7 +338,7 @@ def _expand_output_name(name: str) -> str:
 def cmd_combine(args) -> int:
     from flatd.log import setup_logging
 
-    setup_logging(args.log_format, args.verbose)
+    setup_logging(args.log_format, args.verbose, quiet_on_terminal=True)
     rules, grouped = _combine_rules(args)
     if grouped and args.output:
         raise UsageError("-o names one master; with grouping options use -od for the folder of the masters")

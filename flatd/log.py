@@ -50,8 +50,12 @@ def _json(value):
     return value if isinstance(value, (int, float, bool, type(None))) else str(value)
 
 
-def setup_logging(fmt: str = "plain", verbose: bool = False, stream=None) -> None:
-    """Configure the 'flatd' logger once per process."""
+def setup_logging(fmt: str = "plain", verbose: bool = False, stream=None, quiet_on_terminal: bool = False) -> None:
+    """Configure the 'flatd' logger once per process.
+
+    One-shot commands print a report of their own; on a terminal (and without
+    --verbose) their event lines would only repeat it, so `quiet_on_terminal` mutes them.
+    """
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     if fmt == "json":
@@ -60,7 +64,12 @@ def setup_logging(fmt: str = "plain", verbose: bool = False, stream=None) -> Non
         journald = not stream.isatty() and "JOURNAL_STREAM" in __import__("os").environ
         handler.setFormatter(PlainFormatter(timestamps=not journald and fmt == "plain-time"))
     LOGGER.handlers[:] = [handler]
-    LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        LOGGER.setLevel(logging.DEBUG)
+    elif quiet_on_terminal and stream.isatty() and fmt != "json":
+        LOGGER.setLevel(logging.CRITICAL)
+    else:
+        LOGGER.setLevel(logging.INFO)
     LOGGER.propagate = False
 
 
