@@ -310,6 +310,8 @@ class Service:
         self.watches[path] = watch
         fstype = filesystem_type(path) or "?"
         why = "forced" if capture.poll in (True, False) else f"auto, {fstype}"
+        if watch.polling and not polling:
+            why = "the inotify limit was reached"
         event("watching", f"watching {path} ({watch.mode} events, {why}; "
               f"{'recursive' if capture.recursive else 'top level only'})",
               folder=path, mode=watch.mode, fstype=fstype, recursive=capture.recursive)
@@ -451,6 +453,8 @@ class Service:
                 self._start_watch(capture)
             seen = set()
             for found in self.filters[path].walk():
+                if self.stop_requested.is_set():
+                    return  # a big share: SIGTERM does not wait for the walk
                 seen.add(found)
                 self._touch(path, found)
             for tracked in self.tracker.unchecked(path) + [Path(p) for p in self.tracker.stable_under(path)]:
@@ -467,8 +471,8 @@ class Service:
               tracked=len(self.tracker))
 
     def _poll_unchecked(self, now: float) -> None:
-        """Stat the files not yet stable: a slow writer sends no event on some shares."""
-        for path in self.tracker.unchecked():
+        """Stat the files not yet stable or incomplete: a slow writer sends no event on some shares."""
+        for path in self.tracker.changing():
             st = _stat(path)
             if st is None:
                 if self.tracker.observe(path, None, now):
@@ -486,6 +490,8 @@ class Service:
 
     def _check_ready(self, now: float) -> None:
         for path in self.tracker.ready(now):
+            if self.stop_requested.is_set() or self.reload_requested.is_set():
+                return  # thousands of headers after a start: signals come first
             entry = self.tracker.entry(path)
             st = _stat(path)
             if st is None:

@@ -183,6 +183,11 @@ class StabilityTracker:
         """Files still changing, or not yet stable long enough (under a folder, or all)."""
         return sorted(p for p, e in self.entries.items() if not e.checked and (under is None or _inside(p, under)))
 
+    def changing(self) -> list[Path]:
+        """Files to stat at every look: not yet stable, or stable but incomplete (a writer
+        that pauses for longer than `stable`)."""
+        return sorted(p for p, e in self.entries.items() if not e.checked or e.verdict == "incomplete")
+
     def stable_under(self, folder: Path) -> dict[str, tuple[int, float]]:
         """path -> (size, mtime) of every checked file under `folder`: what a batch may take."""
         return {str(p): (e.size, e.mtime) for p, e in self.entries.items() if e.checked and _inside(p, folder)}
@@ -424,16 +429,17 @@ def start_watch(capture: CaptureFolder, handler, polling: bool,
     """
     path = str(capture.path)
     if not polling:
-        observer = make_native()
+        observer = None
         try:
+            observer = make_native()  # watchdog may open its inotify instance here already
             observer.schedule(handler, path, recursive=capture.recursive)
             observer.start()
             return Watch(capture, observer, False)
         except OSError as exc:
-            if exc.errno not in WATCH_LIMIT_ERRNOS:
+            if observer is not None:
                 _stop_quietly(observer)
+            if exc.errno not in WATCH_LIMIT_ERRNOS:
                 raise
-            _stop_quietly(observer)
             event("watch_limit", watch_limit_message(exc, capture.path), logging.WARNING, folder=capture.path,
                   errno=errno.errorcode.get(exc.errno, exc.errno))
     observer = make_polling()

@@ -108,11 +108,48 @@ def test_forced_polling_observer(tmp_path, watches):
     w = watches(config).started()
     [watching] = w.events("watching")
     assert watching["mode"] == "polling"
-    for i in range(3):
+    for i in range(2):
         write_flat(cap / "night2" / f"flat_{i}.fits", seed=i)  # a folder made after the start
+    # written under a temporary name, then renamed into place
+    part = write_flat(cap / "night2" / "flat_2.fits.part", seed=2)
+    part.rename(cap / "night2" / "flat_2.fits")
     w.wait_event("master_written")
     assert len(masters_in(cap / "masters")) == 1
-    assert len(w.events("frame_ready")) == 3
+    assert sorted(Path(e["path"]).name for e in w.events("frame_ready")) == ["flat_0.fits", "flat_1.fits",
+                                                                             "flat_2.fits"]
+    assert w.stop() == 0
+
+
+# In a user namespace of its own, flatd can be given no inotify instance at all
+# (/proc/sys/user/max_inotify_instances, the per-namespace form of the sysctl).
+NO_INOTIFY = ["unshare", "--user", "--map-root-user", "sh", "-c",
+              'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"', "sh"]
+
+
+def _can_limit_inotify() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(NO_INOTIFY + ["true"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+def test_the_inotify_limit_is_reported_and_the_folder_is_polled(tmp_path, watches):
+    if not _can_limit_inotify():
+        pytest.skip("no unprivileged user namespaces here to lower the inotify limit")
+    cap = tmp_path / "cap"
+    cap.mkdir()
+    config = write_rules(tmp_path, rescan="1h")
+    w = watches(config, prefix=NO_INOTIFY).started()
+    [limit] = w.events("watch_limit")
+    assert "fs.inotify.max_user_instances" in limit["message"] and str(cap) in limit["message"]
+    [watching] = w.events("watching")
+    assert watching["mode"] == "polling"
+    for i in range(3):
+        write_flat(cap / "night1" / f"flat_{i}.fits", seed=i)
+    w.wait_event("master_written")
     assert w.stop() == 0
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -109,13 +109,13 @@ def subprocess_env() -> dict:
 class WatchProcess:
     """`flatd watch --log-format json` in a subprocess; its log lines as parsed events."""
 
-    def __init__(self, config: Path, logdir: Path, name: str = "watch"):
+    def __init__(self, config: Path, logdir: Path, name: str = "watch", prefix: Sequence[str] = ()):
         self.config = config
         self.stderr_path = logdir / f"{name}.stderr"
         self.stdout_path = logdir / f"{name}.stdout"
         self._stderr = open(self.stderr_path, "wb")
         self._stdout = open(self.stdout_path, "wb")
-        self.proc = subprocess.Popen(flatd_command("watch", "--config", str(config), "--log-format", "json"),
+        self.proc = subprocess.Popen([*prefix, *flatd_command("watch", "--config", str(config), "--log-format", "json")],
                                      stdout=self._stdout, stderr=self._stderr, env=subprocess_env(),
                                      cwd=str(logdir))
 
@@ -179,8 +179,8 @@ def watches(tmp_path) -> Iterable[Callable[..., WatchProcess]]:
     """Start `flatd watch` processes; every one is killed when the test ends, whatever happens."""
     started: list[WatchProcess] = []
 
-    def start(config: Path, name: Optional[str] = None) -> WatchProcess:
-        proc = WatchProcess(config, tmp_path, name or f"watch{len(started) + 1}")
+    def start(config: Path, name: Optional[str] = None, prefix: Sequence[str] = ()) -> WatchProcess:
+        proc = WatchProcess(config, tmp_path, name or f"watch{len(started) + 1}", prefix)
         started.append(proc)
         return proc
 

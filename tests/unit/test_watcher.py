@@ -51,6 +51,7 @@ def test_a_checked_file_is_not_offered_again_until_it_changes():
     t.mark(p, "incomplete")
     assert t.ready(10.0) == []
     assert t.unchecked() == []
+    assert t.changing() == [p]  # still looked at: the writer may go on
     t.observe(p, st(300, 2.0), now=11.0)  # the writer went on
     assert t.unchecked() == [p]
     assert t.entry(p).verdict is None
@@ -163,6 +164,11 @@ class FakeObserver:
         self.fail_on, self.errno_ = fail_on, errno_
         self.scheduled, self.started, self.stopped = [], False, False
 
+    def create(self):
+        if self.fail_on == "create":
+            raise OSError(self.errno_, "inotify instance limit reached")
+        return self
+
     def schedule(self, handler, path, recursive=False):
         if self.fail_on == "schedule":
             raise OSError(self.errno_, os.strerror(self.errno_))
@@ -186,7 +192,7 @@ class FakeObserver:
         pass
 
 
-@pytest.mark.parametrize("where", ["schedule", "start"])
+@pytest.mark.parametrize("where", ["create", "schedule", "start"])
 @pytest.mark.parametrize("code,sysctl", [(errno.ENOSPC, "fs.inotify.max_user_watches"),
                                          (errno.EMFILE, "fs.inotify.max_user_instances")])
 def test_inotify_limit_falls_back_to_polling_and_names_the_sysctl(where, code, sysctl, caplog):
@@ -195,7 +201,7 @@ def test_inotify_limit_falls_back_to_polling_and_names_the_sysctl(where, code, s
     with caplog.at_level(logging.WARNING, logger="flatd"):
         logging.getLogger("flatd").propagate = True
         try:
-            watch = start_watch(capture, object(), polling=False, make_native=lambda: native,
+            watch = start_watch(capture, object(), polling=False, make_native=lambda: native.create(),
                                 make_polling=lambda: polling)
         finally:
             logging.getLogger("flatd").propagate = False
