@@ -72,13 +72,14 @@ def generate_stack(folder: Path, count: int, width: int, height: int, seed: int 
 
 def measure(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[float, float, int, str]:
     """Wall seconds, peak RSS (MB) and exit status of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    output = proc.stdout.read().decode(errors="replace")
-    proc.stdout.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would block the tool
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read().decode(errors="replace")
     return seconds, usage.ru_maxrss / 1024.0, proc.returncode, output
 
 

@@ -456,5 +456,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_FAILED
 
 
+def run() -> None:
+    """The console script: main(), then exit without tearing the interpreter down.
+
+    Unloading numba, llvmlite and astropy at exit costs 0.2-0.3 s, a fifth of a whole
+    combine; everything flatd writes is flushed, fsynced and closed by then.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -115,10 +115,12 @@ def link_no_replace(source: Path, candidates: Iterable[Path]) -> Path:
     raise FileExistsError(errno.EEXIST, "no free name", str(source))
 
 
-def _create_temp(directory: Path, label: str) -> tuple[Path, int]:
+def create_temp(directory: Path, label: str) -> tuple[Path, int]:
+    """A new, exclusive, hidden temp file in `directory` (".flatd-<label>-<random>.tmp",
+    which watchers and scans ignore); returns its path and an open descriptor."""
     stem = "".join(ch if ch.isalnum() or ch in "._+-" else "_" for ch in label)[:40]
     for _ in range(100):
-        temp = directory / f"{TEMP_PREFIX}move-{stem}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        temp = directory / f"{TEMP_PREFIX}{stem}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         except FileExistsError:
@@ -193,7 +195,7 @@ def _move_same_fs(src: Path, dest_dir: Path) -> Path:
 
 def _move_across(src: Path, dest_dir: Path) -> Path:
     before = os.stat(src)
-    temp, fd = _create_temp(dest_dir, src.name)
+    temp, fd = create_temp(dest_dir, "move-" + src.name)
     try:
         digest = hashlib.blake2b()
         with open(src, "rb") as source, os.fdopen(fd, "wb") as copy:

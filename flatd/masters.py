@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import textwrap
 import time
 import unicodedata
@@ -27,14 +26,12 @@ from astropy.io import fits
 import flatd
 from flatd.calibration import Calibration
 from flatd.frames import Frame
-from flatd.fsops import fsync_dir, link_no_replace
+from flatd.fsops import TEMP_PREFIX, TEMP_SUFFIX, create_temp, fsync_dir, link_no_replace
 
 MAX_COMPONENT = 64
 # A file name is at most 255 bytes on the usual filesystems; keep room for "-NN".
 MAX_NAME_BYTES = 240
 MASTER_SUFFIXES = (".fits", ".fit", ".fts")
-TEMP_PREFIX = ".flatd-"
-TEMP_SUFFIX = ".tmp"
 DATE_FORMAT = "%Y%m%d-%H%M%S"
 TIME_FORMAT = "%H%M%S"
 DATETIME_FORMAT = "%Y%m%dT%H%M%S"
@@ -435,19 +432,6 @@ def _candidates(path: Path, limit: int = 10000) -> Iterable[Path]:
         yield _numbered(path, n)
 
 
-def _create_temp(directory: Path, name: str) -> tuple[Path, int]:
-    """A new, exclusive temp file in `directory`, with the usual permissions (umask)."""
-    stem = safe_component(name, "master")[:40]
-    for _ in range(100):
-        temp = directory / f"{TEMP_PREFIX}{stem}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        except FileExistsError:
-            continue
-        return temp, fd
-    raise FileExistsError(f"cannot create a temp file in {directory}")
-
-
 def write_master(directory: Path, name: str, data: np.ndarray, header: fits.Header) -> Path:
     """Write a master atomically and without overwriting; return its final path.
 
@@ -469,7 +453,7 @@ def write_master(directory: Path, name: str, data: np.ndarray, header: fits.Head
     hdu = fits.PrimaryHDU(array.astype(np.float32, copy=False), header=clean)
     hdu.add_checksum()
 
-    temp, fd = _create_temp(directory, name)
+    temp, fd = create_temp(directory, safe_component(name, "master"))
     final: Path | None = None
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -198,8 +198,11 @@ class PixelSource:
         if scratch is None or scratch.nbytes < nbytes:
             scratch = np.empty(nbytes, dtype=np.uint8)
         buf = scratch[:nbytes]
-        offset = self.frame.data_offset + r0 * self.width * self.itemsize
-        view = memoryview(buf)
+        self._pread_exact(memoryview(buf), self.frame.data_offset + r0 * self.width * self.itemsize)
+        return buf
+
+    def _pread_exact(self, view: memoryview, offset: int) -> None:
+        nbytes = len(view)
         done = 0
         while done < nbytes:
             if self._fd is None:
@@ -211,7 +214,6 @@ class PixelSource:
             if got <= 0:
                 raise StackError(f"{self.path}: file ended early (truncated while reading?)", self.path)
             done += got
-        return buf
 
     def _native_band(self, r0: int, r1: int, scratch: Optional[np.ndarray]):
         """The band as a native array for a fill kernel, and the kernel, scale and zero."""
@@ -226,7 +228,9 @@ class PixelSource:
             if data.dtype.byteorder not in ("=", "|"):
                 data = data.astype(data.dtype.newbyteorder("="))
             return _fill_native, data.reshape(rows, self.width), 1.0, 0.0
-        buf = self._read_plain(r0, r1, scratch)
+        return self._native_plain(self._read_plain(r0, r1, scratch), rows)
+
+    def _native_plain(self, buf: np.ndarray, rows: int):
         scale, zero = float(self.frame.bscale), float(self.frame.bzero)
         if self.frame.bitpix == 16:
             return _fill_be16, buf.view(np.uint16).reshape(rows, self.width), scale, zero
@@ -269,6 +273,19 @@ class PixelSource:
         if rows.step in (None, 1):
             if len(indices):
                 self.read_into(indices[0], indices[-1] + 1, out, pedestal, cal, scratch=scratch)
+            return out
+        if self._section is None and len(indices):
+            # One pread per row into one buffer, then one conversion: the per-row
+            # Python overhead of read_into would dominate for 256 rows x many frames.
+            row_bytes = self.raw_bytes(0, 1)
+            buf = np.empty(len(indices) * row_bytes, dtype=np.uint8)
+            view = memoryview(buf)
+            for k, r in enumerate(indices):
+                self._pread_exact(view[k * row_bytes:(k + 1) * row_bytes], self.frame.data_offset + r * row_bytes)
+            kernel, raw, scale, zero = self._native_plain(buf, len(indices))
+            mode, cal_arr, ped = (2, cal, np.float32(0.0)) if cal is not None else (
+                (1, out, np.float32(pedestal)) if pedestal is not None else (0, out, np.float32(0.0)))
+            kernel(raw, out, scale, zero, mode, cal_arr, ped, np.float32(1.0))
             return out
         for k, r in enumerate(indices):
             self.read_into(r, r + 1, out[k : k + 1], pedestal, None if cal is None else cal[k : k + 1], scratch=scratch)
