@@ -342,19 +342,14 @@ def cmd_combine(args) -> int:
     rules, grouped = _combine_rules(args)
     if grouped and args.output:
         raise UsageError("-o names one master; with grouping options use -od for the folder of the masters")
-    if not grouped and args.outputdirectory and not args.output:
-        pass  # one master into -od, named by the template
     from datetime import datetime
 
     from flatd.calibration import LibraryCache
     from flatd.frames import read_frames
-    from flatd.ledger import Ledger  # noqa: F401  (same runner, no ledger for explicit files)
     from flatd.plan import plan_frames
     from flatd.runner import Runner
 
     missing = [p for p in args.files if not p.exists()]
-    for p in missing:
-        print(f"{p}: no such file", file=sys.stderr)
     frames, bad = read_frames([p for p in args.files if p.exists()], rules.keyword_map())
     output_dir = args.outputdirectory
     output_name = None
@@ -377,7 +372,8 @@ def cmd_combine(args) -> int:
     print_report(report, dry_run=args.dry_run)
     if not plan.jobs and not plan.failed:
         print("nothing to combine", file=sys.stderr)
-        return EXIT_FAILED if (bad or missing or plan.left_out) else EXIT_OK
+        only_small_groups = all("min_group_size" in s.reason for s in plan.left_out)
+        return EXIT_OK if only_small_groups else EXIT_FAILED
     return EXIT_FAILED if (report.exit_code or missing) else EXIT_OK
 
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 BLOCK = 2880
 CARD = 80
@@ -585,8 +585,13 @@ def is_ignored_name(path: Path) -> bool:
     return any(p.search(path.name) for p in IGNORED_PATTERNS)
 
 
-def iter_fits_files(root: Path, recursive: bool = True, exclude: Sequence[Path] = ()) -> Iterable[Path]:
-    """FITS files under `root`, skipping hidden/temporary files and excluded folders."""
+def iter_fits_files(root: Path, recursive: bool = True, exclude: Sequence[Path] = (),
+                    others: Optional[list] = None) -> Iterable[Path]:
+    """FITS files under `root`, skipping hidden/temporary files and excluded folders.
+
+    Other visible files met on the way are appended to `others`, when given (a dry run
+    says why each file was left out).
+    """
     root = Path(root)
     excluded = {Path(os.path.abspath(p)) for p in exclude}
     if root.is_file():
@@ -603,6 +608,8 @@ def iter_fits_files(root: Path, recursive: bool = True, exclude: Sequence[Path] 
             candidate = here / name
             if is_fits_name(candidate) and not is_ignored_name(candidate):
                 yield candidate
+            elif others is not None and not is_ignored_name(candidate):
+                others.append(candidate)
         if not recursive:
             break
 

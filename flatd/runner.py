@@ -271,7 +271,8 @@ def own_output_patterns(rules: Rules) -> list[str]:
 
 def scan_folder(capture: CaptureFolder, rules: Rules, ledger: Optional[L.Ledger],
                 now: float, stable: float,
-                ready: Optional[Callable[[Path, os.stat_result], bool]] = None) -> tuple[list[Frame], list[Skipped]]:
+                ready: Optional[Callable[[Path, os.stat_result], bool]] = None,
+                list_others: bool = False) -> tuple[list[Frame], list[Skipped]]:
     """Ready frames under a capture folder, and every file left out with its reason.
 
     A file is left out when it is flatd's own output (masters, moved inputs), was
@@ -282,7 +283,8 @@ def scan_folder(capture: CaptureFolder, rules: Rules, ledger: Optional[L.Ledger]
     patterns = own_output_patterns(rules)
     keywords = rules.keyword_map()
     frames, skipped = [], []
-    for path in iter_fits_files(capture.path, capture.recursive, exclude):
+    others: Optional[list[Path]] = [] if list_others else None
+    for path in iter_fits_files(capture.path, capture.recursive, exclude, others):
         rel_parts = path.relative_to(capture.path).parts[:-1]
         if any(fnmatch.fnmatch(part, pat) for part in rel_parts for pat in patterns):
             continue  # a move_to folder: flatd's own
@@ -308,6 +310,9 @@ def scan_folder(capture: CaptureFolder, rules: Rules, ledger: Optional[L.Ledger]
             frames.append(read_frame(path, keywords))
         except FrameError as exc:
             skipped.append(Skipped(exc.path, exc.reason))
+    for path in others or ():
+        if not any(fnmatch.fnmatch(part, pat) for part in path.relative_to(capture.path).parts[:-1] for pat in patterns):
+            skipped.append(Skipped(path, "not a FITS file name (.fit, .fits, .fts, .fz)"))
     return frames, skipped
 
 
@@ -319,7 +324,7 @@ def process_capture(capture: CaptureFolder, rules: Rules, runner: Runner, dry_ru
     now = now or datetime.now()
     libraries = libraries or LibraryCache()
     frames, bad = scan_folder(capture, rules, runner.ledger, time.time(), rules.stable if stable is None else stable,
-                              ready)
+                              ready, list_others=dry_run)
     for item in bad:
         event("file_left_out", f"left out {item.path}: {item.reason}", logging.WARNING, path=item.path)
     plan = plan_frames(frames, rules, capture.path, libraries, now)

@@ -161,3 +161,18 @@ def test_dry_run_combines_nothing(tree, capsys):
     assert main(["combine", "-m", "--dry-run", "-o", str(tree.root / "m.fits"), *files]) == 0
     assert snapshot(tree.root) == before
     assert "would write" in capsys.readouterr().out
+
+
+def test_all_groups_too_small_is_reported_not_failed(tree, capsys):
+    files = _flats(tree, n=3)
+    assert main(["combine", "-gf", "-mg", "5", "-m", "-od", str(tree.root / "out"), *files]) == 0
+    assert capsys.readouterr().out.count("fewer than min_group_size 5") == 3
+    assert not (tree.root / "out").exists()
+
+
+def test_missing_file_is_named_once_and_fails(tree, capsys):
+    files = _flats(tree, n=3)
+    assert main(["combine", "-m", "-o", str(tree.root / "m.fits"), str(tree.root / "gone.fits"), *files]) == 1
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("gone.fits") == 1
+    assert (tree.root / "m.fits").exists()

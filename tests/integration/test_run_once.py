@@ -91,6 +91,7 @@ def test_inputs_left_in_place_are_not_combined_twice(tree):
 def test_dry_run_changes_nothing_and_explains(tree, capsys):
     config = _session(tree)
     (tree.root / "captures" / "night1" / "notes.fits").write_text("not a fits file")
+    (tree.root / "captures" / "night1" / "session.txt").write_text("N.I.N.A. notes")
     tree.flat("dark_0001.fits", imagetyp="DARK")
     before = snapshot(tree.root)
     assert main(["run-once", "--config", str(config), "--dry-run"]) == 0
@@ -101,6 +102,7 @@ def test_dry_run_changes_nothing_and_explains(tree, capsys):
     assert "flat_R_000.fits" in out and "bias_" in out
     assert "notes.fits" in out and "not a FITS file" in out
     assert "dark_0001.fits" in out and "not a flat" in out
+    assert "session.txt" in out and "not a FITS file name" in out
 
 
 def test_bad_files_are_reported_and_left_alone(tree, capsys):
