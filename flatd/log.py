@@ -18,8 +18,9 @@ class PlainFormatter(logging.Formatter):
         self.timestamps = timestamps
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", {})
         text = record.getMessage()
+        # A value the message already shows (a path, most often) is not repeated.
+        fields = {k: v for k, v in getattr(record, "fields", {}).items() if str(v) not in text}
         if fields:
             text += " " + " ".join(f"{k}={_plain(v)}" for k, v in fields.items())
         if record.levelno >= logging.WARNING:
