@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -198,13 +198,7 @@ def _make_names_distinct(jobs: list[Job]) -> None:
         seen[target] += 1
         if seen[target] > 1:
             stem, dot, suffix = job.output_name.rpartition(".")
-            jobs[i] = _replace(job, output_name=f"{stem}-{seen[target]}.{suffix}")
-
-
-def _replace(job: Job, **changes) -> Job:
-    from dataclasses import replace
-
-    return replace(job, **changes)
+            jobs[i] = replace(job, output_name=f"{stem}-{seen[target]}.{suffix}")
 
 
 def output_folders(rules: Rules) -> list[Path]:

@@ -23,7 +23,7 @@ from flatd.frames import Frame, FrameError, Skipped, iter_fits_files, read_frame
 from flatd.fsops import file_digest, move_file, resolve_move_dir
 from flatd.log import event
 from flatd.masters import cleanup_temp_files, master_header, write_master
-from flatd.plan import FailedGroup, Job, Plan, output_folders, plan_frames
+from flatd.plan import Job, Plan, output_folders, plan_frames
 
 JOB_CARD = "FLATDJOB"  # the job id, in every master's header: finds a master after a crash
 

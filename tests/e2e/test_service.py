@@ -6,7 +6,6 @@ duration. Timing knobs are small (stable 1 s, settle 2-3 s) so the file runs qui
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import threading

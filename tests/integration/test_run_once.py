@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from astropy.io import fits
 
 from flatd.cli import main
