@@ -201,8 +201,12 @@ class Library:
         return _exposure(frame, self.keywords)
 
     def matching(self, flat: Frame) -> list[Frame]:
-        """Candidates of exactly the flat's width, height and binning (never the flat itself)."""
-        return [f for f in self.frames if f.size_key == flat.size_key and f.path != flat.path]
+        """Candidates of exactly the flat's width, height and binning (never the flat
+        itself); from the flat's own camera (INSTRUME) when the library has any."""
+        same_size = [f for f in self.frames if f.size_key == flat.size_key and f.path != flat.path]
+        camera = _camera(flat)
+        same_camera = [f for f in same_size if camera and _camera(f) == camera]
+        return same_camera or same_size
 
     def choose(self, flat: Frame, policy: str = "original") -> Choice:
         """The best dark or bias for `flat`; raise CalibrationError when none fits."""
@@ -322,6 +326,10 @@ def calibration_for(flat: Frame, settings, library: Optional[Library], fixed: Op
             library = Library.scan(settings.library, settings.recursive, settings.bias_dark_only, keywords)
         return library.choose(flat, settings.policy).calibration
     raise ValueError(f"unknown precalibration mode {mode!r}")
+
+
+def _camera(frame: Frame) -> str:
+    return (frame.instrument or "").strip().lower()
 
 
 class LibraryCache:

@@ -424,3 +424,30 @@ def test_real_flat_against_library_of_other_size():
     lib = Library.scan(LOWELL / "bias")
     with pytest.raises(CalibrationError, match=r"matches 1x1 100x100 \(library has: 3x3 1432x1370 ×5\)"):
         lib.choose(read_frame(MAXIM / "aspen_trimmed.fit"))
+
+
+def test_darks_from_the_flats_own_camera_are_preferred(tmp_path):
+    """Two cameras of the same size in one library: the flat's own camera wins even
+    where another camera's frame scores better; with none of its own, any will do."""
+    import numpy as np
+    from astropy.io import fits
+
+    from flatd.frames import read_frame
+
+    def write(name, imagetyp, exptime, temp, camera):
+        hdu = fits.PrimaryHDU(np.zeros((8, 10), np.uint16))
+        hdu.header.update(IMAGETYP=imagetyp, EXPTIME=exptime, XBINNING=1, YBINNING=1, INSTRUME=camera)
+        hdu.header["CCD-TEMP"] = temp
+        path = tmp_path / name
+        hdu.writeto(path)
+        return path
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    write("lib/other_bias.fits", "BIAS", 0.0, -10.0, "Camera B")
+    write("lib/own_bias.fits", "BIAS", 0.0, -5.0, "Camera A")
+    flat = read_frame(write("flat.fits", "FLAT", 1.0, -10.0, "Camera A"))
+    stranger = read_frame(write("flat_c.fits", "FLAT", 1.0, -10.0, "Camera C"))
+    library = Library.scan(lib)
+    assert library.choose(flat).calibration.frame.path.name == "own_bias.fits"
+    assert library.choose(stranger).calibration.frame.path.name == "other_bias.fits"
