@@ -45,8 +45,12 @@ TICK = 0.5  # seconds between looks at the tracker when no event comes
 MAX_PENDING = 6 * 3600.0
 
 
-def run_once(rules: Rules, dry_run: bool = False, progress=None, stable: Optional[float] = None):
+def run_once(rules: Rules, dry_run: bool = False, progress=None, stable: float = 0.0):
     """Every capture folder, now: recover interrupted jobs, then scan, plan, run.
+
+    "Settled" is "now": a file is taken as soon as it is complete (its size is what its
+    header promises), whatever its age, so that a capture program can call run-once
+    right after its last flat. `stable` is the watcher's business.
 
     A dry run takes no lock, opens the ledger read-only (if there is one) to know what
     was combined before, and changes nothing on disk.

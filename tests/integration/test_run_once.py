@@ -218,3 +218,13 @@ def test_outputs_inside_watched_folder_are_never_inputs(tree):
     assert len(masters) == 2
     newest = max(masters, key=lambda p: p.stat().st_mtime_ns)
     assert fits.getheader(newest)["NCOMBINE"] == 5
+
+
+def test_flats_written_a_moment_ago_are_taken(tree):
+    """A capture program calls run-once right after its last flat: no `stable` wait."""
+    config = _session(tree, filters=("R",))
+    config.write_text(config.read_text().replace("stable: 0\n", ""))
+    assert "stable" not in config.read_text()
+    assert main(["run-once", "--config", str(config)]) == 0
+    (master,) = _masters(tree.root)
+    assert fits.getheader(master)["NCOMBINE"] == 5
