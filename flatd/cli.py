@@ -393,8 +393,8 @@ def print_report(report, dry_run: bool = False) -> None:
             for item in job.inputs:
                 out.print(f"  {item.frame.path}  [dim]calibration:[/dim] {item.calibration.why or item.calibration.label}")
             out.print(f"  -> {verb} {outcome.master}")
-            if job.move_to:
-                out.print(f"  -> would move the inputs to {job.move_to} (beside each input)")
+            for folder in sorted({str(dest) for _, dest in outcome.moved}):
+                out.print(f"  -> would move the inputs to {folder}")
         elif outcome.state == "done":
             out.print(f"[green]{verb}[/green] {outcome.master}  ({len(job.inputs)} flats, {job.label}{rule})")
             if outcome.moved:

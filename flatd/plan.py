@@ -88,7 +88,7 @@ def select_flats(frames: Sequence[Frame], rules: Rules) -> tuple[list[tuple[Fram
         if frame.kind in NEVER_INPUTS:
             left_out.append(Skipped(frame.path, "a master or stacked image, never an input"))
         elif frame.kind != Kind.FLAT and not eff.inputs.ignore_type:
-            left_out.append(Skipped(frame.path, f"type {frame.kind.value}, not a flat (set inputs.ignore_type to take it)"))
+            left_out.append(Skipped(frame.path, f"type {frame.kind.value}, not a flat (inputs.ignore_type, or -t, takes it)"))
         else:
             chosen.append((frame, eff))
     return chosen, left_out

@@ -37,7 +37,7 @@ class Outcome:
     job: Job
     state: str  # done | failed | skipped | would-run
     master: Optional[Path] = None
-    moved: list[tuple[Path, Path]] = field(default_factory=list)
+    moved: list[tuple[Path, Path]] = field(default_factory=list)  # (input, where it went / would go)
     reason: Optional[str] = None
 
     @property
@@ -88,7 +88,9 @@ class Runner:
             if self.should_stop():
                 break
             if dry_run:
-                report.outcomes.append(Outcome(job, "would-run", master=job.output_dir / job.output_name))
+                planned = [(i.frame.path, d) for i, d in zip(job.inputs, self._move_dirs(job, now)) if d]
+                report.outcomes.append(Outcome(job, "would-run", master=job.output_dir / job.output_name,
+                                               moved=planned))
                 continue
             report.outcomes.append(self.run_job(job, now))
         return report

@@ -98,6 +98,7 @@ def test_dry_run_changes_nothing_and_explains(tree, capsys):
     assert snapshot(tree.root) == before
     assert not (tree.root / "state").exists()
     assert out.count("would write") == 2
+    assert out.count(f"would move the inputs to {tree.root}/captures/night1/originals-") == 2
     assert "flat_R_000.fits" in out and "bias_" in out
     assert "notes.fits" in out and "not a FITS file" in out
     assert "dark_0001.fits" in out and "not a flat" in out
