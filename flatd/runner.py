@@ -299,8 +299,7 @@ def scan_folder(capture: CaptureFolder, rules: Rules, ledger: Optional[L.Ledger]
             continue
         if ready is not None:
             if not ready(path, st):
-                skipped.append(Skipped(path, "not ready yet (still being written, or not yet seen stable)"))
-                continue
+                continue  # the watcher has not seen this flat stable, or it is no flat
         elif now - st.st_mtime < stable:
             skipped.append(Skipped(path, f"still being written (changed {now - st.st_mtime:.0f} s ago)"))
             continue

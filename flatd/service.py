@@ -562,13 +562,14 @@ class Service:
         for state in self.folders.values():
             if not state.due(now, self.rules.settle) or self._blocked(state, now):
                 continue
-            accepted = self.tracker.stable_under(state.path)
+            # Only the flats the tracker has seen stable: lights and other files in the
+            # capture folder (thousands, after months) are not read again for each batch.
+            accepted = {p: v for p, v in self.tracker.stable_under(state.path).items()
+                        if (e := self.tracker.entry(Path(p))) is not None and e.verdict == "flat"}
             reason = "scheduled sweep" if state.force else "settled"
             state.dispatched()
-            if not accepted:
-                continue
-            flats = sum(1 for p in accepted if (e := self.tracker.entry(Path(p))) is not None and e.verdict == "flat")
-            if not flats and reason == "settled":
+            flats = len(accepted)
+            if not flats:
                 continue  # nothing that could make a master
             event("session_settled", f"{state.path}: {reason}, {flats} flat(s) ready; processing",
                   folder=state.path, flats=flats, reason=reason)
@@ -624,7 +625,7 @@ class Service:
         failed = [{"label": f.label, "reason": f.reason, "files": len(f.frames)} for f in report.plan.failed]
         failed += [{"label": o.job.label, "reason": o.reason, "files": len(o.job.inputs), "job": o.job.id}
                    for o in report.outcomes if o.failed]
-        reasons = Counter(item.reason for item in report.plan.left_out if not item.reason.startswith("not ready"))
+        reasons = Counter(item.reason for item in report.plan.left_out)
         left = [{"reason": r, "files": n} for r, n in reasons.most_common(20)]
         for entry in left:
             if "min_group_size" in entry["reason"]:

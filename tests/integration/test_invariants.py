@@ -179,3 +179,19 @@ def test_a_master_never_overwrites_and_never_stands_half_written(tree):
     assert again.master != planned and again.master.exists()
     with fits.open(again.master) as hdul:
         assert hdul[0].verify_checksum() == 1
+
+
+def test_a_service_batch_reads_only_the_flats_the_watcher_accepted(tree, monkeypatch):
+    """After months a capture folder holds thousands of lights: a batch must not read
+    their headers again. `ready` (the watcher's verdicts) decides before any read."""
+    rules, _ = _setup(tree)
+    for i in range(5):
+        tree.flat(f"light_{i}.fits", imagetyp="LIGHT")
+    flats = {str(p) for p in (tree.root / "captures").rglob("flat_*.fits")}
+    read = []
+    real_read = runner_module.read_frame
+    monkeypatch.setattr(runner_module, "read_frame", lambda path, kw: read.append(path) or real_read(path, kw))
+    frames, skipped = runner_module.scan_folder(rules.capture[0], rules, None, 0.0, 0.0,
+                                                ready=lambda path, st: str(path) in flats)
+    assert {str(p) for p in read} == flats
+    assert len(frames) == len(flats) and skipped == []
