@@ -58,6 +58,16 @@ CREATE TABLE IF NOT EXISTS job_inputs (
 );
 CREATE INDEX IF NOT EXISTS job_inputs_path ON job_inputs(path);
 CREATE INDEX IF NOT EXISTS job_inputs_moved ON job_inputs(moved_to);
+CREATE TABLE IF NOT EXISTS seen (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    verdict TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
 CREATE TABLE IF NOT EXISTS masters (
     path TEXT PRIMARY KEY,
     job_id TEXT NOT NULL,
@@ -223,6 +233,29 @@ class Ledger:
             return list(self.db.execute("SELECT * FROM folders ORDER BY path"))
         except sqlite3.OperationalError:  # a read-only look at a ledger older than this table
             return []
+
+    # ------------------------------------------------------------------ verdicts
+
+    def seen_verdict(self, path: Path, size: int, mtime: float) -> Optional[str]:
+        """What the watcher decided about this exact file (a light, a bad file...) before."""
+        row = self.db.execute("SELECT verdict FROM seen WHERE path=? AND size=? AND mtime=?",
+                              (str(path), size, mtime)).fetchone()
+        return None if row is None else row["verdict"]
+
+    def remember_verdicts(self, rows: Sequence[tuple[Path, int, float, str]]) -> None:
+        """Many verdicts in one transaction (thousands of lights after a start)."""
+        self._write_many([("INSERT OR REPLACE INTO seen(path, size, mtime, verdict) VALUES (?,?,?,?)",
+                           (str(p), size, mtime, verdict)) for p, size, mtime, verdict in rows])
+
+    def keep_verdicts_for(self, rules_fingerprint: str) -> None:
+        """Verdicts hold for the rules that made them: other rules (ignore_type,
+        keywords, a rule's match) may judge the same files otherwise."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='verdict_rules'").fetchone()
+        if row is None or row["value"] != rules_fingerprint:
+            self._write_many([
+                ("DELETE FROM seen", ()),
+                ("INSERT OR REPLACE INTO meta(key, value) VALUES ('verdict_rules', ?)", (rules_fingerprint,)),
+            ])
 
     # ------------------------------------------------------------------ jobs
 

@@ -153,6 +153,7 @@ class Service:
         self.next_rescan = 0.0
         self.failed_jobs: set[str] = set()
         self.abandoned = False
+        self.verdicts: list[tuple] = []  # files judged this tick, saved in one transaction
 
     # ------------------------------------------------------------------ life cycle
 
@@ -164,6 +165,7 @@ class Service:
         try:
             self.ledger = Ledger.open(self.rules.state)
             self.job_ledger = Ledger.open(self.rules.state)
+            self.ledger.keep_verdicts_for(_fingerprint(self.rules))
             recovered = self._runner().recover()
             if recovered:
                 event("recovered", f"{len(recovered)} interrupted job(s) finished or rolled back", jobs=len(recovered))
@@ -493,6 +495,14 @@ class Service:
         return best
 
     def _check_ready(self, now: float) -> None:
+        try:
+            self._judge_ready_files(now)
+        finally:
+            if self.verdicts:
+                self.ledger.remember_verdicts(self.verdicts)
+                self.verdicts = []
+
+    def _judge_ready_files(self, now: float) -> None:
         for path in self.tracker.ready(now):
             if self.stop_requested.is_set() or self.reload_requested.is_set():
                 return  # thousands of headers after a start: signals come first
@@ -516,6 +526,9 @@ class Service:
             return "own"
         if self.ledger.consumed(path, st.st_size, st.st_mtime):
             return "consumed"
+        known = self.ledger.seen_verdict(path, st.st_size, st.st_mtime)
+        if known is not None:
+            return known  # judged before a restart: its header is not read again
         try:
             frame = read_frame(path, self.rules.keyword_map())
         except FrameError as exc:
@@ -524,10 +537,12 @@ class Service:
                 event("frame_incomplete", f"{path} is not complete yet: {exc.reason}", logging.DEBUG, path=path)
                 return "incomplete"
             event("file_left_out", f"left out {path}: {exc.reason}", logging.WARNING, path=path)
+            self.verdicts.append((path, st.st_size, st.st_mtime, "bad"))
             return "bad"
         chosen, _ = select_flats([frame], self.rules)
         if not chosen:
             event("not_a_flat", f"{path}: {frame.kind.value}, not a flat", logging.DEBUG, path=path)
+            self.verdicts.append((path, st.st_size, st.st_mtime, "other"))
             return "other"
         state = self._owner(path)
         if state is None:
@@ -662,6 +677,7 @@ class Service:
                   "restart flatd to use the new one)", logging.WARNING)
             rules.__dict__["state"] = self.rules.state
         self.rules = rules
+        self.ledger.keep_verdicts_for(_fingerprint(rules))
         self._configure()
         event("rules_reloaded", f"rules file {self.config_path} read again: {len(rules.capture)} capture folder(s)",
               path=self.config_path, folders=len(rules.capture))
@@ -707,6 +723,13 @@ class Service:
 
 
 # =========================================================================== status
+
+
+def _fingerprint(rules: Rules) -> str:
+    """Identifies the rules a file's verdict (flat or not) depends on."""
+    import hashlib
+
+    return hashlib.sha256(rules.model_dump_json().encode()).hexdigest()[:16]
 
 
 def _ago(seconds: float) -> str:

@@ -465,3 +465,44 @@ def test_a_group_too_small_waits_in_place_for_more_flats(tmp_path):
         assert fits.getheader(masters_in(cap / "masters")[0])["NCOMBINE"] == 3
     finally:
         assert running.stop() == 0
+
+
+def test_a_restart_does_not_read_the_lights_again(tmp_path, monkeypatch):
+    """Months of lights in a capture folder: their verdict is kept in the ledger, so a
+    restart reads only files it has not judged, unless the rules changed."""
+    import flatd.frames
+
+    cap = tmp_path / "cap"
+    for i in range(4):
+        write_flat(cap / "night1" / f"light_{i}.fits", seed=i, imagetyp="LIGHT")
+    config = write_rules(tmp_path, stable="0.2s", settle="1h", rescan="1h")
+    reads: list[str] = []
+    real_read = flatd.frames.read_frame
+    monkeypatch.setattr(flatd.frames, "read_frame", lambda path, *a, **k: reads.append(Path(path).name) or real_read(path, *a, **k))
+
+    def judged(n):
+        from flatd.ledger import Ledger
+
+        ledger = Ledger.open_readonly(tmp_path / "state")
+        try:
+            return ledger is not None and len(ledger.db.execute("SELECT path FROM seen").fetchall()) == n
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            if ledger is not None:
+                ledger.close()
+
+    running = InProcess(config)
+    try:
+        wait_until(lambda: judged(4), what="four lights judged")
+    finally:
+        assert running.stop() == 0
+    assert sorted(reads) == [f"light_{i}.fits" for i in range(4)]
+    reads.clear()
+    write_flat(cap / "night1" / "flat_new.fits", seed=9)
+    running = InProcess(config)
+    try:
+        wait_until(lambda: _waiting(tmp_path / "state") == 1, what="the new flat")
+    finally:
+        assert running.stop() == 0
+    assert reads == ["flat_new.fits"]

@@ -94,3 +94,15 @@ def test_lock_dies_with_its_process(tmp_path):
     """)
     subprocess.run([sys.executable, "-c", script], check=True)
     L.StateLock(tmp_path).acquire().release()
+
+
+def test_verdicts_hold_for_the_same_file_and_the_same_rules(tmp_path):
+    ledger = L.Ledger.open(tmp_path)
+    ledger.keep_verdicts_for("rules-1")
+    ledger.remember_verdicts([(Path("/c/light.fits"), 10, 1.0, "other"), (Path("/c/bad.fits"), 5, 2.0, "bad")])
+    assert ledger.seen_verdict(Path("/c/light.fits"), 10, 1.0) == "other"
+    assert ledger.seen_verdict(Path("/c/light.fits"), 11, 1.0) is None  # the file changed
+    ledger.keep_verdicts_for("rules-1")
+    assert ledger.seen_verdict(Path("/c/bad.fits"), 5, 2.0) == "bad"
+    ledger.keep_verdicts_for("rules-2")  # other rules may judge otherwise
+    assert ledger.seen_verdict(Path("/c/bad.fits"), 5, 2.0) is None
