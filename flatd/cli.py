@@ -317,14 +317,14 @@ def _combine_rules(args):
             raise UsageError(f"--memory-limit: {exc}") from None
     data = rules.model_dump()
     data.update(precalibration=pre, combine=comb, grouping=grouping, inputs=inputs, engine=engine, rules=[])
-    try:
-        return Rules.model_validate(data), bool(grouping_flags or (args.config and (grouping["size"] or grouping["filter"] or grouping["temperature"])))
-    except Exception as exc:  # pydantic ValidationError: a bad option value
-        from pydantic import ValidationError
+    from pydantic import ValidationError
 
-        if isinstance(exc, ValidationError):
-            raise UsageError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
-        raise
+    try:
+        combined = Rules.model_validate(data)
+    except ValidationError as exc:  # a bad option value
+        raise UsageError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    grouped = bool(grouping["size"] or grouping["filter"] or grouping["temperature"] is not None)
+    return combined, grouped
 
 
 def _expand_output_name(name: str) -> str:
