@@ -135,7 +135,9 @@ class Service:
         self.rules = rules
         self.clock = clock
         self.make_native = make_native or native_observer
-        self.make_polling = make_polling or polling_observer
+        # A polling observer walks the whole tree each round: on a NAS, once per `stable`
+        # (1-30 s) is soon enough for files that must stay unchanged that long anyway.
+        self.make_polling = make_polling or (lambda: polling_observer(max(1.0, min(self.rules.stable, 30.0))))
         self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self.tracker = StabilityTracker(rules.stable)
         self.folders: dict = {}  # capture path -> FolderState
