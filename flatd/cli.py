@@ -410,7 +410,9 @@ def print_report(report, dry_run: bool = False) -> None:
         out.print(f"[red]failed[/red] group {failed.label}{rule}: {failed.reason}")
     for item in report.plan.left_out:
         out.print(f"[yellow]left out[/yellow] {item.path}: {item.reason}")
-    if not report.outcomes and not report.plan.failed:
+    for problem in report.problems:
+        out.print(f"[red]error[/red] {problem}")
+    if not report.outcomes and not report.plan.failed and not report.problems:
         out.print("no groups to combine")
 
 

@@ -50,16 +50,18 @@ class RunReport:
     plan: Plan = field(default_factory=Plan)
     outcomes: list[Outcome] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # e.g. a capture folder that is not there
 
     @property
     def exit_code(self) -> int:
         """0 when every group succeeded, 1 if any failed (too-small groups are not failures)."""
-        return 1 if self.plan.failed or any(o.failed for o in self.outcomes) else 0
+        return 1 if self.problems or self.plan.failed or any(o.failed for o in self.outcomes) else 0
 
     def extend(self, other: "RunReport") -> None:
         self.plan.extend(other.plan)
         self.outcomes.extend(other.outcomes)
         self.recovered.extend(other.recovered)
+        self.problems.extend(other.problems)
 
 
 def move_date(now: datetime) -> dict[str, str]:
@@ -322,6 +324,10 @@ def process_capture(capture: CaptureFolder, rules: Rules, runner: Runner, dry_ru
                     now: Optional[datetime] = None,
                     ready: Optional[Callable[[Path, os.stat_result], bool]] = None) -> RunReport:
     """Scan, plan and run one capture folder: the one code path of run-once and watch."""
+    if not capture.path.is_dir():
+        problem = f"capture folder {capture.path} does not exist or is not a folder (a share not mounted?)"
+        event("capture_missing", problem, logging.ERROR, folder=capture.path)
+        return RunReport(problems=[problem])
     now = now or datetime.now()
     libraries = libraries or LibraryCache()
     frames, bad = scan_folder(capture, rules, runner.ledger, time.time(), rules.stable if stable is None else stable,

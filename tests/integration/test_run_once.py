@@ -229,3 +229,12 @@ def test_flats_written_a_moment_ago_are_taken(tree):
     assert main(["run-once", "--config", str(config)]) == 0
     (master,) = _masters(tree.root)
     assert fits.getheader(master)["NCOMBINE"] == 5
+
+
+def test_a_missing_capture_folder_is_an_error_not_silence(tree, capsys):
+    config = _session(tree, filters=("R",))
+    config.write_text(config.read_text().replace("capture:\n", f"capture:\n  - path: {tree.root}/unmounted\n"))
+    assert main(["run-once", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert f"capture folder {tree.root}/unmounted does not exist" in out
+    assert len(_masters(tree.root)) == 1  # the other folder was processed all the same
