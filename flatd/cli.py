@@ -175,7 +175,20 @@ def cmd_config_check(args) -> int:
         print(f"{path}: {len(exc.problems)} error(s)", file=sys.stderr)
         return EXIT_USAGE
     print(f"{path}: valid ({len(rules.capture)} capture folder(s), {len(rules.rules)} rule(s))")
+    for warning in _missing_paths(rules):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def _missing_paths(rules) -> list[str]:
+    """Folders and files the rules name that are not there now (a share may be unmounted)."""
+    warnings = [f"capture folder {c.path} does not exist" for c in rules.capture if not c.path.is_dir()]
+    pre = rules.precalibration
+    if pre.mode == "auto" and pre.library is not None and not pre.library.is_dir():
+        warnings.append(f"calibration library {pre.library} does not exist")
+    if pre.mode == "file" and pre.file is not None and not pre.file.is_file():
+        warnings.append(f"calibration file {pre.file} does not exist")
+    return warnings
 
 
 def cmd_inspect(args) -> int:

@@ -40,3 +40,16 @@ def test_usage_errors_exit_2(argv, capsys):
     from flatd.cli import main
 
     assert main(argv) == 2
+
+
+def test_config_check_warns_about_folders_that_are_not_there(tmp_path, capsys):
+    from flatd.cli import main
+
+    (tmp_path / "cap").mkdir()
+    rules = tmp_path / "r.yaml"
+    rules.write_text("capture:\n  - path: cap\n  - path: gone\nprecalibration: {library: nolib}\n")
+    assert main(["config", "check", str(rules)]) == 0
+    err = capsys.readouterr().err
+    assert f"capture folder {tmp_path}/gone does not exist" in err
+    assert f"calibration library {tmp_path}/nolib does not exist" in err
+    assert f"{tmp_path}/cap does" not in err
