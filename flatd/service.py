@@ -222,10 +222,6 @@ class Service:
             self.stop_requested.set()
         self.queue.put(("wake",))
 
-    def request_reload(self) -> None:
-        self.reload_requested.set()
-        self.queue.put(("wake",))
-
     def request_sweep(self) -> None:
         self.queue.put(("sweep",))
 

@@ -17,7 +17,7 @@ import queue
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -163,9 +163,6 @@ class StabilityTracker:
             entry.checked, entry.verdict = False, None
             return True
         return False
-
-    def forget(self, path: Path) -> None:
-        self.entries.pop(Path(path), None)
 
     def entry(self, path: Path) -> Optional[Entry]:
         return self.entries.get(Path(path))
@@ -458,15 +455,3 @@ def _stop_quietly(observer) -> None:
             observer.stop()
     except Exception:  # noqa: BLE001
         pass
-
-
-@dataclass
-class Watches:
-    """The observers of all capture folders."""
-
-    items: dict[Path, Watch] = field(default_factory=dict)
-
-    def stop_all(self) -> None:
-        for watch in self.items.values():
-            watch.stop()
-        self.items.clear()
