@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     _add_logging(p)
     p.add_argument("--dry-run", action="store_true", help="say what would be done and why; change nothing")
+    p.add_argument("--no-wait", action="store_true",
+                   help="take complete files at once, without waiting until they are unchanged for `stable`")
 
     p = sub.add_parser("watch", help="the service: watch the capture folders and process each settled session")
     _add_config(p)
@@ -225,7 +227,8 @@ def cmd_run_once(args) -> int:
         raise UsageError("the rules file names no capture folder (capture: [- path: ...])")
     from flatd.service import run_once
 
-    report = run_once(rules, dry_run=args.dry_run, progress=_progress_factory())
+    say = (lambda text: print(f"flatd: {text}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+    report = run_once(rules, dry_run=args.dry_run, progress=_progress_factory(), wait=not args.no_wait, say=say)
     print_report(report, dry_run=args.dry_run)
     return report.exit_code
 
@@ -394,38 +397,52 @@ def cmd_combine(args) -> int:
 
 
 def print_report(report, dry_run: bool = False) -> None:
-    """What was done (or would be, in a dry run), and every file left out with why."""
+    """What was done (or would be, in a dry run), and every file left out with why.
+    Text from headers and file names is printed without control characters."""
+    from rich.markup import escape
+
+    from flatd.log import printable
+
+    def safe(value) -> str:
+        return escape(printable(value))
+
     out = _console()
     verb = "would write" if dry_run else "wrote"
+    for line in report.pending_moves:
+        out.print(f"[red]not moved yet[/red] {safe(line)}")
     for outcome in report.outcomes:
         job = outcome.job
-        rule = f" (rule {job.rule})" if job.rule else ""
+        rule = f" (rule {safe(job.rule)})" if job.rule else ""
+        group = safe(job.label)
         if outcome.state == "would-run":
-            out.print(f"[bold]group {job.label}[/bold]{rule}: {len(job.inputs)} flats, {job.method.description}, "
+            out.print(f"[bold]group {group}[/bold]{rule}: {len(job.inputs)} flats, {job.method.description}, "
                       f"normalize {job.normalize}")
             for item in job.inputs:
-                out.print(f"  {item.frame.path}  [dim]calibration:[/dim] {item.calibration.why or item.calibration.label}")
-            out.print(f"  -> {verb} {outcome.master}")
+                out.print(f"  {safe(item.frame.path)}  [dim]calibration:[/dim] "
+                          f"{safe(item.calibration.why or item.calibration.label)}")
+            out.print(f"  -> {verb} {safe(outcome.master)}" + (f" ({safe(outcome.reason)})" if outcome.reason else ""))
             for folder in sorted({str(dest) for _, dest in outcome.moved}):
-                out.print(f"  -> would move the inputs to {folder}")
+                out.print(f"  -> would move the inputs to {safe(folder)}")
         elif outcome.state == "done":
-            out.print(f"[green]{verb}[/green] {outcome.master}  ({len(job.inputs)} flats, {job.label}{rule})")
+            out.print(f"[green]{verb}[/green] {safe(outcome.master)}  ({len(job.inputs)} flats, {group}{rule})")
             if outcome.moved:
-                out.print(f"  moved {len(outcome.moved)} inputs to {outcome.moved[0][1].parent}")
+                out.print(f"  moved {len(outcome.moved)} inputs to {safe(outcome.moved[0][1].parent)}")
         elif outcome.state == "skipped":
-            out.print(f"skipped group {job.label}{rule}: {outcome.reason}")
+            out.print(f"skipped group {group}{rule}: {safe(outcome.reason)}")
+        elif outcome.state in ("busy", "failed-before"):
+            out.print(f"[red]not done[/red] group {group}{rule}: {safe(outcome.reason)}")
         else:
-            out.print(f"[red]failed[/red] group {job.label}{rule}: {outcome.reason}")
+            out.print(f"[red]failed[/red] group {group}{rule}: {safe(outcome.reason)}")
             if outcome.master:
-                out.print(f"  (the master {outcome.master} was written)")
+                out.print(f"  (the master {safe(outcome.master)} was written)")
     for failed in report.plan.failed:
-        rule = f" (rule {failed.rule})" if failed.rule else ""
-        out.print(f"[red]failed[/red] group {failed.label}{rule}: {failed.reason}")
+        rule = f" (rule {safe(failed.rule)})" if failed.rule else ""
+        out.print(f"[red]failed[/red] group {safe(failed.label)}{rule}: {safe(failed.reason)}")
     for item in report.plan.left_out:
-        out.print(f"[yellow]left out[/yellow] {item.path}: {item.reason}")
+        out.print(f"[yellow]left out[/yellow] {safe(item.path)}: {safe(item.reason)}")
     for problem in report.problems:
-        out.print(f"[red]error[/red] {problem}")
-    if not report.outcomes and not report.plan.failed and not report.problems:
+        out.print(f"[red]error[/red] {safe(problem)}")
+    if not report.outcomes and not report.plan.failed and not report.problems and not report.pending_moves:
         out.print("no groups to combine")
 
 

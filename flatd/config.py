@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, NoReturn, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
@@ -17,6 +17,12 @@ DEFAULT_CONFIG_PATHS = (
     Path("~/.config/flatd/flatd.yaml").expanduser(),
     Path("/etc/flatd/flatd.yaml"),
 )
+
+# Bounds on a rules file, so that a hostile or mistaken one cannot exhaust the machine.
+# A real rules file is a few KiB, a few hundred YAML nodes and about 6 levels deep.
+MAX_RULES_BYTES = 2**20  # 1 MiB; the file is never read further than this
+MAX_RULES_NODES = 20_000  # keys, values and list items; composing this many takes about 0.4 s
+MAX_RULES_DEPTH = 50  # levels of nested mappings and lists
 
 # ------------------------------------------------------------------- units
 
@@ -89,6 +95,8 @@ class CaptureFolder(Section):
     path: PathValue
     recursive: bool = True
     poll: Annotated[Union[str, bool], BeforeValidator(_poll_mode)] = "auto"
+    # A symbolic link to a file outside every capture folder is not followed unless this is on.
+    follow_symlinks: bool = False
 
 
 class Output(Section):
@@ -298,7 +306,8 @@ def _line_index(node: yaml.Node, prefix: tuple = (), index: Optional[dict] = Non
     """Map each key path (tuple) in a composed YAML document to its 1-based line.
 
     Keys given twice in one mapping are appended to `duplicates` as ConfigProblems:
-    YAML would silently keep the last one.
+    YAML would silently keep the last one. The node is a bounded tree (_BoundedLoader
+    refuses aliases), so the walk ends within MAX_RULES_NODES steps.
     """
     index = {} if index is None else index
     index.setdefault(prefix, node.start_mark.line + 1)
@@ -371,15 +380,74 @@ def _rule_override_problems(data: dict, lines: dict) -> list[ConfigProblem]:
 # ------------------------------------------------------------------- loading
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses aliases and stops past MAX_RULES_NODES nodes or MAX_RULES_DEPTH levels.
+
+    The bounds are checked while composing, node by node, before any Python object is built;
+    with aliases refused the node graph is a tree, so nothing is walked twice.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.node_count = 0
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            _refuse(event, f"YAML aliases (*{event.anchor}) are not allowed in a rules file; write the value out in full")
+        self.node_count += 1
+        if self.node_count > MAX_RULES_NODES:
+            _refuse(event, f"more than {MAX_RULES_NODES} YAML nodes (keys, values, list items); "
+                           "a rules file is refused beyond that")
+        if self.depth >= MAX_RULES_DEPTH:
+            _refuse(event, f"nested more than {MAX_RULES_DEPTH} levels deep; a rules file is refused beyond that")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node, deep=False):
+        """A value YAML accepts but Python cannot build (month 13, 5000 digits) is a YAML error at its line."""
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {exc}",
+                                                    node.start_mark) from None
+
+
+def _refuse(event: yaml.Event, message: str) -> NoReturn:
+    raise yaml.composer.ComposerError(None, None, message, event.start_mark)
+
+
+def _compose_and_construct(text: str) -> tuple[Optional[yaml.Node], Any]:
+    """The document's node tree (within the bounds) and the data built from it, in one parse."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
+
+
+def _syntax_problem(exc: yaml.YAMLError, text: str) -> ConfigProblem:
+    """One line for a YAML error: what is wrong, at which line."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return ConfigProblem("(syntax)", f"character #x{code:04x}: {exc.reason}", line)
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark else None
+    return ConfigProblem("(syntax)", str(getattr(exc, "problem", exc)), line)
+
+
 def parse_rules(text: str, path: Optional[Path] = None, base: Optional[Path] = None) -> Rules:
     """Validate rules text; raise ConfigError with every problem and its line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = _compose_and_construct(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise ConfigError(path, [ConfigProblem("(syntax)", str(getattr(exc, "problem", exc)), line)]) from None
+        raise ConfigError(path, [_syntax_problem(exc, text)]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -448,11 +516,29 @@ def load_rules(path: Optional[Path]) -> Rules:
     if path is None:
         return Rules()
     path = Path(path)
+    return parse_rules(_read_rules_text(path), path)
+
+
+def _read_rules_text(path: Path) -> str:
+    """The file's UTF-8 text, never reading more than MAX_RULES_BYTES + 1 bytes of it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_RULES_BYTES:
+                raise _file_problem(path, f"too large: {size} bytes, over the limit of {MAX_RULES_BYTES} bytes (1 MiB)")
+            data = handle.read(MAX_RULES_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(path, [ConfigProblem("(file)", f"cannot read: {exc.strerror or exc}")]) from None
-    return parse_rules(text, path)
+        raise _file_problem(path, f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_RULES_BYTES:  # a device or a file still growing: its size said less
+        raise _file_problem(path, f"too large: more than the limit of {MAX_RULES_BYTES} bytes (1 MiB)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _file_problem(path, f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _file_problem(path: Path, message: str) -> ConfigError:
+    return ConfigError(path, [ConfigProblem("(file)", message)])
 
 
 # ------------------------------------------------------------------- per-rule overrides

@@ -18,6 +18,8 @@ from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 from typing import Iterable, Mapping, Optional, Sequence
 
+from flatd.log import printable
+
 BLOCK = 2880
 CARD = 80
 FITS_SUFFIXES = (".fit", ".fits", ".fts", ".fit.fz", ".fits.fz", ".fz")
@@ -105,6 +107,8 @@ class Frame:
     data_bytes: int = 0
     file_size: int = 0
     mtime: float = 0.0
+    device: int = 0
+    inode: int = 0
     headers: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -319,28 +323,101 @@ def _image_layout(cards, hdu, offset, compressed, stored=None) -> dict:
 
 
 def _first(cards: Mapping[str, object], keys: Iterable[str]) -> object:
+    return _first_card(cards, keys)[1]
+
+
+def _first_card(cards: Mapping[str, object], keys: Iterable[str]) -> tuple[str | None, object]:
+    """The first keyword of `keys` with a value, and that value; (None, None) if none has one."""
     for key in keys:
         value = cards.get(key)
         if value is not None and value != "":
-            return value
-    return None
+            return key, value
+    return None, None
 
 
-def _as_float(value: object) -> float | None:
+def _as_number(value: object) -> float | None:
+    """A value read as a number, NaN and infinities included; None if it is not one."""
     if value is None or isinstance(value, bool):
         return None
     try:
-        number = float(str(value).strip().replace(",", "."))
+        return float(str(value).strip().replace(",", "."))
     except ValueError:
         return None
-    return number if math.isfinite(number) else None
+
+
+def _as_float(value: object) -> float | None:
+    number = _as_number(value)
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _as_text(value: object) -> str | None:
+    """Header text without control characters or terminal escape sequences."""
     if value is None:
         return None
-    text = str(value).strip()
+    text = printable(value).strip()
     return text or None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The values a physical fact can take; anything else is a broken header."""
+
+    low: float
+    high: float
+    unit: str
+
+    def __contains__(self, value: float) -> bool:
+        return self.low <= value <= self.high  # False for NaN too
+
+    def __str__(self) -> str:
+        sign = "+" if self.low < 0 < self.high else ""
+        return f"{self.low:,g}..{sign}{self.high:,g} {self.unit}"
+
+
+# Liquid-nitrogen-cooled CCDs run near -100 °C (Lowell's LOIS writes DETTEMP = -102.125).
+TEMPERATURE_LIMITS = Limits(-200.0, 60.0, "°C")
+EXPOSURE_LIMITS = Limits(0.0, 100_000.0, "s")
+
+
+def _show(value: object) -> str:
+    """A header value as it appears in a reason: numbers plain, text quoted."""
+    return f"'{printable(value)}'" if isinstance(value, str) else printable(value)
+
+
+def _measured(cards: Mapping[str, object], keys: Iterable[str], limits: Limits, path: Path) -> float | None:
+    """A physical fact from the first of `keys` that has a value.
+
+    Missing, or text that is no number at all ('N/A'), is None; a number that is NaN,
+    infinite or outside `limits` is a FrameError naming the keyword and the value, so
+    that the file is left out with the reason rather than crashing what follows.
+    """
+    key, value = _first_card(cards, keys)
+    number = _as_number(value)
+    if number is None:
+        return None
+    if math.isnan(number):
+        raise FrameError(path, f"{key} = {_show(value)} is not a number")
+    if number not in limits:
+        raise FrameError(path, f"{key} = {_show(value)} is outside {limits}")
+    return number
+
+
+def _scaling(cards: Mapping[str, object], path: Path) -> tuple[float, float]:
+    """BSCALE and BZERO (1 and 0 when missing): finite numbers, BSCALE not 0."""
+    bscale = _scaling_card(cards, "BSCALE", 1.0, path)
+    if bscale == 0:
+        raise FrameError(path, "BSCALE = 0 would make every pixel equal to BZERO")
+    return bscale, _scaling_card(cards, "BZERO", 0.0, path)
+
+
+def _scaling_card(cards: Mapping[str, object], key: str, default: float, path: Path) -> float:
+    value = cards.get(key)
+    if value is None:
+        return default
+    number = _as_number(value)
+    if number is None or not math.isfinite(number):
+        raise FrameError(path, f"{key} = {_show(value)} is not a finite number")
+    return number
 
 
 _BINNING_PAIR = re.compile(r"^\s*(\d+)\s*[x*X ,]\s*(\d+)\s*$")
@@ -495,6 +572,7 @@ def frame_from_cards(
 
     naxis = integer("NAXIS", 0)
     xbin, ybin = parse_binning(cards, keywords)
+    bscale, bzero = _scaling(cards, path)
     software = _as_text(_first(cards, ("SWCREATE", "CREATOR", "PROGRAM", "SOFTWARE", "ORIGIN")))
     return Frame(
         path=path,
@@ -504,16 +582,16 @@ def frame_from_cards(
         xbin=xbin,
         ybin=ybin,
         filter=_as_text(_first(cards, keywords.filter)),
-        exposure=_as_float(_first(cards, keywords.exposure)),
-        temperature=_as_float(_first(cards, keywords.temperature)),
-        set_temperature=_as_float(cards.get("SET-TEMP")),
+        exposure=_measured(cards, keywords.exposure, EXPOSURE_LIMITS, path),
+        temperature=_measured(cards, keywords.temperature, TEMPERATURE_LIMITS, path),
+        set_temperature=_measured(cards, ("SET-TEMP",), TEMPERATURE_LIMITS, path),
         date=observation_date(cards, keywords),
         instrument=_as_text(_first(cards, keywords.instrument)),
         telescope=_as_text(_first(cards, keywords.telescope)),
         software=software,
         bitpix=integer("BITPIX", 16),
-        bzero=_as_float(cards.get("BZERO")) or 0.0,
-        bscale=_as_float(cards.get("BSCALE")) or 1.0,
+        bzero=bzero,
+        bscale=bscale,
         naxis=naxis,
         planes=integer("NAXIS3", 1) if naxis >= 3 else 1,
         hdu_index=int(layout.get("hdu_index", 0)),
@@ -522,6 +600,8 @@ def frame_from_cards(
         data_bytes=int(layout.get("data_bytes", 0)),
         file_size=stat.st_size if stat else 0,
         mtime=stat.st_mtime if stat else 0.0,
+        device=stat.st_dev if stat else 0,
+        inode=stat.st_ino if stat else 0,
         headers=dict(cards),
     )
 

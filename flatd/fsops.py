@@ -15,8 +15,9 @@ import os
 import secrets
 import shutil
 import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Optional
 
 CHUNK = 1 << 20
 TEMP_PREFIX = ".flatd-"
@@ -41,6 +42,46 @@ _FSYNC_UNSUPPORTED = frozenset(
 
 class MoveError(OSError):
     """A move that was not done; the source is still where it was."""
+
+
+class FileChanged(MoveError):
+    """The file at a path is not the one that was read: replaced, rewritten or gone."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What makes a file the file that was read: its inode, size and mtime."""
+
+    device: int
+    inode: int
+    size: int
+    mtime: float
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileIdentity":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime)
+
+    def differences(self, st: os.stat_result) -> list[str]:
+        """How `st` differs from this identity, in words; empty when it is the same file."""
+        found = []
+        if (self.device, self.inode) != (st.st_dev, st.st_ino) and self.inode:
+            found.append("replaced by another file")
+        if self.size != st.st_size:
+            found.append(f"size {self.size} -> {st.st_size} bytes")
+        if abs(self.mtime - st.st_mtime) >= 1e-3:
+            found.append("modified")
+        return found
+
+
+def check_identity(path: Path, expected: FileIdentity, when: str = "since it was read") -> None:
+    """Raise FileChanged unless `path` is still the file `expected` describes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileChanged(errno.ENOENT, f"gone {when}", str(path)) from None
+    changes = expected.differences(st)
+    if changes:
+        raise FileChanged(errno.ESTALE, f"changed {when} ({', '.join(changes)})", str(path))
 
 
 def file_digest(path: Path) -> str:
@@ -136,7 +177,7 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def move_file(src: Path, dest_dir: Path) -> Path:
+def move_file(src: Path, dest_dir: Path, expect: Optional[FileIdentity] = None) -> Path:
     """Move `src` into `dest_dir` (created if missing) without ever overwriting.
 
     A name clash gets a numeric prefix, as in the original: "1_name.fits",
@@ -147,16 +188,22 @@ def move_file(src: Path, dest_dir: Path) -> Path:
     change meanwhile, verify size and blake2b of the copy, link it to the final name,
     fsync the folder, then unlink the source. On failure the source stays where it
     was, and no copy is left behind. A file already in `dest_dir` stays as it is.
+    With `expect`, a file that is no longer the one read (FileIdentity) is not moved
+    (FileChanged). A symbolic link is moved as a link; its target is never touched.
     Returns the final path.
     """
     src = Path(src)
     dest_dir = Path(dest_dir)
+    if expect is not None:
+        check_identity(src, expect)
     info = os.stat(src)
     if not stat.S_ISREG(info.st_mode):
         raise MoveError(errno.EINVAL, "not a regular file", str(src))
     dest_dir.mkdir(parents=True, exist_ok=True)
     if os.path.samefile(src.parent, dest_dir):
         return src
+    if os.path.islink(src):
+        return _move_link(src, dest_dir)
     if os.stat(dest_dir).st_dev == info.st_dev:
         try:
             return _move_same_fs(src, dest_dir)
@@ -187,6 +234,27 @@ def _move_same_fs(src: Path, dest_dir: Path) -> Path:
             except OSError:
                 os.unlink(candidate)  # the second name of the same file; src stays
                 raise
+        fsync_dir(dest_dir)
+        fsync_dir(src.parent)
+        return candidate
+    raise MoveError(errno.EEXIST, f"no free name in {dest_dir}", str(src))
+
+
+def _move_link(src: Path, dest_dir: Path) -> Path:
+    """A symbolic link moves as a new link to the same target; the target stays as it is."""
+    target = os.readlink(src)
+    if not os.path.isabs(target):  # relative to the link's folder, which changes
+        target = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(src)), target))
+    for candidate in prefixed_names(dest_dir / src.name):
+        try:
+            os.symlink(target, candidate)
+        except FileExistsError:
+            continue
+        try:
+            os.unlink(src)
+        except OSError:
+            os.unlink(candidate)
+            raise
         fsync_dir(dest_dir)
         fsync_dir(src.parent)
         return candidate

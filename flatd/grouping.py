@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Sequence
 
-from flatd.frames import Frame, Skipped
+from flatd.frames import TEMPERATURE_LIMITS, Frame, Skipped
 
 SizeKey = tuple[int, int, int, int]
 
@@ -157,10 +157,14 @@ def cluster_temperatures(values: Sequence[float], bandwidth: float) -> list[int]
 
     Labels are numbered by cluster centre, warmest first. A single value or all-equal
     values form one cluster without calling scikit-learn (it warns or fails on
-    degenerate input).
+    degenerate input). A value outside TEMPERATURE_LIMITS is a ValueError:
+    group_frames leaves such frames out before.
     """
     if not values:
         return []
+    for value in values:
+        if value not in TEMPERATURE_LIMITS:  # mean shift fails or overflows on these
+            raise ValueError(f"temperature {value!r} is outside {TEMPERATURE_LIMITS}")
     if len(set(values)) == 1:
         return [0] * len(values)
     import warnings
@@ -182,6 +186,21 @@ def cluster_temperatures(values: Sequence[float], bandwidth: float) -> list[int]
 
 
 # --------------------------------------------------------------------------- grouping
+
+
+def _plausible(frames: Iterable[Frame], skipped: list[Skipped]) -> list[Frame]:
+    """The frames whose temperature is missing or physically possible.
+
+    read_frame already leaves out the others; this keeps a Frame made elsewhere from
+    crashing mean shift (1e308 overflows its arithmetic) or averaging into a master.
+    """
+    kept = []
+    for f in frames:
+        if f.temperature is None or f.temperature in TEMPERATURE_LIMITS:
+            kept.append(f)
+        else:
+            skipped.append(Skipped(f.path, f"temperature {f.temperature:g} is outside {TEMPERATURE_LIMITS}"))
+    return kept
 
 
 @dataclass
@@ -215,7 +234,7 @@ def group_frames(frames: Sequence[Frame], options: GroupOptions) -> tuple[list[G
     frame left out with the reason.
     """
     skipped: list[Skipped] = []
-    ordered = sorted(frames, key=_frame_order)
+    ordered = sorted(_plausible(frames, skipped), key=_frame_order)
     if not ordered:
         return [], skipped
     minimum = options.min_group_size

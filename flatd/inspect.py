@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from flatd.frames import DEFAULT_KEYWORDS, Frame, FrameError, KeywordMap, iter_fits_files, read_frame
+from flatd.log import printable
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -144,16 +145,16 @@ def _fmt_number(value: float | None, fmt: str, unit: str = "") -> str:
     return "" if value is None else format(value, fmt) + unit
 
 
-# Control characters (a newline in a file name...) would break the table's lines.
-_PRINTABLE = {i: "?" for i in range(32)} | {127: "?"}
+# Control characters (a newline in a file name...) would break the table's lines; a
+# path keeps a "?" in their place, header text loses them whole (see log.printable).
+_PRINTABLE = {i: "?" for i in range(32)} | {i: "?" for i in range(127, 160)}
 _PATH_MIN_WIDTH = 16
 
 
 def _cells(row: Row, adu: bool) -> list[str]:
     frame = row.frame
     assert frame is not None
-    cells = [
-        str(row.path),
+    facts = [
         frame.kind.value,
         frame.dimensions,
         frame.binning,
@@ -163,8 +164,8 @@ def _cells(row: Row, adu: bool) -> list[str]:
         frame.date.isoformat(sep=" ", timespec="seconds") if frame.date else "",
     ]
     if adu:
-        cells.append(_fmt_number(row.adu, ".1f") or "—")
-    return [cell.translate(_PRINTABLE) for cell in cells]
+        facts.append(_fmt_number(row.adu, ".1f") or "—")
+    return [str(row.path).translate(_PRINTABLE), *map(printable, facts)]
 
 
 def render_table(rows: list[Row], console: "Console", adu: bool) -> None:
@@ -252,7 +253,7 @@ def render_table(rows: list[Row], console: "Console", adu: bool) -> None:
     if problems:
         emit([("Problems:", "bold red")])
         for row in problems:
-            emit([("  ", None), (str(row.path).translate(_PRINTABLE), "red"), (f": {row.error}".translate(_PRINTABLE), None)])
+            emit([("  ", None), (str(row.path).translate(_PRINTABLE), "red"), (f": {printable(row.error)}", None)])
 
     text = Text("".join(pieces).rstrip("\n"), spans=spans)
     console.print(text, soft_wrap=True, highlight=False)

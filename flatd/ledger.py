@@ -20,7 +20,12 @@ DB_NAME = "flatd.sqlite"
 LOCK_NAME = "flatd.lock"
 
 PLANNED, WRITING, WRITTEN, MOVED, DONE, FAILED = "planned", "writing", "written", "moved", "done", "failed"
+# The master is made and recorded, but some inputs could not be moved yet: every later
+# run tries those moves again; the inputs are never combined again.
+MOVES_PENDING = "moves-pending"
 UNFINISHED = (PLANNED, WRITING, WRITTEN, MOVED)
+# States in which a job's inputs are in a master: never combined again.
+COMBINED = (WRITTEN, MOVED, MOVES_PENDING, DONE)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -54,6 +59,9 @@ CREATE TABLE IF NOT EXISTS job_inputs (
     calibration TEXT,
     move_dir TEXT,
     moved_to TEXT,
+    device INTEGER,
+    inode INTEGER,
+    note TEXT,
     PRIMARY KEY (job_id, path)
 );
 CREATE INDEX IF NOT EXISTS job_inputs_path ON job_inputs(path);
@@ -113,30 +121,57 @@ class InputRow:
     calibration: Optional[str]
     move_dir: Optional[str]
     moved_to: Optional[str]
+    device: Optional[int] = None
+    inode: Optional[int] = None
+    note: Optional[str] = None  # why a move is no longer tried (the file changed, or is gone)
+
+    @property
+    def move_pending(self) -> bool:
+        return bool(self.move_dir) and not self.moved_to and not self.note
 
 
-class StateLock:
-    """An exclusive flock on <state>/flatd.lock, held for the life of the process."""
+class OutputBusy(Exception):
+    """Another flatd process holds an output folder's lock."""
 
-    def __init__(self, state_dir: Path):
-        self.path = Path(state_dir) / LOCK_NAME
+
+def _try_flock(path: Path) -> Optional[int]:
+    """An open descriptor holding an exclusive flock on `path`, or None when another
+    process holds it. The kernel releases it when the process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _holder(path: Path) -> str:
+    """'pid N' of the process that wrote the lock file, with its note when there is one."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    pid = lines[0] if lines and lines[0].isdigit() else "?"
+    return f"pid {pid}" + (f", {lines[1]}" if len(lines) > 1 and lines[1] else "")
+
+
+class _FileLock:
+    """An exclusive flock on a file, with our pid (and state folder) written in it."""
+
+    def __init__(self, path: Path, note: str = ""):
+        self.path = Path(path)
+        self.note = note
         self._fd: Optional[int] = None
 
-    def acquire(self) -> "StateLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise LedgerLocked(
-                f"another flatd (pid {holder or '?'}) is using the state folder {self.path.parent}"
-            ) from None
+    def _take(self) -> bool:
+        fd = _try_flock(self.path)
+        if fd is None:
+            return False
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}\n{self.note}\n".encode(), 0)
         self._fd = fd
-        return self
+        return True
 
     def release(self) -> None:
         if self._fd is not None:
@@ -144,11 +179,50 @@ class StateLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "StateLock":
-        return self.acquire()
+    def __enter__(self):
+        return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class StateLock(_FileLock):
+    """An exclusive flock on <state>/flatd.lock, held for the life of the process."""
+
+    def __init__(self, state_dir: Path):
+        super().__init__(Path(state_dir) / LOCK_NAME)
+
+    def acquire(self) -> "StateLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._take():
+            raise LedgerLocked(
+                f"another flatd ({_holder(self.path)}) is using the state folder {self.path.parent}"
+            ) from None
+        return self
+
+    def __enter__(self) -> "StateLock":
+        return self.acquire()
+
+
+class OutputLock(_FileLock):
+    """An exclusive flock on <output folder>/.flatd.lock while a job writes there: two
+    flatd processes with different state folders never make the same master twice."""
+
+    NAME = ".flatd.lock"
+
+    def __init__(self, directory: Path, note: str = ""):
+        super().__init__(Path(directory) / self.NAME, note)
+
+    def acquire(self, wait: float = 0.0) -> "OutputLock":
+        """Take the lock, waiting up to `wait` seconds; OutputBusy names the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + wait
+        while not self._take():
+            if time.monotonic() >= deadline:
+                raise OutputBusy(f"the output folder {self.path.parent} is in use by another flatd "
+                                 f"({_holder(self.path)}); skipped, tried again at the next run")
+            time.sleep(0.1)
+        return self
 
 
 def _now() -> float:
@@ -168,7 +242,15 @@ class Ledger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            self._add_missing_columns()
         self.db.row_factory = sqlite3.Row
+
+    def _add_missing_columns(self) -> None:
+        """A ledger made by an older flatd gains the columns added since."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(job_inputs)")}
+        for column, kind in (("device", "INTEGER"), ("inode", "INTEGER"), ("note", "TEXT")):
+            if column not in have:
+                self.db.execute(f"ALTER TABLE job_inputs ADD COLUMN {column} {kind}")
 
     @classmethod
     def open(cls, state_dir: Path) -> "Ledger":
@@ -263,8 +345,8 @@ class Ledger:
         """The job that already combined this exact file (path, size, mtime), if any."""
         row = self.db.execute(
             "SELECT j.id, j.master FROM job_inputs i JOIN jobs j ON j.id=i.job_id "
-            "WHERE i.path=? AND i.size=? AND abs(i.mtime-?)<1e-3 AND j.state IN (?,?,?)",
-            (str(path), size, mtime, WRITTEN, MOVED, DONE),
+            f"WHERE i.path=? AND i.size=? AND abs(i.mtime-?)<1e-3 AND j.state IN ({','.join('?' * len(COMBINED))})",
+            (str(path), size, mtime, *COMBINED),
         ).fetchone()
         return None if row is None else (row["master"] or row["id"])
 
@@ -294,7 +376,7 @@ class Ledger:
         return [InputRow(**dict(r)) for r in self.db.execute("SELECT * FROM job_inputs WHERE job_id=? ORDER BY path", (job_id,))]
 
     def plan_job(self, job_id: str, label: str, rule: Optional[str], folder: Optional[Path], output_dir: Path,
-                 output_name: str, inputs: Sequence[tuple[Path, int, float, str, Optional[Path]]]) -> None:
+                 output_name: str, inputs: Sequence[tuple[Path, int, float, str, Optional[Path], int, int]]) -> None:
         """Record a job and its inputs in state planned (again, if it was tried before)."""
         now = _now()
         statements = [
@@ -305,10 +387,11 @@ class Ledger:
              (job_id, PLANNED, label, rule, str(folder) if folder else None, str(output_dir), output_name, now, now)),
             ("DELETE FROM job_inputs WHERE job_id=?", (job_id,)),
         ]
-        for path, size, mtime, calibration, move_dir in inputs:
+        for path, size, mtime, calibration, move_dir, device, inode in inputs:
             statements.append((
-                "INSERT INTO job_inputs(job_id, path, size, mtime, calibration, move_dir) VALUES (?,?,?,?,?,?)",
-                (job_id, str(path), size, mtime, calibration, str(move_dir) if move_dir else None),
+                "INSERT INTO job_inputs(job_id, path, size, mtime, calibration, move_dir, device, inode) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, str(path), size, mtime, calibration, str(move_dir) if move_dir else None, device, inode),
             ))
         self._write_many(statements)
 
@@ -328,6 +411,18 @@ class Ledger:
             ("UPDATE job_inputs SET moved_to=? WHERE job_id=? AND path=?", (str(dest), job_id, str(path))),
             ("DELETE FROM frames WHERE path=?", (str(path),)),
         ])
+
+    def input_not_moved(self, job_id: str, path: Path, note: str) -> None:
+        """An input that will not be moved after all (it changed since it was read, or is gone)."""
+        self._write_many([("UPDATE job_inputs SET note=? WHERE job_id=? AND path=?", (note, job_id, str(path)))])
+
+    def pending_moves(self) -> list[InputRow]:
+        """Inputs of combined jobs still waiting to be moved away."""
+        rows = self.db.execute(
+            "SELECT i.* FROM job_inputs i JOIN jobs j ON j.id=i.job_id WHERE j.state=? "
+            "AND i.move_dir IS NOT NULL AND i.moved_to IS NULL AND i.note IS NULL ORDER BY i.job_id, i.path",
+            (MOVES_PENDING,))
+        return [InputRow(**dict(r)) for r in rows]
 
     def inputs_consumed(self, job_id: str) -> None:
         """Inputs left in place: they leave the waiting list but stay recorded as consumed."""

@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 LOGGER = logging.getLogger("flatd")
+
+# Terminal escape sequences, in their 7-bit (ESC ...) and 8-bit (C1) forms: CSI
+# (colours, cursor moves), the string commands OSC, DCS, SOS, PM and APC (titles,
+# hyperlinks, clipboard) up to their terminator, and the short ESC sequences.
+_ESCAPE_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f]).*?(?:\x07|\x1b\\|\x9c|\Z)"
+    r"|\x1b[ -/]*[0-~]",
+    re.DOTALL,
+)
+_LINE_BREAKING = re.compile(r"[\t\n\v\f\r\x85\u2028\u2029]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """`text` as a string safe to print on a terminal or in a log line.
+
+    Escape sequences and control characters are removed; tabs and line breaks become
+    spaces, so that header text stays on its line. Other characters ('Hα') are kept.
+    """
+    text = _ESCAPE_SEQUENCE.sub("", str(text))
+    return _CONTROL.sub("", _LINE_BREAKING.sub(" ", text))
 
 
 class PlainFormatter(logging.Formatter):
@@ -18,9 +41,10 @@ class PlainFormatter(logging.Formatter):
         self.timestamps = timestamps
 
     def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
+        text = printable(record.getMessage())
         # A value the message already shows (a path, most often) is not repeated.
-        fields = {k: v for k, v in getattr(record, "fields", {}).items() if str(v) not in text}
+        fields = {k: printable(v) for k, v in getattr(record, "fields", {}).items()}
+        fields = {k: v for k, v in fields.items() if v not in text}
         if fields:
             text += " " + " ".join(f"{k}={_plain(v)}" for k, v in fields.items())
         if record.levelno >= logging.WARNING:
@@ -39,7 +63,16 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         payload.update({k: _json(v) for k, v in getattr(record, "fields", {}).items()})
-        return json.dumps(payload, ensure_ascii=False)
+        return _C1_OR_DEL.sub(_escaped, json.dumps(payload, ensure_ascii=False))
+
+
+# json.dumps escapes C0 controls (ESC among them) but writes DEL and the C1 range raw,
+# and a UTF-8 terminal takes U+009B for CSI. They can only be inside JSON strings.
+_C1_OR_DEL = re.compile(r"[\x7f-\x9f]")
+
+
+def _escaped(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def _plain(value) -> str:

@@ -9,6 +9,7 @@ overwriting (invariant 2); the temp name is removed afterwards.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import textwrap
@@ -432,14 +433,73 @@ def _candidates(path: Path, limit: int = 10000) -> Iterable[Path]:
         yield _numbered(path, n)
 
 
+class NoSpace(OSError):
+    """The output folder's filesystem cannot hold the master."""
+
+
+BLOCK = 2880
+# Rows converted to big-endian at a time: bounded memory whatever the master's size.
+WRITE_ROWS = 256
+
+
+def _padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def master_bytes(hdu: fits.PrimaryHDU) -> int:
+    """The size of the master file: header plus data, each padded to 2880 bytes."""
+    return len(hdu.header.tostring()) + _padded(hdu.data.nbytes)
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on `directory`'s filesystem."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def no_space(directory: Path, needed: int) -> NoSpace:
+    try:
+        has = _megabytes(free_bytes(directory))
+    except OSError:
+        has = "?"
+    return NoSpace(errno.ENOSPC, f"no space left on {directory}: needs {_megabytes(needed)}, has {has}")
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Raise NoSpace before writing when `directory` cannot hold `needed` bytes."""
+    try:
+        free = free_bytes(directory)
+    except OSError:
+        return  # no figure (some network filesystems): the write itself will tell
+    if free < needed:
+        raise no_space(directory, needed)
+
+
+def _write_hdu(handle, hdu: fits.PrimaryHDU) -> None:
+    """The HDU's bytes, written by flatd: astropy's writer hides ENOSPC behind an
+    AttributeError, and this one converts the rows to big-endian a band at a time."""
+    header = hdu.header.tostring().encode("ascii")
+    handle.write(header)
+    data = hdu.data
+    big = np.dtype(data.dtype).newbyteorder(">")
+    for r0 in range(0, data.shape[0], WRITE_ROWS):
+        handle.write(np.ascontiguousarray(data[r0:r0 + WRITE_ROWS], dtype=big).tobytes())
+    handle.write(b"\0" * (_padded(data.nbytes) - data.nbytes))
+
+
 def write_master(directory: Path, name: str, data: np.ndarray, header: fits.Header) -> Path:
     """Write a master atomically and without overwriting; return its final path.
 
-    32-bit float primary HDU with CHECKSUM/DATASUM. The file is written under a hidden
-    temp name in `directory` (".flatd-<name>-<random>.tmp", which watchers ignore),
-    flushed and fsynced, then linked to `name`, or name-2, name-3 ... when taken, and
-    the folder is fsynced. On any failure the temp file is removed and nothing stands
-    under a final name. `directory` is created when missing.
+    32-bit float primary HDU with CHECKSUM/DATASUM. The free space is checked first
+    (NoSpace names the folder, what is needed and what is free). The file is written
+    under a hidden temp name in `directory` (".flatd-<name>-<random>.tmp", which
+    watchers ignore), flushed and fsynced, then linked to `name`, or name-2, name-3 ...
+    when taken, and the folder is fsynced. On any failure the temp file is removed and
+    nothing stands under a final name. `directory` is created when missing.
     """
     check_file_name(name)
     directory = Path(directory)
@@ -452,14 +512,21 @@ def write_master(directory: Path, name: str, data: np.ndarray, header: fits.Head
         clean.remove(key, ignore_missing=True, remove_all=True)
     hdu = fits.PrimaryHDU(array.astype(np.float32, copy=False), header=clean)
     hdu.add_checksum()
+    needed = master_bytes(hdu)
+    check_free_space(directory, needed)
 
     temp, fd = create_temp(directory, safe_component(name, "master"))
     final: Path | None = None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            hdu.writeto(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                _write_hdu(handle, hdu)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise no_space(directory, needed) from None
+            raise
         final = link_no_replace(temp, _candidates(directory / name))
         try:
             fsync_dir(directory)

@@ -7,7 +7,6 @@ crash interrupted: no duplicate master, no input lost or moved twice.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import time
@@ -19,15 +18,21 @@ from typing import Callable, Optional, Sequence
 from flatd import ledger as L
 from flatd.calibration import LibraryCache
 from flatd.config import CaptureFolder, Rules
-from flatd.frames import Frame, FrameError, Skipped, iter_fits_files, read_frame, read_header_cards
-from flatd.fsops import file_digest, move_file, resolve_move_dir
+from flatd.discover import scan_capture
+from flatd.frames import FrameError, read_header_cards
+from flatd.fsops import FileChanged, FileIdentity, file_digest, move_file, resolve_move_dir
 from flatd.log import event
 from flatd.masters import cleanup_temp_files, master_header, write_master
-from flatd.plan import Job, Plan, output_folders, plan_frames
+from flatd.plan import Job, Plan, plan_frames
 
 JOB_CARD = "FLATDJOB"  # the job id, in every master's header: finds a master after a crash
+# How long a run waits for another flatd's lock on an output folder before it skips it.
+OUTPUT_LOCK_WAIT = 10.0
 
 ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
+
+# Outcome states that leave something undone: the run exits 1.
+NOT_DONE = ("failed", "failed-before", "busy", "moves-pending")
 
 
 @dataclass
@@ -35,14 +40,17 @@ class Outcome:
     """What happened to one job (or what would, in a dry run)."""
 
     job: Job
-    state: str  # done | failed | skipped | would-run
+    state: str  # done | failed | failed-before | busy | moves-pending | skipped | would-run
     master: Optional[Path] = None
     moved: list[tuple[Path, Path]] = field(default_factory=list)  # (input, where it went / would go)
     reason: Optional[str] = None
+    # A failure of the place, not of the flats (no space, an output folder not writable):
+    # nothing is recorded against the job, the next run tries it again by itself.
+    transient: bool = False
 
     @property
     def failed(self) -> bool:
-        return self.state == "failed"
+        return self.state in NOT_DONE
 
 
 @dataclass
@@ -51,32 +59,53 @@ class RunReport:
     outcomes: list[Outcome] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # e.g. a capture folder that is not there
+    pending_moves: list[str] = field(default_factory=list)  # inputs of earlier jobs still not moved
 
     @property
     def exit_code(self) -> int:
         """0 when every group succeeded, 1 if any failed (too-small groups are not failures)."""
-        return 1 if self.problems or self.plan.failed or any(o.failed for o in self.outcomes) else 0
+        failed = self.problems or self.pending_moves or self.plan.failed or any(o.failed for o in self.outcomes)
+        return 1 if failed else 0
 
     def extend(self, other: "RunReport") -> None:
         self.plan.extend(other.plan)
         self.outcomes.extend(other.outcomes)
         self.recovered.extend(other.recovered)
         self.problems.extend(other.problems)
+        self.pending_moves.extend(other.pending_moves)
+
+
+class JobFailed(Exception):
+    """A job that cannot be made; `transient` when the place is at fault, not the flats."""
+
+    def __init__(self, reason: str, transient: bool = False):
+        super().__init__(reason)
+        self.transient = transient
 
 
 def move_date(now: datetime) -> dict[str, str]:
     return {"date": now.strftime("%Y%m%d-%H%M%S"), "time": now.strftime("%H%M%S"), "day": now.strftime("%Y%m%d")}
 
 
+def input_identity(frame) -> FileIdentity:
+    return FileIdentity(frame.device, frame.inode, frame.file_size, frame.mtime)
+
+
+def row_identity(row: L.InputRow) -> FileIdentity:
+    return FileIdentity(row.device or 0, row.inode or 0, row.size, row.mtime)
+
+
 class Runner:
     """Runs planned jobs; with a ledger, journals every step and can recover."""
 
     def __init__(self, ledger: Optional[L.Ledger] = None, progress: Optional[ProgressFactory] = None,
-                 workers: Optional[int] = None, should_stop: Callable[[], bool] = lambda: False):
+                 workers: Optional[int] = None, should_stop: Callable[[], bool] = lambda: False,
+                 lock_wait: float = OUTPUT_LOCK_WAIT):
         self.ledger = ledger
         self.progress = progress
         self.workers = workers
         self.should_stop = should_stop
+        self.lock_wait = lock_wait
 
     # ------------------------------------------------------------------ run
 
@@ -90,32 +119,89 @@ class Runner:
             if self.should_stop():
                 break
             if dry_run:
-                planned = [(i.frame.path, d) for i, d in zip(job.inputs, self._move_dirs(job, now)) if d]
-                report.outcomes.append(Outcome(job, "would-run", master=job.output_dir / job.output_name,
-                                               moved=planned))
+                report.outcomes.append(self._dry_outcome(job, now))
                 continue
             report.outcomes.append(self.run_job(job, now))
         return report
 
-    def run_job(self, job: Job, now: datetime) -> Outcome:
-        """Stack, write and move for one job, journaling each step."""
-        from flatd.stacker import StackError, stack_frames
+    def _dry_outcome(self, job: Job, now: datetime) -> Outcome:
+        known = self.ledger.job(job.id) if self.ledger is not None else None
+        if known is not None and known.state == L.FAILED:
+            return self._failed_before(job, known)
+        planned = [(i.frame.path, d) for i, d in zip(job.inputs, self._move_dirs(job, now)) if d]
+        existing = find_master(job.output_dir, job.id)
+        if existing is not None:
+            return Outcome(job, "would-run", master=existing, moved=planned,
+                           reason=f"a master of these inputs is already there: {existing}; it would be recorded")
+        return Outcome(job, "would-run", master=job.output_dir / job.output_name, moved=planned)
 
+    @staticmethod
+    def _failed_before(job: Job, known: L.JobRow) -> Outcome:
+        return Outcome(job, "failed-before",
+                       reason=f"failed before: {known.reason}; not tried again until `flatd retry {job.id}`")
+
+    def run_job(self, job: Job, now: datetime) -> Outcome:
+        """Stack, write and move for one job, journaling each step, under the output
+        folder's lock."""
         if self.ledger is not None:
             known = self.ledger.job(job.id)
             if known is not None and known.state == L.FAILED:
-                return Outcome(job, "skipped", reason=f"failed before: {known.reason} (flatd retry {job.id})")
-            if known is not None and known.state == L.DONE:
-                return Outcome(job, "skipped", master=Path(known.master) if known.master else None, reason="already done")
+                return self._failed_before(job, known)
+            if known is not None and known.state in (L.DONE, L.MOVES_PENDING):
+                return Outcome(job, "skipped", master=Path(known.master) if known.master else None,
+                               reason="already done")
+        try:
+            note = f"state folder {self.ledger.path.parent}" if self.ledger is not None else "flatd combine"
+            lock = L.OutputLock(job.output_dir, note).acquire(self.lock_wait)
+        except L.OutputBusy as exc:
+            event("output_busy", str(exc), logging.WARNING, job=job.id, folder=job.output_dir)
+            return Outcome(job, "busy", reason=str(exc))
+        except OSError as exc:
+            return self._fail(job, JobFailed(f"cannot use the output folder {job.output_dir}: {exc.strerror or exc}",
+                                             transient=True))
+        with lock:
+            return self._run_locked(job, now)
+
+    def _run_locked(self, job: Job, now: datetime) -> Outcome:
         move_dirs = self._move_dirs(job, now)
         if self.ledger is not None:
             self.ledger.plan_job(
                 job.id, job.label, job.rule, job.frames[0].path.parent, job.output_dir, job.output_name,
-                [(i.frame.path, i.frame.file_size, i.frame.mtime, i.calibration.label, d) for i, d in zip(job.inputs, move_dirs)],
+                [(i.frame.path, i.frame.file_size, i.frame.mtime, i.calibration.label, d, i.frame.device,
+                  i.frame.inode) for i, d in zip(job.inputs, move_dirs)],
             )
-        event("group_planned", f"combining {len(job.inputs)} flats of {job.label} with {job.method.description}",
-              job=job.id, group=job.label, files=len(job.inputs), rule=job.rule or "-")
         started = time.monotonic()
+        master = find_master(job.output_dir, job.id)
+        if master is not None:
+            event("master_found", f"a master of these inputs is already there: {master}; recorded, not made again",
+                  logging.WARNING, job=job.id, path=master)
+        else:
+            event("group_planned", f"combining {len(job.inputs)} flats of {job.label} with {job.method.description}",
+                  job=job.id, group=job.label, files=len(job.inputs), rule=job.rule or "-")
+            try:
+                master = self._make_master(job)
+            except JobFailed as exc:
+                return self._fail(job, exc)
+            event("master_written", f"wrote {master}", job=job.id, path=master, files=len(job.inputs),
+                  seconds=round(time.monotonic() - started, 2))
+        if self.ledger is not None:
+            self.ledger.master_written(job.id, master, job.label, len(job.inputs))
+        moves = [(i.frame.path, d, input_identity(i.frame)) for i, d in zip(job.inputs, move_dirs)]
+        moved, problems, pending = self._move_inputs(job.id, moves)
+        if pending:
+            self._state(job, L.MOVES_PENDING, "; ".join(problems))
+            return Outcome(job, "moves-pending", master, moved,
+                           f"{pending} input(s) not moved yet, tried again at every run: " + "; ".join(problems))
+        self._state(job, L.DONE, "; ".join(problems) or None)
+        if problems:
+            return Outcome(job, "failed", master, moved, "; ".join(problems))
+        return Outcome(job, "done", master, moved)
+
+    def _make_master(self, job: Job) -> Path:
+        """Stack and write; JobFailed says why not (transient when the output is at fault)."""
+        from flatd.masters import NoSpace
+        from flatd.stacker import StackError, stack_frames
+
         try:
             progress = self.progress(job.label, job.frames[0].height) if self.progress else None
             result = stack_frames(job.inputs, job.method, job.normalize, job.memory_limit, self.workers, progress)
@@ -123,22 +209,35 @@ class Runner:
                 job.frames, [i.calibration for i in job.inputs], job.method.description, job.method.label,
                 job.normalize, result.factors, extra={JOB_CARD: job.id},
             )
-            self._state(job, L.WRITING)
-            master = write_master(job.output_dir, job.output_name, result.image, header)
-        except (StackError, FrameError, OSError, ValueError, MemoryError) as exc:
-            reason = str(exc)
-            self._state(job, L.FAILED, reason)
-            event("group_failed", f"group {job.label} failed: {reason}", logging.ERROR, job=job.id, group=job.label)
-            return Outcome(job, "failed", reason=reason)
+        except (StackError, FrameError, ValueError, MemoryError) as exc:
+            raise JobFailed(str(exc)) from None
+        except OSError as exc:
+            raise JobFailed(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the other groups
+            raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
+        self._state(job, L.WRITING)
+        try:
+            return write_master(job.output_dir, job.output_name, result.image, header)
+        except NoSpace as exc:
+            raise JobFailed(exc.strerror, transient=True) from None
+        except OSError as exc:
+            raise JobFailed(f"cannot write the master in {job.output_dir}: {exc.strerror or exc}",
+                            transient=True) from None
+        except Exception as exc:  # noqa: BLE001
+            raise JobFailed(f"cannot write the master in {job.output_dir}: {type(exc).__name__}: {exc}",
+                            transient=True) from None
+
+    def _fail(self, job: Job, exc: JobFailed) -> Outcome:
+        """Record a failed job: kept as failed (flatd retry), or rolled back when transient."""
+        reason = str(exc)
         if self.ledger is not None:
-            self.ledger.master_written(job.id, master, job.label, len(job.inputs))
-        event("master_written", f"wrote {master}", job=job.id, path=master, files=len(job.inputs),
-              seconds=round(time.monotonic() - started, 2))
-        moved, problems = self._move_inputs(job.id, [(i.frame.path, d) for i, d in zip(job.inputs, move_dirs)])
-        self._state(job, L.DONE, "; ".join(problems) or None)
-        if problems:
-            return Outcome(job, "failed", master, moved, "; ".join(problems))
-        return Outcome(job, "done", master, moved)
+            if exc.transient:
+                self.ledger.forget_job(job.id)
+            else:
+                self.ledger.set_state(job.id, L.FAILED, reason)
+        retry = "; tried again at the next run" if exc.transient else ""
+        event("group_failed", f"group {job.label} failed: {reason}{retry}", logging.ERROR, job=job.id, group=job.label)
+        return Outcome(job, "failed", reason=reason + retry, transient=exc.transient)
 
     def _state(self, job: Job, state: str, reason: Optional[str] = None) -> None:
         if self.ledger is not None:
@@ -151,15 +250,26 @@ class Runner:
         fields = move_date(now)
         return [resolve_move_dir(job.move_to, i.frame.path, fields) for i in job.inputs]
 
-    def _move_inputs(self, job_id: str, moves: Sequence[tuple[Path, Optional[Path]]]) -> tuple[list, list[str]]:
-        """Move each input after its master is safe; a failed move leaves the file in place."""
-        moved, problems = [], []
-        for src, dest_dir in moves:
+    def _move_inputs(self, job_id: str, moves: Sequence[tuple[Path, Optional[Path], Optional[FileIdentity]]]
+                     ) -> tuple[list, list[str], int]:
+        """Move each input after its master is safe. A file that is no longer the one that
+        was read stays in place for good; any other failed move is tried again later.
+        Returns what moved, the problems, and how many moves are still to be done."""
+        moved, problems, pending = [], [], 0
+        for src, dest_dir, identity in moves:
             if dest_dir is None:
                 continue
             try:
-                dest = move_file(src, dest_dir)
+                dest = move_file(src, dest_dir, expect=identity)
+            except FileChanged as exc:
+                note = f"{src} {exc.strerror}: not moved"
+                problems.append(note)
+                event("move_refused", note, logging.ERROR, job=job_id, path=src)
+                if self.ledger is not None:
+                    self.ledger.input_not_moved(job_id, src, exc.strerror)
+                continue
             except OSError as exc:
+                pending += 1
                 problems.append(f"could not move {src}: {exc.strerror or exc}")
                 event("move_failed", f"could not move {src}: {exc}", logging.ERROR, job=job_id, path=src)
                 continue
@@ -168,9 +278,37 @@ class Runner:
             moved.append((src, dest))
         if moved:
             event("inputs_moved", f"moved {len(moved)} inputs to {moved[0][1].parent}", job=job_id, files=len(moved))
-        if self.ledger is not None and not any(d for _, d in moves):
+        if self.ledger is not None and not any(d for _, d, _ in moves):
             self.ledger.inputs_consumed(job_id)
-        return moved, problems
+        return moved, problems, pending
+
+    # ------------------------------------------------------------------ moves left from earlier runs
+
+    def retry_pending_moves(self, dry_run: bool = False) -> list[str]:
+        """Move the inputs that earlier runs could not move. Returns what is still not
+        moved, one line per input (empty when every move is done)."""
+        if self.ledger is None:
+            return []
+        left: list[str] = []
+        by_job: dict[str, list[L.InputRow]] = {}
+        for row in self.ledger.pending_moves():
+            by_job.setdefault(row.job_id, []).append(row)
+        for job_id, rows in by_job.items():
+            if dry_run:
+                left += [f"{row.path}: would be moved to {row.move_dir} (job {job_id}, left from an earlier run)"
+                         for row in rows]
+                continue
+            moves = [(Path(r.path), Path(r.move_dir), row_identity(r)) for r in rows]
+            moved, problems, pending = self._move_inputs(job_id, moves)
+            if pending:
+                left += [p + f" (job {job_id}; tried again at the next run)" for p in problems
+                         if p.startswith("could not move")]
+                self.ledger.set_state(job_id, L.MOVES_PENDING, "; ".join(problems))
+            else:
+                self.ledger.set_state(job_id, L.DONE, "; ".join(problems) or None)
+                event("moves_finished", f"job {job_id}: the {len(moved)} input(s) left by an earlier run are moved",
+                      job=job_id, files=len(moved))
+        return left
 
     # ------------------------------------------------------------------ recovery
 
@@ -190,17 +328,18 @@ class Runner:
             else:
                 if row.master is None:
                     self.ledger.master_written(row.id, master, row.label, len(inputs))
-                problems = self._finish_moves(row.id, inputs)
-                self.ledger.set_state(row.id, L.DONE, "; ".join(problems) or None)
+                problems, pending = self._finish_moves(row.id, inputs)
+                state = L.MOVES_PENDING if pending else L.DONE
+                self.ledger.set_state(row.id, state, "; ".join(problems) or None)
                 event("job_recovered", f"finished interrupted job {row.id} ({row.label}): {master}", logging.WARNING,
                       job=row.id)
             handled.append(row.id)
         return handled
 
-    def _finish_moves(self, job_id: str, inputs: Sequence[L.InputRow]) -> list[str]:
-        problems = []
+    def _finish_moves(self, job_id: str, inputs: Sequence[L.InputRow]) -> tuple[list[str], int]:
+        problems, pending = [], 0
         for row in inputs:
-            if row.moved_to or not row.move_dir:
+            if not row.move_pending:
                 continue
             src, dest_dir = Path(row.path), Path(row.move_dir)
             cleanup_temp_files(dest_dir) if dest_dir.exists() else None
@@ -210,13 +349,15 @@ class Runner:
                     src.unlink()  # a hard link of the same inode: the move was half done
                 self.ledger.input_moved(job_id, src, already)
             elif src.exists():
-                _, more = self._move_inputs(job_id, [(src, dest_dir)])
+                _, more, still = self._move_inputs(job_id, [(src, dest_dir, row_identity(row))])
                 problems.extend(more)
+                pending += still
             else:
                 problems.append(f"input {src} is missing")
+                self.ledger.input_not_moved(job_id, src, "gone before it was moved")
         if not any(r.move_dir for r in inputs):
             self.ledger.inputs_consumed(job_id)
-        return problems
+        return problems, pending
 
 
 def _already_moved(src: Path, dest_dir: Path, size: int, mtime: float) -> Optional[Path]:
@@ -243,97 +384,53 @@ def _already_moved(src: Path, dest_dir: Path, size: int, mtime: float) -> Option
 
 
 def find_master(directory: Path, job_id: str) -> Optional[Path]:
-    """The master a job wrote, found by the job id in its header."""
-    if not directory.is_dir():
+    """The master a job wrote, found by the job id in its header (FLATDJOB): after a
+    crash, or when the ledger was lost or another flatd made it."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError:
         return None
-    for path in directory.iterdir():
-        if path.name.startswith(".") or not path.is_file():
+    for entry in entries:
+        if entry.name.startswith("."):
             continue
         try:
-            cards, _ = read_header_cards(path)
-        except FrameError:
+            if not entry.is_file():
+                continue
+            cards, _ = read_header_cards(Path(entry.path))
+        except (FrameError, OSError):
             continue
         if cards.get(JOB_CARD) == job_id:
-            return path
+            return Path(entry.path)
     return None
 
 
 # ---------------------------------------------------------------------- batches
 
 
-def own_output_patterns(rules: Rules) -> list[str]:
-    """Folder-name globs of inputs.move_to templates, e.g. 'originals-*'."""
-    import re
-
-    patterns = []
-    for template in [rules.inputs.move_to] + [r.inputs.get("move_to") for r in rules.rules if r.inputs]:
-        if template and not os.path.isabs(os.path.expanduser(template)):
-            for part in Path(template).parts:
-                patterns.append(re.sub(r"\{[^}]*\}", "*", part))
-    return patterns
-
-
-def scan_folder(capture: CaptureFolder, rules: Rules, ledger: Optional[L.Ledger],
-                now: float, stable: float,
-                ready: Optional[Callable[[Path, os.stat_result], bool]] = None,
-                list_others: bool = False) -> tuple[list[Frame], list[Skipped]]:
-    """Ready frames under a capture folder, and every file left out with its reason.
-
-    A file is left out when it is flatd's own output (masters, moved inputs), was
-    already combined, is still being written, or is not a usable FITS image. `ready`
-    (the service's stability tracker) replaces the mtime check when given.
-    """
-    exclude = output_folders(rules) + [rules.state]
-    patterns = own_output_patterns(rules)
-    keywords = rules.keyword_map()
-    frames, skipped = [], []
-    others: Optional[list[Path]] = [] if list_others else None
-    for path in iter_fits_files(capture.path, capture.recursive, exclude, others):
-        rel_parts = path.relative_to(capture.path).parts[:-1]
-        if any(fnmatch.fnmatch(part, pat) for part in rel_parts for pat in patterns):
-            continue  # a move_to folder: flatd's own
-        if ledger is not None and (ledger.is_master(path) or ledger.is_moved_input(path)):
-            continue
-        try:
-            st = path.stat()
-        except OSError as exc:
-            skipped.append(Skipped(path, f"cannot read: {exc.strerror or exc}"))
-            continue
-        if ready is not None:
-            if not ready(path, st):
-                continue  # the watcher has not seen this flat stable, or it is no flat
-        elif now - st.st_mtime < stable:
-            skipped.append(Skipped(path, f"still being written (changed {now - st.st_mtime:.0f} s ago)"))
-            continue
-        if ledger is not None:
-            consumed = ledger.consumed(path, st.st_size, st.st_mtime)
-            if consumed:
-                continue  # combined before (inputs left in place)
-        try:
-            frames.append(read_frame(path, keywords))
-        except FrameError as exc:
-            skipped.append(Skipped(exc.path, exc.reason))
-    for path in others or ():
-        if not any(fnmatch.fnmatch(part, pat) for part in path.relative_to(capture.path).parts[:-1] for pat in patterns):
-            skipped.append(Skipped(path, "not a FITS file name (.fit, .fits, .fts, .fz)"))
-    return frames, skipped
-
-
 def process_capture(capture: CaptureFolder, rules: Rules, runner: Runner, dry_run: bool = False,
                     stable: Optional[float] = None, libraries: Optional[LibraryCache] = None,
                     now: Optional[datetime] = None,
-                    ready: Optional[Callable[[Path, os.stat_result], bool]] = None) -> RunReport:
-    """Scan, plan and run one capture folder: the one code path of run-once and watch."""
+                    ready: Optional[Callable[[Path, os.stat_result], bool]] = None,
+                    waiter=None) -> RunReport:
+    """Scan, plan and run one capture folder: the one code path of run-once and watch.
+
+    `ready`: the service's verdicts (only the flats its watcher saw stable); `waiter`:
+    run-once's StableWait (files not yet stable are left out with the reason)."""
     if not capture.path.is_dir():
         problem = f"capture folder {capture.path} does not exist or is not a folder (a share not mounted?)"
         event("capture_missing", problem, logging.ERROR, folder=capture.path)
         return RunReport(problems=[problem])
     now = now or datetime.now()
     libraries = libraries or LibraryCache()
-    frames, bad = scan_folder(capture, rules, runner.ledger, time.time(), rules.stable if stable is None else stable,
-                              ready, list_others=dry_run)
+    frames, bad, problems = scan_capture(capture, rules, runner.ledger, time.time(),
+                                         rules.stable if stable is None else stable, ready, waiter,
+                                         list_others=dry_run)
+    for problem in problems:
+        event("folder_unreadable", problem, logging.ERROR, folder=capture.path)
     for item in bad:
         event("file_left_out", f"left out {item.path}: {item.reason}", logging.WARNING, path=item.path)
     plan = plan_frames(frames, rules, capture.path, libraries, now)
     plan.left_out = bad + plan.left_out
-    return runner.run(plan, dry_run=dry_run, now=now)
+    report = runner.run(plan, dry_run=dry_run, now=now)
+    report.problems.extend(problems)
+    return report

@@ -45,35 +45,53 @@ TICK = 0.5  # seconds between looks at the tracker when no event comes
 MAX_PENDING = 6 * 3600.0
 
 
-def run_once(rules: Rules, dry_run: bool = False, progress=None, stable: float = 0.0):
-    """Every capture folder, now: recover interrupted jobs, then scan, plan, run.
+# run-once waits at most this long for files still being written (beyond `stable`).
+MAX_WAIT = 120.0
 
-    "Settled" is "now": a file is taken as soon as it is complete (its size is what its
-    header promises), whatever its age, so that a capture program can call run-once
-    right after its last flat. `stable` is the watcher's business.
+
+def run_once(rules: Rules, dry_run: bool = False, progress=None, wait: bool = True,
+             say: Optional[Callable[[str], None]] = None):
+    """Every capture folder, now: recover interrupted jobs, move the inputs earlier runs
+    could not move, wait for files still being written, then scan, plan, run.
+
+    "Settled" is "now", once every candidate has been unchanged for `stable` (by its
+    mtime, or watched): a capture program that calls run-once right after its last flat
+    waits at most `stable`. A file still changing after `stable` + MAX_WAIT is left
+    out. `wait=False` (--no-wait) takes every complete file at once.
 
     A dry run takes no lock, opens the ledger read-only (if there is one) to know what
     was combined before, and changes nothing on disk.
     """
     from flatd.calibration import LibraryCache
+    from flatd.discover import FolderFilter, StableWait
     from flatd.runner import RunReport, Runner, process_capture
 
     report = RunReport()
     libraries = LibraryCache()
-    now = datetime.now()
+    waiter = None
+    if wait and rules.stable > 0:
+        waiter = StableWait(rules.stable)
+        present = [FolderFilter(c, rules) for c in rules.capture if c.path.is_dir()]
+        waiter.wait(present, rules.stable + MAX_WAIT, say or (lambda text: event("waiting", text)))
+
+    def each_capture(runner: Runner) -> None:
+        now = datetime.now()
+        for capture in rules.capture:
+            report.extend(process_capture(capture, rules, runner, dry_run, 0.0, libraries, now, waiter=waiter))
+
     if dry_run:
         ledger = Ledger.open_readonly(rules.state)
         runner = Runner(ledger, progress, rules.engine.workers)
-        for capture in rules.capture:
-            report.extend(process_capture(capture, rules, runner, True, stable, libraries, now))
+        report.pending_moves = runner.retry_pending_moves(dry_run=True)
+        each_capture(runner)
         return report
     with StateLock(rules.state):
         ledger = Ledger.open(rules.state)
         try:
             runner = Runner(ledger, progress, rules.engine.workers)
             report.recovered = runner.recover()
-            for capture in rules.capture:
-                report.extend(process_capture(capture, rules, runner, False, stable, libraries, now))
+            report.pending_moves = runner.retry_pending_moves()
+            each_capture(runner)
         finally:
             ledger.close()
     return report
@@ -144,6 +162,7 @@ class Service:
         self.filters: dict = {}  # capture path -> FolderFilter
         self.watches: dict = {}  # capture path -> Watch
         self.missing: set = set()  # capture folders not there (yet): tried again at each rescan
+        self.unreadable: dict = {}  # capture path -> folders under it that could not be read
         self.worker: Optional[threading.Thread] = None
         self.scheduler = None
         self.ledger: Optional[Ledger] = None  # the main thread's connection
@@ -171,6 +190,7 @@ class Service:
             recovered = self._runner().recover()
             if recovered:
                 event("recovered", f"{len(recovered)} interrupted job(s) finished or rolled back", jobs=len(recovered))
+            self._runner().retry_pending_moves()
             self._forget_vanished_frames()
             self.failed_jobs = {j.id for j in self.ledger.jobs(["failed"])}
             self._configure(initial=True)
@@ -429,6 +449,13 @@ class Service:
             return
         self.tracker.observe(path, st, self.clock())
 
+    def _report_unreadable(self, folder: Path, problems: list[str]) -> None:
+        """A folder that cannot be read is an error in the log, once until it is readable again."""
+        fresh = set(problems) - self.unreadable.get(folder, set())
+        for problem in sorted(fresh):
+            event("folder_unreadable", problem, logging.ERROR, folder=folder)
+        self.unreadable[folder] = set(problems)
+
     def _gone(self, path: Path) -> None:
         if self.ledger.frame(path) is not None:
             self.ledger.forget_frame(path)
@@ -436,6 +463,8 @@ class Service:
 
     def _rescan(self) -> None:
         """Walk every capture folder: find what events missed, notice what went away."""
+        from flatd.discover import Walk
+
         started = self.clock()
         for path, capture in [(p, s.capture) for p, s in self.folders.items()]:
             if not path.is_dir():
@@ -456,7 +485,8 @@ class Service:
                     old.stop()
                 self._start_watch(capture)
             seen = set()
-            for found in self.filters[path].walk():
+            walked = Walk()
+            for found in self.filters[path].walk(seen=walked):
                 if self.stop_requested.is_set():
                     return  # a big share: SIGTERM does not wait for the walk
                 seen.add(found)
@@ -464,6 +494,7 @@ class Service:
             for tracked in self.tracker.unchecked(path) + [Path(p) for p in self.tracker.stable_under(path)]:
                 if tracked not in seen:
                     self._touch(path, tracked)
+            self._report_unreadable(path, walked.problems)
         # `flatd retry` removed failed jobs: look at the folders again.
         failed = {j.id for j in self.ledger.jobs(["failed"])}
         if self.failed_jobs - failed:
@@ -609,6 +640,7 @@ class Service:
 
         runner = self._runner()
         libraries = LibraryCache()  # one per batch: darks added to the library are seen
+        runner.retry_pending_moves()  # inputs an earlier batch could not move
         for capture, accepted in batches:
             if self.stop_requested.is_set():
                 return
@@ -636,8 +668,11 @@ class Service:
     def _batch_done(self, folder: Path, report) -> None:
         """In the main thread: note in the ledger what the batch left and why (for status)."""
         failed = [{"label": f.label, "reason": f.reason, "files": len(f.frames)} for f in report.plan.failed]
-        failed += [{"label": o.job.label, "reason": o.reason, "files": len(o.job.inputs), "job": o.job.id}
+        # Jobs kept as failed are listed from the jobs table; the others only from here.
+        failed += [{"label": o.job.label, "reason": o.reason, "files": len(o.job.inputs),
+                    **({"job": o.job.id} if o.state in ("failed", "failed-before") and not o.transient else {})}
                    for o in report.outcomes if o.failed]
+        failed += [{"label": "problem", "reason": p, "files": 0} for p in report.problems]
         reasons = Counter(item.reason for item in report.plan.left_out)
         left = [{"reason": r, "files": n} for r, n in reasons.most_common(20)]
         for entry in left:
@@ -798,6 +833,26 @@ def print_status(state: Path, rules: Optional[Rules], console) -> int:
     return 0
 
 
+def _print_pending_moves(ledger: Ledger, console) -> None:
+    """Jobs whose master is made but some inputs could not be moved yet."""
+    from rich.markup import escape
+
+    from flatd.ledger import MOVES_PENDING
+
+    try:
+        jobs = ledger.jobs([MOVES_PENDING])
+        pending = ledger.pending_moves()
+    except sqlite3.OperationalError:  # a ledger from before this state
+        return
+    if not jobs:
+        return
+    console.print("\n[bold]Inputs not moved yet[/bold] (tried again at every run)")
+    for job in jobs:
+        count = sum(1 for row in pending if row.job_id == job.id)
+        console.print(f"  {_when(job.updated_at)}  {escape(job.label)}: {count} input(s) still in place, master "
+                      f"{escape(job.master or '?')}: {escape(job.reason or '')}")
+
+
 def _print_status(ledger: Ledger, rules: Optional[Rules], console, alive: bool) -> None:
     from rich.markup import escape
 
@@ -868,6 +923,7 @@ def _print_status(ledger: Ledger, rules: Optional[Rules], console, alive: bool) 
         for item in notes.get("left_out", []):
             left.append(f"  {when}  {escape(name)}: {item['files']} file(s): {escape(item['reason'])}")
     console.print("\n".join(lines) if lines else "  none")
+    _print_pending_moves(ledger, console)
     if left:
         console.print("\n[bold]Left in place by the last batch[/bold]")
         console.print("\n".join(left))

@@ -10,7 +10,6 @@ folder at start-up and every `rescan`.
 from __future__ import annotations
 
 import errno
-import fnmatch
 import logging
 import os
 import queue
@@ -24,7 +23,6 @@ from typing import Callable, Iterable, Iterator, Optional
 from watchdog.events import FileSystemEventHandler
 
 from flatd.config import CaptureFolder, Rules
-from flatd.frames import is_fits_name, is_ignored_name, iter_fits_files
 from flatd.log import event
 
 # --------------------------------------------------------------------------- file systems
@@ -244,84 +242,8 @@ class FolderState:
 
 # --------------------------------------------------------------------------- what is a candidate
 
-
-class FolderFilter:
-    """Which paths under a capture folder may be flats: the same rules as the scan.
-
-    FITS names only; no hidden or temporary files; nothing in a hidden folder, an
-    output folder, a move_to folder or the state folder; only direct children when the
-    folder is not recursive.
-    """
-
-    def __init__(self, capture: CaptureFolder, rules: Rules):
-        from flatd.plan import output_folders
-        from flatd.runner import own_output_patterns
-
-        self.capture = capture
-        self.root = Path(os.path.abspath(capture.path))
-        self.excluded = [Path(os.path.abspath(p)) for p in output_folders(rules) + [rules.state]]
-        self.excluded += _absolute_move_dirs(rules)
-        self.patterns = own_output_patterns(rules)
-        self.absolute_globs = _absolute_move_globs(rules)
-
-    def excluded_dir(self, folder: Path) -> bool:
-        folder = Path(os.path.abspath(folder))
-        if any(folder == ex or ex in folder.parents for ex in self.excluded):
-            return True
-        text = str(folder)
-        return any(fnmatch.fnmatchcase(text, g) or any(fnmatch.fnmatchcase(str(p), g) for p in folder.parents)
-                   for g in self.absolute_globs)
-
-    def wants(self, path: Path) -> bool:
-        path = Path(os.path.abspath(path))
-        if not _inside(path, self.root) or path == self.root:
-            return False
-        if not is_fits_name(path) or is_ignored_name(path):
-            return False
-        rel_dirs = path.relative_to(self.root).parts[:-1]
-        if not self.capture.recursive and rel_dirs:
-            return False
-        if any(part.startswith(".") for part in rel_dirs):
-            return False
-        if any(fnmatch.fnmatch(part, pat) for part in rel_dirs for pat in self.patterns):
-            return False
-        return not self.excluded_dir(path.parent)
-
-    def wants_dir(self, folder: Path) -> bool:
-        """A folder that may hold flats (walked when it appears in one piece)."""
-        folder = Path(os.path.abspath(folder))
-        if not _inside(folder, self.root):
-            return False
-        rel = folder.relative_to(self.root).parts
-        if rel and not self.capture.recursive:
-            return False
-        if any(part.startswith(".") for part in rel):
-            return False
-        if any(fnmatch.fnmatch(part, pat) for part in rel for pat in self.patterns):
-            return False
-        return not self.excluded_dir(folder)
-
-    def walk(self, under: Optional[Path] = None) -> Iterator[Path]:
-        """Every candidate file under the capture folder (or one of its sub-folders)."""
-        start = self.root if under is None else Path(os.path.abspath(under))
-        if not start.is_dir():
-            return
-        for path in iter_fits_files(start, self.capture.recursive or start != self.root, self.excluded):
-            if self.wants(path):
-                yield path
-
-
-def _absolute_move_templates(rules: Rules) -> list[str]:
-    templates = [rules.inputs.move_to] + [r.inputs.get("move_to") for r in rules.rules if r.inputs]
-    return [os.path.expanduser(t) for t in templates if t and os.path.isabs(os.path.expanduser(t))]
-
-
-def _absolute_move_dirs(rules: Rules) -> list[Path]:
-    return [Path(t) for t in _absolute_move_templates(rules) if "{" not in t]
-
-
-def _absolute_move_globs(rules: Rules) -> list[str]:
-    return [re.sub(r"\{[^}]*\}", "*", t) for t in _absolute_move_templates(rules) if "{" in t]
+# One filter for the watcher and the scans alike: flatd.discover.
+from flatd.discover import FolderFilter  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- observers

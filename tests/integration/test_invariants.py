@@ -13,6 +13,7 @@ import os
 import pytest
 from astropy.io import fits
 
+import flatd.discover as discover_module
 import flatd.runner as runner_module
 from flatd.cli import main
 from flatd.config import load_rules
@@ -119,10 +120,10 @@ def test_crash_between_link_and_unlink_of_a_move(tree, monkeypatch, moved_before
     real_move = runner_module.move_file
     calls = []
 
-    def move_then_die(src, dest_dir):
+    def move_then_die(src, dest_dir, expect=None):
         calls.append(src)
         if len(calls) <= moved_before_crash:
-            return real_move(src, dest_dir)
+            return real_move(src, dest_dir, expect)
         dest_dir.mkdir(parents=True, exist_ok=True)
         os.link(src, dest_dir / src.name)
         raise Crash()
@@ -137,7 +138,7 @@ def test_crash_between_link_and_unlink_of_a_move(tree, monkeypatch, moved_before
 def test_crash_after_a_cross_filesystem_copy_before_the_unlink(tree, monkeypatch):
     rules, digests = _setup(tree)
 
-    def copy_then_die(src, dest_dir):
+    def copy_then_die(src, dest_dir, expect=None):
         dest_dir.mkdir(parents=True, exist_ok=True)
         (dest_dir / src.name).write_bytes(src.read_bytes())  # another inode: a copy
         raise Crash()
@@ -188,9 +189,9 @@ def test_a_service_batch_reads_only_the_flats_the_watcher_accepted(tree, monkeyp
         tree.flat(f"light_{i}.fits", imagetyp="LIGHT")
     flats = {str(p) for p in (tree.root / "captures").rglob("flat_*.fits")}
     read = []
-    real_read = runner_module.read_frame
-    monkeypatch.setattr(runner_module, "read_frame", lambda path, kw: read.append(path) or real_read(path, kw))
-    frames, skipped = runner_module.scan_folder(rules.capture[0], rules, None, 0.0, 0.0,
-                                                ready=lambda path, st: str(path) in flats)
+    real_read = discover_module.read_frame
+    monkeypatch.setattr(discover_module, "read_frame", lambda path, kw: read.append(path) or real_read(path, kw))
+    frames, skipped, _ = discover_module.scan_capture(rules.capture[0], rules, None, 0.0, 0.0,
+                                                     ready=lambda path, st: str(path) in flats)
     assert {str(p) for p in read} == flats
     assert len(frames) == len(flats) and skipped == []

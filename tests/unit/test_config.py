@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import yaml
 from pydantic import BaseModel
 
 from flatd.config import (
+    MAX_RULES_BYTES,
+    MAX_RULES_DEPTH,
+    MAX_RULES_NODES,
     NAME_FIELDS,
     ConfigError,
     ConfigProblem,
@@ -298,6 +302,116 @@ def test_unreadable_rules_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_rules(tmp_path / "missing.yaml")
     assert info.value.render() == f"{tmp_path / 'missing.yaml'}: at '(file)': cannot read: No such file or directory"
+
+
+# ------------------------------------------------------------------ bounds on the rules file
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A billion-laughs document: 9 levels of 9 aliases each stand for 9**9 strings."""
+    names = "abcdefghijklmnopqrstuvwxyz"[:levels]
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]" for prev, name in zip(names, names[1:])]
+    return "\n".join(lines) + "\n"
+
+
+def test_aliases_are_refused_at_their_line():
+    assert problems("a: &base {sigma: 3}\ncombine: *base\n") == [
+        "/etc/flatd/flatd.yaml:2: at '(syntax)': YAML aliases (*base) are not allowed in a rules file; "
+        "write the value out in full",
+    ]
+
+
+def test_merge_keys_are_aliases_too():
+    assert "YAML aliases (*base)" in problems("x: &base {sigma: 3}\ncombine:\n  <<: *base\n")[0]
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path):
+    """A SIGHUP reload calls load_rules: it must answer, not build 9**9 strings."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_rules(bomb)
+    assert time.perf_counter() - started < 5  # was: minutes and gigabytes
+    assert info.value.render() == (f"{bomb}:2: at '(syntax)': YAML aliases (*a) are not allowed in a rules file; "
+                                   "write the value out in full")
+
+
+def test_too_many_nodes_are_refused():
+    text = "keywords:\n  filter: [" + ",".join(["x"] * MAX_RULES_NODES) + "]\n"
+    assert problems(text) == [
+        f"/etc/flatd/flatd.yaml:2: at '(syntax)': more than {MAX_RULES_NODES} YAML nodes (keys, values, list items); "
+        "a rules file is refused beyond that",
+    ]
+
+
+def test_many_nodes_under_the_limit_are_fine():
+    names = [f"FILT{i}" for i in range(MAX_RULES_NODES - 10)]
+    rules = parse("keywords:\n  filter: [" + ",".join(names) + "]\n")
+    assert len(rules.keywords.filter) == len(names)
+
+
+def test_deep_nesting_is_refused_without_recursing():
+    text = "settle: " + "[" * 10_000 + "]" * 10_000 + "\n"
+    assert problems(text) == [
+        f"/etc/flatd/flatd.yaml:1: at '(syntax)': nested more than {MAX_RULES_DEPTH} levels deep; "
+        "a rules file is refused beyond that",
+    ]
+
+
+def test_values_python_cannot_build_are_errors_with_a_line():
+    assert problems("settle: 10m\nstable: 2024-13-01\n") == [
+        "/etc/flatd/flatd.yaml:2: at '(syntax)': cannot read this value: month must be in 1..12",
+    ]
+    assert "cannot read this value: Exceeds the limit" in problems("stable: " + "1" * 5000 + "\n")[0]
+
+
+def test_control_characters_are_one_line_with_the_line():
+    assert problems("settle: 10m\nname: a\x00b\n") == [
+        "/etc/flatd/flatd.yaml:2: at '(syntax)': character #x0000: special characters are not allowed",
+    ]
+
+
+def test_a_rules_file_over_the_size_limit_is_not_read(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("# comment\n" * (MAX_RULES_BYTES // 10 + 1))
+    size = big.stat().st_size
+    with pytest.raises(ConfigError) as info:
+        load_rules(big)
+    assert info.value.render() == (f"{big}: at '(file)': too large: {size} bytes, "
+                                   f"over the limit of {MAX_RULES_BYTES} bytes (1 MiB)")
+
+
+def test_a_rules_file_whose_size_says_nothing_is_read_only_to_the_limit(tmp_path):
+    zero = Path("/dev/zero")
+    if not zero.exists():
+        pytest.skip("no /dev/zero")
+    with pytest.raises(ConfigError) as info:
+        load_rules(zero)
+    assert info.value.render() == f"{zero}: at '(file)': too large: more than the limit of {MAX_RULES_BYTES} bytes (1 MiB)"
+
+
+def test_a_rules_file_at_the_size_limit_is_read(tmp_path):
+    exact = tmp_path / "exact.yaml"
+    head = "settle: 10m\n"
+    exact.write_text(head + "#" * (MAX_RULES_BYTES - len(head) - 1) + "\n")
+    assert exact.stat().st_size == MAX_RULES_BYTES
+    assert load_rules(exact).settle == 600.0
+
+
+def test_a_rules_file_that_is_not_utf8_names_the_byte(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("settle: 10m\nname: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_rules(latin1)
+    assert info.value.render() == f"{latin1}: at '(file)': not UTF-8 text (byte 0xe9 at offset 21)"
+
+
+def test_an_empty_rules_file_means_the_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_bytes(b"")
+    assert load_rules(empty).model_dump() == Rules().model_dump()
 
 
 # ------------------------------------------------------------------ rules[] overrides

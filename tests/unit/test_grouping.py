@@ -122,6 +122,24 @@ def test_single_frame_and_equal_temperatures_skip_meanshift(monkeypatch):
     assert len(groups) == 1 and groups[0].temperature == -10.0
 
 
+@pytest.mark.parametrize("absurd", [1e308, -1e308, float("inf"), float("-inf"), float("nan"), 61.0, -201.0])
+@pytest.mark.parametrize("bandwidth", [1.0, None])
+def test_absurd_temperature_is_left_out_not_a_crash(absurd, bandwidth):
+    """read_frame never makes such a Frame; grouping does not trust that."""
+    good = [flat(-10.0), flat(-10.2), flat(-15.0)]
+    bad = [flat(absurd), flat(absurd)]
+    groups, skipped = group_frames(good + bad, GroupOptions(temperature=bandwidth))
+    assert sorted(f.path for g in groups for f in g.frames) == sorted(f.path for f in good)
+    assert [s.path for s in skipped] == [f.path for f in bad]
+    assert all("is outside -200..+60 °C" in s.reason for s in skipped)
+
+
+@pytest.mark.parametrize("absurd", [1e308, float("inf"), float("nan")])
+def test_cluster_temperatures_refuses_absurd_values_clearly(absurd):
+    with pytest.raises(ValueError, match="outside -200..\\+60 °C"):
+        cluster_temperatures([-10.0, absurd], 1.0)
+
+
 def test_frames_without_temperature_form_their_own_group():
     frames = [flat(-10.0), flat(-10.1), flat(None), flat(None)]
     groups, skipped = group_frames(frames, GroupOptions())

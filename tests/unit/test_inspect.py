@@ -13,7 +13,7 @@ import pytest
 from astropy.io import fits
 from rich.console import Console
 
-from flatd.frames import Kind
+from flatd.frames import Frame, Kind
 from flatd.inspect import SORT_KEYS, Row, inspect_paths, render_table, sort_rows
 
 
@@ -261,6 +261,18 @@ def test_a_newline_in_a_file_name_stays_on_its_line(tmp_path):
     out = render(inspect_paths([strange]), adu=False)
     assert "two?lines.fits" in out
     assert len(out.splitlines()) == 3  # header, the row, the summary
+
+
+def test_header_text_reaches_the_table_without_escape_sequences(tmp_path):
+    """Frames from read_frame are clean already; the table does not count on it."""
+    frame = Frame(path=tmp_path / "red.fits", kind=Kind.FLAT, width=8, height=6,
+                  filter="R\x1b[31mRED\x1b]0;title\a\tx", exposure=2.0, temperature=-10.0)
+    rows = [Row(frame.path, frame, None), Row(tmp_path / "bad.fits", None, "FILTER = 'a\x1b[2Jb\nc' is odd")]
+    out = render(rows, adu=False)
+    assert "\x1b" not in out and "\a" not in out
+    assert "RRED x" in out
+    assert f"{tmp_path / 'bad.fits'}: FILTER = 'ab c' is odd" in out
+    assert len(out.splitlines()) == 5  # header, the row, the summary, "Problems:", the problem
 
 
 def test_inspect_imports_neither_numpy_nor_astropy():

@@ -13,7 +13,7 @@ from flatd import ledger as L
 
 def _plan(ledger, job_id="job1", paths=("a.fits", "b.fits"), move_dir=None):
     ledger.plan_job(job_id, "1x1 R", None, Path("/cap"), Path("/cap/masters"), "M.fits",
-                    [(Path(p), 100, 1.5, "none", move_dir) for p in paths])
+                    [(Path(p), 100, 1.5, "none", move_dir, 1, i) for i, p in enumerate(paths)])
 
 
 def test_job_goes_through_its_states(tmp_path):

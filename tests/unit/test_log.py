@@ -4,7 +4,9 @@ import io
 import json
 import logging
 
-from flatd.log import LOGGER, event, setup_logging
+import pytest
+
+from flatd.log import LOGGER, event, printable, setup_logging
 
 
 def _capture(fmt: str, **kw) -> io.StringIO:
@@ -39,3 +41,45 @@ def test_verbose_and_quiet_levels():
     assert LOGGER.level == logging.DEBUG
     _capture("plain", quiet_on_terminal=True)  # a StringIO is no terminal: lines stay
     assert LOGGER.level == logging.INFO
+
+
+# --------------------------------------------------------------------------- printable
+
+ESC = "\x1b"
+
+
+@pytest.mark.parametrize("text, shown", [
+    (f"R{ESC}[31mRED{ESC}[0m", "RRED"),  # CSI colours
+    (f"{ESC}[2J{ESC}[1;1HX", "X"),  # clear screen, cursor home
+    ("\x9b31mC1", "C1"),  # 8-bit CSI
+    (f"{ESC}]0;title\aA", "A"),  # OSC window title, ended by BEL
+    (f"{ESC}]8;;http://x{ESC}\\link{ESC}]8;;{ESC}\\", "link"),  # OSC hyperlink, ended by ST
+    (f"{ESC}P1$r{ESC}\\D", "D"),  # DCS
+    (f"{ESC}(Bq{ESC}7", "q"),  # charset, save cursor
+    (f"half{ESC}[31", "half31"),  # cut-off CSI: ESC [ goes, the digits are plain text
+    ("a\tb\nc\r\nd\x0be\x0cf\x85g\u2028h", "a b c  d e f g h"),  # line breaks and tabs: spaces
+    ("bell\a nul\x00 bs\x08 del\x7f", "bell nul bs del"),
+    ("Hα 3nm, 10°C – Ø", "Hα 3nm, 10°C – Ø"),
+    (None, "None"),
+    (12.5, "12.5"),
+])
+def test_printable(text, shown):
+    assert printable(text) == shown
+
+
+def test_plain_line_has_no_escape_in_message_or_fields():
+    stream = _capture("plain")
+    event("frame_ready", f"flat ready: R{ESC}[31mRED", filter=f"G{ESC}]0;x\aREEN", note="two\nlines")
+    line = stream.getvalue()
+    assert ESC not in line and "\a" not in line
+    assert line == 'flat ready: RRED filter=GREEN note="two lines"\n'
+
+
+def test_json_line_escapes_control_characters_and_keeps_the_value():
+    stream = _capture("json")
+    text = f"R{ESC}[31mRED\x9b2J\x7f\n"
+    event("frame_ready", text, filter=text)
+    line = stream.getvalue()
+    assert not any(c in line.rstrip("\n") for c in (ESC, "\x9b", "\x7f", "\n"))
+    record = json.loads(line)
+    assert record["message"] == text and record["filter"] == text

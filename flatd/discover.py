@@ -1,0 +1,254 @@
+"""Which files in a capture folder are candidates: one filter for the watcher and the scans.
+
+The first scan, the watcher's events, the rescans and run-once all ask the same
+`FolderFilter`. A file is never a candidate when it lies below an output folder or a
+move folder of any rule (relative or absolute, whatever the ledger says), in a hidden
+folder, or in the state folder; when it is hidden or temporary; when it is not named
+like a FITS file; or when it is a symbolic link to a file outside every capture folder
+(unless `capture[].follow_symlinks`). A folder that cannot be read is a problem to
+report, never silence.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from flatd.config import CaptureFolder, Rules
+from flatd.frames import Frame, FrameError, Skipped, is_fits_name, is_ignored_name, read_frame
+
+NOT_FITS = "not a FITS file name (.fit, .fits, .fts, .fz)"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def own_output_patterns(rules: Rules) -> list[str]:
+    """Folder-name globs of relative inputs.move_to templates, e.g. 'originals-*'."""
+    patterns = []
+    for template in [rules.inputs.move_to] + [r.inputs.get("move_to") for r in rules.rules if r.inputs]:
+        if template and not os.path.isabs(os.path.expanduser(template)):
+            for part in Path(template).parts:
+                patterns.append(re.sub(r"\{[^}]*\}", "*", part))
+    return patterns
+
+
+def _absolute_move_templates(rules: Rules) -> list[str]:
+    templates = [rules.inputs.move_to] + [r.inputs.get("move_to") for r in rules.rules if r.inputs]
+    return [os.path.expanduser(t) for t in templates if t and os.path.isabs(os.path.expanduser(t))]
+
+
+def _absolute_move_dirs(rules: Rules) -> list[Path]:
+    return [Path(t) for t in _absolute_move_templates(rules) if "{" not in t]
+
+
+def _absolute_move_globs(rules: Rules) -> list[str]:
+    return [re.sub(r"\{[^}]*\}", "*", t) for t in _absolute_move_templates(rules) if "{" in t]
+
+
+@dataclass
+class Walk:
+    """What a walk met besides candidates: unreadable folders, other files, links refused."""
+
+    problems: list[str] = field(default_factory=list)
+    others: list[Path] = field(default_factory=list)
+    refused: list[Skipped] = field(default_factory=list)
+
+
+class FolderFilter:
+    """Which paths under a capture folder may be flats: the same rules for every caller.
+
+    FITS names only; no hidden or temporary files; nothing in a hidden folder, an output
+    folder, a move_to folder (relative or absolute, of any rule) or the state folder;
+    only direct children when the folder is not recursive; symbolic links only to files
+    inside a capture folder, unless the folder follows links.
+    """
+
+    def __init__(self, capture: CaptureFolder, rules: Rules):
+        from flatd.plan import output_folders
+
+        self.capture = capture
+        self.root = Path(os.path.abspath(capture.path))
+        self.excluded = [Path(os.path.abspath(p)) for p in output_folders(rules) + [rules.state]]
+        self.excluded += [Path(os.path.abspath(p)) for p in _absolute_move_dirs(rules)]
+        self.patterns = own_output_patterns(rules)
+        self.absolute_globs = _absolute_move_globs(rules)
+        self.capture_roots = [Path(os.path.realpath(c.path)) for c in rules.capture]
+
+    def excluded_dir(self, folder: Path) -> bool:
+        folder = Path(os.path.abspath(folder))
+        if any(_inside(folder, ex) for ex in self.excluded):
+            return True
+        text = str(folder)
+        return any(fnmatch.fnmatchcase(text, g) or any(fnmatch.fnmatchcase(str(p), g) for p in folder.parents)
+                   for g in self.absolute_globs)
+
+    def _own_rel_dirs(self, rel_dirs: tuple) -> bool:
+        """Hidden folders and relative move_to folders below the capture folder."""
+        return any(part.startswith(".") for part in rel_dirs) or any(
+            fnmatch.fnmatch(part, pat) for part in rel_dirs for pat in self.patterns)
+
+    def wants(self, path: Path) -> bool:
+        path = Path(os.path.abspath(path))
+        if not _inside(path, self.root) or path == self.root:
+            return False
+        if not is_fits_name(path) or is_ignored_name(path):
+            return False
+        rel_dirs = path.relative_to(self.root).parts[:-1]
+        if not self.capture.recursive and rel_dirs:
+            return False
+        if self._own_rel_dirs(rel_dirs) or self.excluded_dir(path.parent):
+            return False
+        return self.link_refused(path) is None
+
+    def wants_dir(self, folder: Path) -> bool:
+        """A folder that may hold flats (walked when it appears in one piece)."""
+        folder = Path(os.path.abspath(folder))
+        if not _inside(folder, self.root):
+            return False
+        rel = folder.relative_to(self.root).parts
+        if rel and not self.capture.recursive:
+            return False
+        if self._own_rel_dirs(rel):
+            return False
+        return not self.excluded_dir(folder)
+
+    def link_refused(self, path: Path) -> Optional[str]:
+        """Why a symbolic link is not followed, or None (not a link, or allowed)."""
+        if self.capture.follow_symlinks or not os.path.islink(path):
+            return None
+        target = Path(os.path.realpath(path))
+        if any(_inside(target, root) for root in self.capture_roots):
+            return None
+        return (f"a symbolic link to {target}, outside every capture folder: not followed "
+                "(capture[].follow_symlinks: true takes it)")
+
+    def walk(self, under: Optional[Path] = None, seen: Optional[Walk] = None) -> Iterator[Path]:
+        """Every candidate file under the capture folder (or one of its sub-folders).
+
+        Folders that cannot be read, files that are not FITS and refused links are
+        noted in `seen` when given.
+        """
+        seen = seen if seen is not None else Walk()
+        start = self.root if under is None else Path(os.path.abspath(under))
+        if not self.wants_dir(start) and start != self.root:
+            return
+
+        def unreadable(exc: OSError) -> None:
+            seen.problems.append(f"cannot read folder {exc.filename}: {exc.strerror or exc}")
+
+        for dirpath, dirnames, filenames in os.walk(start, onerror=unreadable):
+            here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if self.wants_dir(here / d))
+            for name in sorted(filenames):
+                candidate = here / name
+                if is_ignored_name(candidate):
+                    continue
+                if not is_fits_name(candidate):
+                    seen.others.append(candidate)
+                    continue
+                refused = self.link_refused(candidate)
+                if refused:
+                    seen.refused.append(Skipped(candidate, refused))
+                elif self.wants(candidate):
+                    yield candidate
+            if not self.capture.recursive and here == self.root:
+                break
+
+
+# --------------------------------------------------------------------------- scans
+
+
+Ready = Callable[[Path, os.stat_result], bool]
+
+
+def scan_capture(capture: CaptureFolder, rules: Rules, ledger, now: float, stable: float,
+                 ready: Optional[Ready] = None, waiter: Optional["StableWait"] = None,
+                 list_others: bool = False) -> tuple[list[Frame], list[Skipped], list[str]]:
+    """Ready frames under a capture folder, every file left out with its reason, and the
+    folders that could not be read.
+
+    A file is left out when it is flatd's own output (masters, moved inputs), was
+    already combined, is still being written, or is not a usable FITS image. `ready`
+    (the service's stability tracker) or `waiter` (run-once's) replaces the mtime
+    check when given.
+    """
+    seen = Walk()
+    frames, skipped = [], []
+    for path in FolderFilter(capture, rules).walk(seen=seen):
+        if ledger is not None and (ledger.is_master(path) or ledger.is_moved_input(path)):
+            continue
+        try:
+            st = path.stat()
+        except OSError as exc:
+            skipped.append(Skipped(path, f"cannot read: {exc.strerror or exc}"))
+            continue
+        if ready is not None:
+            if not ready(path, st):
+                continue  # the watcher has not seen this flat stable, or it is no flat
+        elif (waiter is not None and not waiter.ready(path, st)) or (waiter is None and now - st.st_mtime < stable):
+            skipped.append(Skipped(path, f"still being written (changed {now - st.st_mtime:.0f} s ago)"))
+            continue
+        if ledger is not None and ledger.consumed(path, st.st_size, st.st_mtime):
+            continue  # combined before (inputs left in place)
+        try:
+            frames.append(read_frame(path, rules.keyword_map()))
+        except FrameError as exc:
+            skipped.append(Skipped(exc.path, exc.reason))
+    skipped += seen.refused
+    if list_others:
+        skipped += [Skipped(p, NOT_FITS) for p in seen.others]
+    return frames, skipped, seen.problems
+
+
+# --------------------------------------------------------------------------- run-once's wait
+
+
+class StableWait:
+    """run-once's `stable`: a candidate is ready when it has not changed for `stable`
+    seconds, by its mtime or, where clocks disagree (a share), by watching it."""
+
+    def __init__(self, stable: float, clock: Callable[[], float] = time.time):
+        self.stable = stable
+        self.clock = clock
+        self.first_seen: dict[Path, tuple[float, int, float]] = {}  # path -> (since, size, mtime)
+
+    def ready(self, path: Path, st: os.stat_result) -> bool:
+        now = self.clock()
+        known = self.first_seen.get(path)
+        if known is None or known[1:] != (st.st_size, st.st_mtime):
+            self.first_seen[path] = known = (now, st.st_size, st.st_mtime)
+        return now - st.st_mtime >= self.stable or now - known[0] >= self.stable
+
+    def changing(self, filters: list[FolderFilter]) -> list[Path]:
+        """Candidates under the folders that are not ready yet."""
+        young = []
+        for folder_filter in filters:
+            for path in folder_filter.walk():
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                if not self.ready(path, st):
+                    young.append(path)
+        return young
+
+    def wait(self, filters: list[FolderFilter], limit: float, say: Callable[[str], None],
+             sleep: Callable[[float], None] = time.sleep) -> list[Path]:
+        """Wait, at most `limit` seconds, until no candidate changed for `stable`.
+        Returns the files still changing when the limit was reached."""
+        deadline = self.clock() + limit
+        young = self.changing(filters)
+        if young:
+            say(f"waiting up to {limit:.0f} s for {len(young)} file(s) still being written "
+                f"(unchanged for {self.stable:g} s counts as done; --no-wait skips this)")
+        while young and self.clock() < deadline:
+            sleep(min(0.25, max(0.0, deadline - self.clock())))
+            young = self.changing(filters)
+        return young
