@@ -277,6 +277,16 @@ def read_header_cards(path: Path) -> tuple[dict[str, object], dict]:
         raise FrameError(path, f"read error: {exc.strerror or exc}") from None
 
 
+def read_header_from(fd: int, path: Path) -> tuple[dict[str, object], dict]:
+    """read_header_cards on an already open descriptor, which stays open (its offset
+    moves; pixels are read with pread)."""
+    with os.fdopen(os.dup(fd), "rb") as handle:
+        try:
+            return _read_header_cards(handle, Path(path))
+        except OSError as exc:
+            raise FrameError(path, f"read error: {exc.strerror or exc}") from None
+
+
 def _read_header_cards(handle, path: Path) -> tuple[dict[str, object], dict]:
     first = handle.read(10)
     if not first:

@@ -147,11 +147,42 @@ class PixelSource:
             self._open_plain()
 
     # ---- opening
-    def _open_plain(self) -> None:
+    def _open_fd(self) -> int:
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except OSError as exc:
             raise StackError(f"{self.path}: cannot open: {exc.strerror or exc}", self.path) from None
+        try:
+            self._check_planned(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_planned(self, fd: int) -> None:
+        """The open file is the one that was planned: same inode, size and mtime, and the
+        same header. A file replaced or rewritten since (a LIGHT, another size) is refused."""
+        from flatd.frames import FrameError, read_header_from
+        from flatd.fsops import FileIdentity
+
+        if not self.frame.inode:
+            return  # a frame not read from a file (tests, header dumps)
+        planned = FileIdentity(self.frame.device, self.frame.inode, self.frame.file_size, self.frame.mtime)
+        changes = planned.differences(os.fstat(fd))
+        if not changes:
+            try:
+                cards, _ = read_header_from(fd, self.path)
+            except FrameError as exc:
+                changes = [f"header unreadable: {exc.reason}"]
+            else:
+                if not _same_cards(cards, self.frame.headers):
+                    changes = ["header rewritten"]
+        if changes:
+            raise StackError(f"{self.path} changed since it was planned ({', '.join(changes)}); "
+                             "this group is not made and nothing is moved", self.path)
+
+    def _open_plain(self) -> None:
+        self._fd = self._open_fd()
         need = self.frame.data_offset + self.width * self.height * self.itemsize
         size = os.fstat(self._fd).st_size
         if size < need:
@@ -161,8 +192,9 @@ class PixelSource:
     def _open_compressed(self) -> None:
         from astropy.io import fits
 
+        fd = self._open_fd()
         try:
-            self._hdul = fits.open(self.path, memmap=False, lazy_load_hdus=True)
+            self._hdul = fits.open(os.fdopen(fd, "rb"), memmap=False, lazy_load_hdus=True)
             hdu = self._hdul[self.frame.hdu_index]
             self._section = hdu.section
             shape = hdu.shape
@@ -290,6 +322,13 @@ class PixelSource:
         for k, r in enumerate(indices):
             self.read_into(r, r + 1, out[k : k + 1], pedestal, None if cal is None else cal[k : k + 1], scratch=scratch)
         return out
+
+
+def _same_cards(a, b) -> bool:
+    """Header cards equal, NaN values included."""
+    if a.keys() != b.keys():
+        return False
+    return all(x == y or (x != x and y != y) for x, y in ((a[k], b[k]) for k in a))
 
 
 def open_pixels(frame: Frame) -> PixelSource:
