@@ -298,16 +298,14 @@ class Runner:
                 left += [f"{row.path}: would be moved to {row.move_dir} (job {job_id}, left from an earlier run)"
                          for row in rows]
                 continue
-            moves = [(Path(r.path), Path(r.move_dir), row_identity(r)) for r in rows]
-            moved, problems, pending = self._move_inputs(job_id, moves)
+            problems, pending = self._finish_moves(job_id, rows)
             if pending:
                 left += [p + f" (job {job_id}; tried again at the next run)" for p in problems
                          if p.startswith("could not move")]
                 self.ledger.set_state(job_id, L.MOVES_PENDING, "; ".join(problems))
             else:
                 self.ledger.set_state(job_id, L.DONE, "; ".join(problems) or None)
-                event("moves_finished", f"job {job_id}: the {len(moved)} input(s) left by an earlier run are moved",
-                      job=job_id, files=len(moved))
+                event("moves_finished", f"job {job_id}: the inputs left by an earlier run are moved", job=job_id)
         return left
 
     # ------------------------------------------------------------------ recovery

@@ -201,5 +201,7 @@ def files_under(root: Path, pattern: str = "*") -> list[Path]:
 
 
 def temp_files(root: Path) -> list[Path]:
-    """flatd's own temp files (masters and cross-filesystem moves) and any *.tmp."""
-    return [p for p in files_under(root) if p.name.startswith(".flatd") or p.name.endswith(".tmp")]
+    """flatd's own temp files (masters and cross-filesystem moves) and any *.tmp; not
+    the output folders' lock files, which stay by design."""
+    return [p for p in files_under(root) if (p.name.startswith(".flatd") or p.name.endswith(".tmp"))
+            and p.name != ".flatd.lock"]

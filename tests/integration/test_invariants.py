@@ -195,3 +195,40 @@ def test_a_service_batch_reads_only_the_flats_the_watcher_accepted(tree, monkeyp
                                                      ready=lambda path, st: str(path) in flats)
     assert {str(p) for p in read} == flats
     assert len(frames) == len(flats) and skipped == []
+
+
+def test_crash_while_moving_inputs_an_earlier_run_could_not_move(tree, monkeypatch):
+    """A run moves some inputs and fails on others (moves-pending); the next run dies
+    halfway through one of those moves; the run after that finishes cleanly."""
+    import errno
+
+    from flatd.ledger import MOVES_PENDING
+
+    rules, digests = _setup(tree)
+    real_move = runner_module.move_file
+
+    def refuse_two(src, dest_dir, expect=None):
+        if src.name in ("flat_2.fits", "flat_3.fits"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_move(src, dest_dir, expect)
+
+    monkeypatch.setattr(runner_module, "move_file", refuse_two)
+    (outcome,) = _run(rules, Ledger.open(rules.state)).outcomes
+    assert outcome.state == "moves-pending"
+
+    def link_then_die(src, dest_dir, expect=None):
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        os.link(src, dest_dir / src.name)
+        raise Crash()
+
+    monkeypatch.setattr(runner_module, "move_file", link_then_die)
+    with pytest.raises(Crash):
+        Runner(Ledger.open(rules.state)).retry_pending_moves()
+    monkeypatch.undo()
+    ledger = Ledger.open(rules.state)
+    assert ledger.jobs()[0].state == MOVES_PENDING
+    runner = Runner(ledger)
+    runner.recover()
+    assert runner.retry_pending_moves() == []
+    _run(rules, ledger)
+    _check_end_state(tree, digests, ledger)
