@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from flatd.config import Rules
-from flatd.ledger import Ledger, StateLock
+from flatd.ledger import MOVES_PENDING, Ledger, StateLock
 from flatd.log import event
 
 # After SIGTERM/SIGINT: a running job may finish within STOP_GRACE seconds; then it is
@@ -163,6 +163,7 @@ class Service:
         self.watches: dict = {}  # capture path -> Watch
         self.missing: set = set()  # capture folders not there (yet): tried again at each rescan
         self.unreadable: dict = {}  # capture path -> folders under it that could not be read
+        self.moves_due = False  # jobs wait for moves: the worker tries them at each rescan
         self.worker: Optional[threading.Thread] = None
         self.scheduler = None
         self.ledger: Optional[Ledger] = None  # the main thread's connection
@@ -390,6 +391,7 @@ class Service:
                 if now >= self.next_rescan:
                     self._rescan()
                     self.next_rescan = self.clock() + self.rules.rescan
+                    self.moves_due = bool(self.ledger.jobs([MOVES_PENDING]))
                 self._poll_unchecked(now)
                 self._check_ready(self.clock())
                 self._dispatch(self.clock())
@@ -618,7 +620,9 @@ class Service:
             event("session_settled", f"{state.path}: {reason}, {flats} flat(s) ready; processing",
                   folder=state.path, flats=flats, reason=reason)
             batches.append((state.capture, accepted))
-        if batches:
+        if batches or self.moves_due:
+            # With no batch, the worker only moves the inputs earlier jobs could not move.
+            self.moves_due = False
             self.worker = threading.Thread(target=self._work, args=(self.rules, batches), name="flatd-job",
                                            daemon=True)
             self.worker.start()
@@ -640,7 +644,11 @@ class Service:
 
         runner = self._runner()
         libraries = LibraryCache()  # one per batch: darks added to the library are seen
-        runner.retry_pending_moves()  # inputs an earlier batch could not move
+        try:
+            runner.retry_pending_moves()  # inputs an earlier batch could not move
+        except Exception as exc:  # noqa: BLE001 - report, keep serving
+            event("batch_error", f"moving inputs left by earlier jobs failed: {exc}", logging.ERROR,
+                  error=type(exc).__name__)
         for capture, accepted in batches:
             if self.stop_requested.is_set():
                 return
