@@ -129,7 +129,7 @@ class Runner:
         if known is not None and known.state == L.FAILED:
             return self._failed_before(job, known)
         planned = [(i.frame.path, d) for i, d in zip(job.inputs, self._move_dirs(job, now)) if d]
-        existing = find_master(job.output_dir, job.id)
+        existing = find_master(job.output_dir, job.id) if self.ledger is not None else None
         if existing is not None:
             return Outcome(job, "would-run", master=existing, moved=planned,
                            reason=f"a master of these inputs is already there: {existing}; it would be recorded")
@@ -150,9 +150,12 @@ class Runner:
             if known is not None and known.state in (L.DONE, L.MOVES_PENDING):
                 return Outcome(job, "skipped", master=Path(known.master) if known.master else None,
                                reason="already done")
+        if self.ledger is None:
+            # flatd combine: the original's command line makes a new master every time
+            # (never overwriting); the locks and the FLATDJOB look-up serve the ledger.
+            return self._run_locked(job, now)
         try:
-            note = f"state folder {self.ledger.path.parent}" if self.ledger is not None else "flatd combine"
-            lock = L.OutputLock(job.output_dir, note).acquire(self.lock_wait)
+            lock = L.OutputLock(job.output_dir, f"state folder {self.ledger.path.parent}").acquire(self.lock_wait)
         except L.OutputBusy as exc:
             event("output_busy", str(exc), logging.WARNING, job=job.id, folder=job.output_dir)
             return Outcome(job, "busy", reason=str(exc))
@@ -171,7 +174,7 @@ class Runner:
                   i.frame.inode) for i, d in zip(job.inputs, move_dirs)],
             )
         started = time.monotonic()
-        master = find_master(job.output_dir, job.id)
+        master = find_master(job.output_dir, job.id) if self.ledger is not None else None
         if master is not None:
             event("master_found", f"a master of these inputs is already there: {master}; recorded, not made again",
                   logging.WARNING, job=job.id, path=master)

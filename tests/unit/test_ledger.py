@@ -106,3 +106,23 @@ def test_verdicts_hold_for_the_same_file_and_the_same_rules(tmp_path):
     assert ledger.seen_verdict(Path("/c/bad.fits"), 5, 2.0) == "bad"
     ledger.keep_verdicts_for("rules-2")  # other rules may judge otherwise
     assert ledger.seen_verdict(Path("/c/bad.fits"), 5, 2.0) is None
+
+
+def test_a_ledger_from_flatd_0_1_gains_the_new_columns(tmp_path):
+    """Inputs planned by an older flatd have no inode and no note; they still move."""
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / L.DB_NAME)
+    old.executescript(L.SCHEMA.replace("    device INTEGER,\n    inode INTEGER,\n    note TEXT,\n", ""))
+    old.execute("INSERT INTO jobs(id, state, label, output_dir, output_name, created_at, updated_at) "
+                "VALUES ('j', 'written', 'x', '/o', 'm.fits', 0, 0)")
+    old.execute("INSERT INTO job_inputs(job_id, path, size, mtime, move_dir) VALUES ('j', 'a.fits', 1, 2.0, '/d')")
+    old.commit()
+    old.close()
+    ledger = L.Ledger.open(tmp_path)
+    (row,) = ledger.inputs("j")
+    assert (row.device, row.inode, row.note) == (None, None, None) and row.move_pending
+    ledger.set_state("j", L.MOVES_PENDING)
+    assert [r.path for r in ledger.pending_moves()] == ["a.fits"]
+    ledger.input_not_moved("j", Path("a.fits"), "gone before it was moved")
+    assert ledger.pending_moves() == []
