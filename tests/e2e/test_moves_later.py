@@ -18,7 +18,10 @@ def test_watch_retries_the_moves_a_full_folder_refused(tmp_path, watches):
     digests = {p.name: sha256(p) for p in flats}
     away = tmp_path / "away"
     away.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(away)], check=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(away)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         config = write_rules(tmp_path, inputs=f"{{move_to: {away}}}", rescan="1s")
         w = watches(config).started()
