@@ -680,7 +680,7 @@ class Service:
         failed += [{"label": o.job.label, "reason": o.reason, "files": len(o.job.inputs),
                     **({"job": o.job.id} if o.state in ("failed", "failed-before") and not o.transient else {})}
                    for o in report.outcomes if o.failed]
-        failed += [{"label": "problem", "reason": p, "files": 0} for p in report.problems]
+        failed += [{"label": "error", "reason": p, "files": 0} for p in report.problems]
         reasons = Counter(item.reason for item in report.plan.left_out)
         left = [{"reason": r, "files": n} for r, n in reasons.most_common(20)]
         for entry in left:
@@ -926,8 +926,8 @@ def _print_status(ledger: Ledger, rules: Optional[Rules], console, alive: bool) 
         for item in notes.get("failed", []):
             if item.get("job"):
                 continue  # a failed job: listed above from the jobs table
-            lines.append(f"  {when}  {escape(item['label'])} in {escape(name)}: {escape(item['reason'])} "
-                         f"({item['files']} flats)")
+            count = f" ({item['files']} flats)" if item.get("files") else ""
+            lines.append(f"  {when}  {escape(item['label'])} in {escape(name)}: {escape(item['reason'])}{count}")
         for item in notes.get("left_out", []):
             left.append(f"  {when}  {escape(name)}: {item['files']} file(s): {escape(item['reason'])}")
     console.print("\n".join(lines) if lines else "  none")
