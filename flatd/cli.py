@@ -429,6 +429,9 @@ def print_report(report, dry_run: bool = False) -> None:
                 out.print(f"  moved {len(outcome.moved)} inputs to {safe(outcome.moved[0][1].parent)}")
         elif outcome.state == "skipped":
             out.print(f"skipped group {group}{rule}: {safe(outcome.reason)}")
+        elif outcome.state == "moves-pending":
+            out.print(f"[green]{verb}[/green] {safe(outcome.master)}  ({len(job.inputs)} flats, {group}{rule})")
+            out.print(f"  [red]not all moved[/red]: {safe(outcome.reason)}")
         elif outcome.state in ("busy", "failed-before"):
             out.print(f"[red]not done[/red] group {group}{rule}: {safe(outcome.reason)}")
         else:

@@ -281,7 +281,7 @@ class Runner:
             moved.append((src, dest))
         if moved:
             event("inputs_moved", f"moved {len(moved)} inputs to {moved[0][1].parent}", job=job_id, files=len(moved))
-        if self.ledger is not None and not any(d for _, d, _ in moves):
+        if self.ledger is not None and moves and not any(d for _, d, _ in moves):
             self.ledger.inputs_consumed(job_id)
         return moved, problems, pending
 
@@ -308,7 +308,8 @@ class Runner:
                 self.ledger.set_state(job_id, L.MOVES_PENDING, "; ".join(problems))
             else:
                 self.ledger.set_state(job_id, L.DONE, "; ".join(problems) or None)
-                event("moves_finished", f"job {job_id}: the inputs left by an earlier run are moved", job=job_id)
+                event("moves_finished", f"job {job_id}: the {len(rows)} input(s) left by an earlier run are moved",
+                      job=job_id, files=len(rows))
         return left
 
     # ------------------------------------------------------------------ recovery
@@ -338,7 +339,9 @@ class Runner:
         return handled
 
     def _finish_moves(self, job_id: str, inputs: Sequence[L.InputRow]) -> tuple[list[str], int]:
-        problems, pending = [], 0
+        """The moves a job still owes: half-done ones (after a crash) are completed, the
+        others are done now. Returns the problems and how many moves are still owed."""
+        problems, todo = [], []
         for row in inputs:
             if not row.move_pending:
                 continue
@@ -350,15 +353,14 @@ class Runner:
                     src.unlink()  # a hard link of the same inode: the move was half done
                 self.ledger.input_moved(job_id, src, already)
             elif src.exists():
-                _, more, still = self._move_inputs(job_id, [(src, dest_dir, row_identity(row))])
-                problems.extend(more)
-                pending += still
+                todo.append((src, dest_dir, row_identity(row)))
             else:
                 problems.append(f"input {src} is missing")
                 self.ledger.input_not_moved(job_id, src, "gone before it was moved")
+        _, more, pending = self._move_inputs(job_id, todo)
         if not any(r.move_dir for r in inputs):
             self.ledger.inputs_consumed(job_id)
-        return problems, pending
+        return problems + more, pending
 
 
 def _already_moved(src: Path, dest_dir: Path, size: int, mtime: float) -> Optional[Path]:
