@@ -25,7 +25,8 @@ from flatd.frames import Frame, FrameError, Skipped, is_fits_name, is_ignored_na
 NOT_FITS = "not a FITS file name (.fit, .fits, .fts, .fz)"
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def inside(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or lies below it (both absolute)."""
     return path == folder or folder in path.parents
 
 
@@ -83,7 +84,7 @@ class FolderFilter:
 
     def excluded_dir(self, folder: Path) -> bool:
         folder = Path(os.path.abspath(folder))
-        if any(_inside(folder, ex) for ex in self.excluded):
+        if any(inside(folder, ex) for ex in self.excluded):
             return True
         text = str(folder)
         return any(fnmatch.fnmatchcase(text, g) or any(fnmatch.fnmatchcase(str(p), g) for p in folder.parents)
@@ -96,7 +97,7 @@ class FolderFilter:
 
     def wants(self, path: Path) -> bool:
         path = Path(os.path.abspath(path))
-        if not _inside(path, self.root) or path == self.root:
+        if not inside(path, self.root) or path == self.root:
             return False
         if not is_fits_name(path) or is_ignored_name(path):
             return False
@@ -110,7 +111,7 @@ class FolderFilter:
     def wants_dir(self, folder: Path) -> bool:
         """A folder that may hold flats (walked when it appears in one piece)."""
         folder = Path(os.path.abspath(folder))
-        if not _inside(folder, self.root):
+        if not inside(folder, self.root):
             return False
         rel = folder.relative_to(self.root).parts
         if rel and not self.capture.recursive:
@@ -124,7 +125,7 @@ class FolderFilter:
         if self.capture.follow_symlinks or not os.path.islink(path):
             return None
         target = Path(os.path.realpath(path))
-        if any(_inside(target, root) for root in self.capture_roots):
+        if any(inside(target, root) for root in self.capture_roots):
             return None
         return (f"a symbolic link to {target}, outside every capture folder: not followed "
                 "(capture[].follow_symlinks: true takes it)")
@@ -132,8 +133,9 @@ class FolderFilter:
     def walk(self, under: Optional[Path] = None, seen: Optional[Walk] = None) -> Iterator[Path]:
         """Every candidate file under the capture folder (or one of its sub-folders).
 
-        Folders that cannot be read, files that are not FITS and refused links are
-        noted in `seen` when given.
+        Folders are pruned with `wants_dir`, so a file met on the way needs only its
+        name and link checked. Folders that cannot be read, files that are not FITS
+        and refused links are noted in `seen` when given.
         """
         seen = seen if seen is not None else Walk()
         start = self.root if under is None else Path(os.path.abspath(under))
@@ -156,7 +158,7 @@ class FolderFilter:
                 refused = self.link_refused(candidate)
                 if refused:
                     seen.refused.append(Skipped(candidate, refused))
-                elif self.wants(candidate):
+                else:
                     yield candidate
             if not self.capture.recursive and here == self.root:
                 break
@@ -180,6 +182,7 @@ def scan_capture(capture: CaptureFolder, rules: Rules, ledger, now: float, stabl
     check when given.
     """
     seen = Walk()
+    keywords = rules.keyword_map()
     frames, skipped = [], []
     for path in FolderFilter(capture, rules).walk(seen=seen):
         if ledger is not None and (ledger.is_master(path) or ledger.is_moved_input(path)):
@@ -198,7 +201,7 @@ def scan_capture(capture: CaptureFolder, rules: Rules, ledger, now: float, stabl
         if ledger is not None and ledger.consumed(path, st.st_size, st.st_mtime):
             continue  # combined before (inputs left in place)
         try:
-            frames.append(read_frame(path, rules.keyword_map()))
+            frames.append(read_frame(path, keywords))
         except FrameError as exc:
             skipped.append(Skipped(exc.path, exc.reason))
     skipped += seen.refused
@@ -226,29 +229,34 @@ class StableWait:
             self.first_seen[path] = known = (now, st.st_size, st.st_mtime)
         return now - st.st_mtime >= self.stable or now - known[0] >= self.stable
 
-    def changing(self, filters: list[FolderFilter]) -> list[Path]:
-        """Candidates under the folders that are not ready yet."""
+    def not_ready(self, paths) -> list[Path]:
+        """The paths that are not ready yet (a file that went away is no longer waited for)."""
         young = []
-        for folder_filter in filters:
-            for path in folder_filter.walk():
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue
-                if not self.ready(path, st):
-                    young.append(path)
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if not self.ready(path, st):
+                young.append(path)
         return young
 
     def wait(self, filters: list[FolderFilter], limit: float, say: Callable[[str], None],
              sleep: Callable[[float], None] = time.sleep) -> list[Path]:
         """Wait, at most `limit` seconds, until no candidate changed for `stable`.
-        Returns the files still changing when the limit was reached."""
+        Returns the files still changing when the limit was reached.
+
+        The folders are walked once, then only the files still changing are looked at;
+        when they are all ready, one more walk catches files that arrived meanwhile."""
+        def walk_all() -> list[Path]:
+            return self.not_ready(path for folder_filter in filters for path in folder_filter.walk())
+
         deadline = self.clock() + limit
-        young = self.changing(filters)
+        young = walk_all()
         if young:
             say(f"waiting up to {limit:.0f} s for {len(young)} file(s) still being written "
                 f"(unchanged for {self.stable:g} s counts as done; --no-wait skips this)")
         while young and self.clock() < deadline:
             sleep(min(0.25, max(0.0, deadline - self.clock())))
-            young = self.changing(filters)
+            young = self.not_ready(young) or walk_all()
         return young

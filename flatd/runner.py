@@ -153,7 +153,7 @@ class Runner:
         if self.ledger is None:
             # flatd combine: the original's command line makes a new master every time
             # (never overwriting); the locks and the FLATDJOB look-up serve the ledger.
-            return self._run_locked(job, now)
+            return self._make_and_move(job, now)
         try:
             lock = L.OutputLock(job.output_dir, f"state folder {self.ledger.path.parent}").acquire(self.lock_wait)
         except L.OutputBusy as exc:
@@ -163,9 +163,9 @@ class Runner:
             return self._fail(job, JobFailed(f"cannot use the output folder {job.output_dir}: {exc.strerror or exc}",
                                              transient=True))
         with lock:
-            return self._run_locked(job, now)
+            return self._make_and_move(job, now)
 
-    def _run_locked(self, job: Job, now: datetime) -> Outcome:
+    def _make_and_move(self, job: Job, now: datetime) -> Outcome:
         move_dirs = self._move_dirs(job, now)
         if self.ledger is not None:
             self.ledger.plan_job(
@@ -190,11 +190,11 @@ class Runner:
         if self.ledger is not None:
             self.ledger.master_written(job.id, master, job.label, len(job.inputs))
         moves = [(i.frame.path, d, input_identity(i.frame)) for i, d in zip(job.inputs, move_dirs)]
-        moved, problems, pending = self._move_inputs(job.id, moves)
-        if pending:
+        moved, problems, owed = self._move_inputs(job.id, moves)
+        if owed:
             self._state(job, L.MOVES_PENDING, "; ".join(problems))
             return Outcome(job, "moves-pending", master, moved,
-                           f"{pending} input(s) not moved yet, tried again at every run: " + "; ".join(problems))
+                           f"{len(owed)} input(s) not moved yet, tried again at every run: " + "; ".join(problems))
         self._state(job, L.DONE, "; ".join(problems) or None)
         if problems:
             return Outcome(job, "failed", master, moved, "; ".join(problems))
@@ -215,7 +215,7 @@ class Runner:
         except (StackError, FrameError, ValueError, MemoryError) as exc:
             raise JobFailed(str(exc)) from None
         except OSError as exc:
-            raise JobFailed(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+            raise JobFailed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)) from None
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the other groups
             raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
         self._state(job, L.WRITING)
@@ -257,8 +257,8 @@ class Runner:
                      ) -> tuple[list, list[str], int]:
         """Move each input after its master is safe. A file that is no longer the one that
         was read stays in place for good; any other failed move is tried again later.
-        Returns what moved, the problems, and how many moves are still to be done."""
-        moved, problems, pending = [], [], 0
+        Returns what moved, the problems, and the moves still owed (also among the problems)."""
+        moved, problems, owed = [], [], []
         for src, dest_dir, identity in moves:
             if dest_dir is None:
                 continue
@@ -272,8 +272,8 @@ class Runner:
                     self.ledger.input_not_moved(job_id, src, exc.strerror)
                 continue
             except OSError as exc:
-                pending += 1
-                problems.append(f"could not move {src}: {exc.strerror or exc}")
+                owed.append(f"could not move {src}: {exc.strerror or exc}")
+                problems.append(owed[-1])
                 event("move_failed", f"could not move {src}: {exc}", logging.ERROR, job=job_id, path=src)
                 continue
             if self.ledger is not None:
@@ -283,7 +283,7 @@ class Runner:
             event("inputs_moved", f"moved {len(moved)} inputs to {moved[0][1].parent}", job=job_id, files=len(moved))
         if self.ledger is not None and moves and not any(d for _, d, _ in moves):
             self.ledger.inputs_consumed(job_id)
-        return moved, problems, pending
+        return moved, problems, owed
 
     # ------------------------------------------------------------------ moves left from earlier runs
 
@@ -301,10 +301,9 @@ class Runner:
                 left += [f"{row.path}: would be moved to {row.move_dir} (job {job_id}, left from an earlier run)"
                          for row in rows]
                 continue
-            problems, pending = self._finish_moves(job_id, rows)
-            if pending:
-                left += [p + f" (job {job_id}; tried again at the next run)" for p in problems
-                         if p.startswith("could not move")]
+            problems, owed = self._finish_moves(job_id, rows)
+            if owed:
+                left += [line + f" (job {job_id}; tried again at the next run)" for line in owed]
                 self.ledger.set_state(job_id, L.MOVES_PENDING, "; ".join(problems))
             else:
                 self.ledger.set_state(job_id, L.DONE, "; ".join(problems) or None)
@@ -330,17 +329,17 @@ class Runner:
             else:
                 if row.master is None:
                     self.ledger.master_written(row.id, master, row.label, len(inputs))
-                problems, pending = self._finish_moves(row.id, inputs)
-                state = L.MOVES_PENDING if pending else L.DONE
+                problems, owed = self._finish_moves(row.id, inputs)
+                state = L.MOVES_PENDING if owed else L.DONE
                 self.ledger.set_state(row.id, state, "; ".join(problems) or None)
                 event("job_recovered", f"finished interrupted job {row.id} ({row.label}): {master}", logging.WARNING,
                       job=row.id)
             handled.append(row.id)
         return handled
 
-    def _finish_moves(self, job_id: str, inputs: Sequence[L.InputRow]) -> tuple[list[str], int]:
+    def _finish_moves(self, job_id: str, inputs: Sequence[L.InputRow]) -> tuple[list[str], list[str]]:
         """The moves a job still owes: half-done ones (after a crash) are completed, the
-        others are done now. Returns the problems and how many moves are still owed."""
+        others are done now. Returns the problems and the moves still owed."""
         problems, todo = [], []
         for row in inputs:
             if not row.move_pending:
@@ -357,10 +356,10 @@ class Runner:
             else:
                 problems.append(f"input {src} is missing")
                 self.ledger.input_not_moved(job_id, src, "gone before it was moved")
-        _, more, pending = self._move_inputs(job_id, todo)
+        _, more, owed = self._move_inputs(job_id, todo)
         if not any(r.move_dir for r in inputs):
             self.ledger.inputs_consumed(job_id)
-        return problems + more, pending
+        return problems + more, owed
 
 
 def _already_moved(src: Path, dest_dir: Path, size: int, mtime: float) -> Optional[Path]:

@@ -271,7 +271,8 @@ class Service:
 
     def _configure(self, initial: bool = False) -> None:
         """(Re)build folder states, filters and observers from self.rules."""
-        from flatd.watcher import FolderFilter, FolderState
+        from flatd.discover import FolderFilter
+        from flatd.watcher import FolderState
 
         now = self.clock()
         wall = time.time()

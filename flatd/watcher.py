@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator, Optional
 from watchdog.events import FileSystemEventHandler
 
 from flatd.config import CaptureFolder, Rules
+from flatd.discover import inside
 from flatd.log import event
 
 # --------------------------------------------------------------------------- file systems
@@ -90,8 +91,8 @@ def filesystem_type(path: Path, mounts: Optional[list[tuple[str, str]]] = None) 
     best: Optional[tuple[int, str]] = None
     for point, fstype in mounts:
         point = point.rstrip("/") or "/"
-        inside = target == point or target.startswith(point + "/") or point == "/"
-        if inside and (best is None or len(point) >= best[0]):
+        covers = target == point or target.startswith(point + "/") or point == "/"
+        if covers and (best is None or len(point) >= best[0]):
             best = (len(point), fstype)
     return None if best is None else best[1]
 
@@ -176,7 +177,7 @@ class StabilityTracker:
 
     def unchecked(self, under: Optional[Path] = None) -> list[Path]:
         """Files still changing, or not yet stable long enough (under a folder, or all)."""
-        return sorted(p for p, e in self.entries.items() if not e.checked and (under is None or _inside(p, under)))
+        return sorted(p for p, e in self.entries.items() if not e.checked and (under is None or inside(p, under)))
 
     def changing(self) -> list[Path]:
         """Files to stat at every look: not yet stable, or stable but incomplete (a writer
@@ -185,17 +186,13 @@ class StabilityTracker:
 
     def stable_under(self, folder: Path) -> dict[str, tuple[int, float]]:
         """path -> (size, mtime) of every checked file under `folder`: what a batch may take."""
-        return {str(p): (e.size, e.mtime) for p, e in self.entries.items() if e.checked and _inside(p, folder)}
+        return {str(p): (e.size, e.mtime) for p, e in self.entries.items() if e.checked and inside(p, folder)}
 
     def drop_outside(self, folders: Iterable[Path]) -> None:
         """Forget files under no folder in `folders` (after a reload removed a folder)."""
         folders = list(folders)
-        for path in [p for p in self.entries if not any(_inside(p, f) for f in folders)]:
+        for path in [p for p in self.entries if not any(inside(p, f) for f in folders)]:
             del self.entries[path]
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
 
 
 # --------------------------------------------------------------------------- settle timers
@@ -238,12 +235,6 @@ class FolderState:
     def dispatched(self) -> None:
         self.dirty = False
         self.force = False
-
-
-# --------------------------------------------------------------------------- what is a candidate
-
-# One filter for the watcher and the scans alike: flatd.discover.
-from flatd.discover import FolderFilter  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- observers

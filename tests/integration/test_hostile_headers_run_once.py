@@ -9,30 +9,10 @@ from astropy.io import fits
 
 from flatd.cli import main
 
+from test_run_once import RULES  # the run-once tests' session: auto calibration, sigma 3
+
 CARD = 80
 ESC = "\x1b"
-
-RULES = """
-capture:
-  - path: {root}/captures
-output:
-  directory: masters
-inputs:
-  move_to: "originals"
-grouping:
-  size: true
-  filter: true
-  temperature: 1.0
-  min_group_size: 3
-precalibration:
-  mode: auto
-  library: {root}/calib
-combine:
-  method: sigma
-  sigma: 3.0
-stable: 0
-state: {root}/state
-"""
 
 
 def set_card(path: Path, key: str, value: str) -> Path:
@@ -70,7 +50,7 @@ def test_two_flats_at_1e308_degrees_are_left_out_and_five_combined(tree, capsys)
         left_out = f"left out {path}: CCD-TEMP = 1e+308 is outside -200..+60 °C"
         assert left_out in captured.out
         assert left_out in captured.err  # the log line says it too
-    moved = sorted(p.name for p in (tree.root / "captures" / "night1" / "originals").glob("*.fits"))
+    moved = sorted(p.name for p in (tree.root / "captures" / "night1").glob("originals-*/*.fits"))
     assert moved == sorted(f.name for f in flats if f not in hot)
 
 

@@ -1,5 +1,5 @@
 """The watcher's pure parts: stability with a fake clock, settle timers, mounts, the
-observer fallback, the event handler and which paths are candidates."""
+observer fallback and the event handler."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from flatd.config import CaptureFolder, parse_rules
-from flatd.watcher import (EnqueueHandler, FolderFilter, FolderState, StabilityTracker, choose_polling,
+from flatd.config import CaptureFolder
+from flatd.watcher import (EnqueueHandler, FolderState, StabilityTracker, choose_polling,
                            filesystem_type, is_network_fs, parse_bsd_mount, parse_proc_mounts, start_watch)
 
 
@@ -252,72 +252,3 @@ def test_handler_only_enqueues_paths():
         ("gone-dir", "K", "/c/old"), ("dir", "K", "/c/new"),
         ("gone-dir", "K", "/c/night1"),
     ]
-
-
-# --------------------------------------------------------------------------- candidates
-
-
-def _rules(tmp_path, extra=""):
-    text = f"""
-capture:
-  - path: {tmp_path}/cap
-output: {{directory: masters}}
-inputs: {{move_to: "done/originals-{{date}}"}}
-state: {tmp_path}/cap/.state
-{extra}
-"""
-    return parse_rules(text, base=tmp_path)
-
-
-def test_filter_skips_own_outputs_hidden_and_temporary_files(tmp_path):
-    rules = _rules(tmp_path)
-    f = FolderFilter(rules.capture[0], rules)
-    cap = tmp_path / "cap"
-    assert f.wants(cap / "night1" / "flat_001.fits")
-    assert f.wants(cap / "flat.fit")
-    assert not f.wants(cap / "night1" / "notes.txt")
-    for name in (".flat.fits", "~flat.fits", "flat.fits.tmp", "flat.fits.part"):
-        assert not f.wants(cap / name), name
-    assert not f.wants(cap / "masters" / "FLAT-R.fits")
-    assert not f.wants(cap / "night1" / "done" / "originals-20260101-000000" / "flat_001.fits")
-    assert not f.wants(cap / ".state" / "x.fits")
-    assert not f.wants(cap / ".hidden" / "flat.fits")
-    assert not f.wants(tmp_path / "elsewhere" / "flat.fits")
-    assert not f.wants_dir(cap / "masters")
-    assert f.wants_dir(cap / "night2")
-
-
-def test_filter_non_recursive_and_absolute_move_to(tmp_path):
-    rules = parse_rules(f"""
-capture:
-  - path: {tmp_path}/cap
-    recursive: false
-inputs: {{move_to: "{tmp_path}/cap/archive/{{date}}"}}
-state: {tmp_path}/state
-""", base=tmp_path)
-    f = FolderFilter(rules.capture[0], rules)
-    cap = tmp_path / "cap"
-    assert f.wants(cap / "flat.fits")
-    assert not f.wants(cap / "night1" / "flat.fits")
-    assert not f.wants_dir(cap / "night1")
-    rules = parse_rules(f"""
-capture:
-  - path: {tmp_path}/cap
-inputs: {{move_to: "{tmp_path}/cap/archive/{{date}}"}}
-state: {tmp_path}/state
-""", base=tmp_path)
-    f = FolderFilter(rules.capture[0], rules)
-    assert f.wants(cap / "night1" / "flat.fits")
-    assert not f.wants(cap / "archive" / "20260101" / "flat.fits")
-
-
-def test_walk_finds_the_candidates(tmp_path):
-    rules = _rules(tmp_path)
-    cap = tmp_path / "cap"
-    for rel in ("night1/a.fits", "night1/b.fits.part", "masters/M.fits", "night1/done/originals-1/c.fits",
-                ".state/d.fits", "e.fits"):
-        (cap / rel).parent.mkdir(parents=True, exist_ok=True)
-        (cap / rel).write_bytes(b"x")
-    f = FolderFilter(rules.capture[0], rules)
-    assert sorted(p.relative_to(cap).as_posix() for p in f.walk()) == ["e.fits", "night1/a.fits"]
-    assert [p.name for p in f.walk(cap / "night1")] == ["a.fits"]
