@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal, Optional
 
+from flatd.errors import FlatdError
 from flatd.frames import (
     DEFAULT_KEYWORDS,
     Frame,
@@ -54,7 +56,7 @@ CALIBRATION_KINDS = (Kind.BIAS, Kind.DARK, Kind.DARK_FLAT)
 _PICTTYPE_CAL = {2: Kind.BIAS, 3: Kind.DARK, 4: Kind.FLAT, 1: Kind.LIGHT}
 
 
-class CalibrationError(Exception):
+class CalibrationError(FlatdError):
     """No usable dark/bias for a flat; the message names the flat and the reason."""
 
 
@@ -147,6 +149,7 @@ class Library:
     frames: list[Frame]  # candidates
     skipped: list[Skipped]  # unreadable files and files that are not darks or biases
     keywords: KeywordMap = field(default=DEFAULT_KEYWORDS, repr=False)
+    recursive: bool = True
 
     @classmethod
     def scan(cls, folder: Path, recursive: bool = True, bias_dark_only: bool = True,
@@ -183,7 +186,7 @@ class Library:
                 candidates.append(frame)
         candidates.sort(key=lambda f: str(f.path))
         skipped.sort(key=lambda s: str(s.path))
-        return cls(folder, candidates, skipped, keywords)
+        return cls(folder, candidates, skipped, keywords, recursive)
 
     def _name(self, frame: Frame) -> str:
         """The frame's path relative to the library folder when inside it."""
@@ -218,11 +221,22 @@ class Library:
             has = ", ".join(f"{size} ×{n}" for size, n in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])))
             raise CalibrationError(
                 f"{flat.path}: no dark or bias in {self.folder} matches {_size_text(flat)} "
-                f"(library has: {has or 'no darks or biases'})"
+                f"(library has: {has or 'no darks or biases'}){self._below_hint}"
             )
         if policy == "original":
             return self._choose_original(flat, candidates)
         return self._choose_exposure_match(flat, candidates)
+
+    @cached_property
+    def _below_hint(self) -> str:
+        """For an empty top level searched alone: the sub-folders that hold FITS files (walked once)."""
+        if self.frames or self.recursive:
+            return ""
+        below = sum(1 for p in iter_fits_files(self.folder, recursive=True) if p.parent != self.folder)
+        if not below:
+            return ""
+        return (f"; its sub-folders hold {below} FITS file(s), searched with -ar "
+                "(precalibration.recursive: true in a rules file)")
 
     def _describe(self, frame: Frame) -> str:
         return f"{_ROLE_WORD[self.role(frame)]} {self._name(frame)}"

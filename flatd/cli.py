@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from flatd.errors import FlatdError
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
+class UsageError(FlatdError):
     """A mistake in the command line or the rules file: exit 2."""
 
 
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="flatd", description="Master flats from each night's flat frames, with nobody at the keyboard.")
-    parser.add_argument("--version", action="version", version=f"flatd {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"flatd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -52,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--state", type=Path, help="state folder (default: from the rules file)")
 
-    p = sub.add_parser("retry", help="put failed jobs back to be tried again")
+    p = sub.add_parser("retry", help="put failed jobs back to be tried again",
+                       description="Put failed jobs back to be tried again. Takes the state lock: while a "
+                                   "flatd service holds it, retry refuses and exits 2 (stop the service or "
+                                   "wait). Exits 1 when JOB names no failed job.")
     _add_config(p)
     p.add_argument("job", nargs="?", help="job id (or its first characters); all failed jobs if omitted")
 
@@ -70,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     csub.required = True
     c = csub.add_parser("check", help="validate a rules file; print every error with its key and line")
+    c.add_argument("file", nargs="?", type=Path, metavar="F")
+    c = csub.add_parser("show", help="print the rules in force as YAML: defaults included, relative paths resolved")
     c.add_argument("file", nargs="?", type=Path, metavar="F")
 
     _add_combine_parser(sub)
@@ -92,11 +99,10 @@ def _add_combine_parser(sub) -> None:
     pre.add_argument("-ab", "--autobias", action="store_true", help="consider only files typed bias or dark")
     pre.add_argument("-ax", "--autodisplay", action="store_true", help="show each automatic calibration choice")
     pre.add_argument("--policy", choices=("original", "exposure-match"), help="how the auto choice is scored")
-    meth = p.add_argument_group("combine method").add_mutually_exclusive_group()
-    meth.add_argument("-m", "--mean", action="store_true", help="simple mean")
-    meth.add_argument("-n", "--median", action="store_true", help="simple median")
-    meth.add_argument("-mm", "--minmax", type=int, metavar="<# values to clip>", help="min/max clip n values, then mean")
-    meth.add_argument("-s", "--sigma", type=float, metavar="<threshold>", help="drop values with z-score above threshold, then mean")
+    meth = p.add_argument_group("combine method")
+    _add_method_options(meth.add_mutually_exclusive_group())
+    meth.add_argument("--param", action="append", metavar="NAME=VALUE",
+                      help="a parameter of the method, e.g. --method sigma --param sigma=2.5 (repeatable)")
     p.add_argument("--normalize", choices=("none", "multiplicative"), help="scale flats to a common level before rejecting")
     grp = p.add_argument_group("grouping")
     grp.add_argument("-gs", "--groupsize", action="store_true", help="group by size (dimensions and binning)")
@@ -114,6 +120,51 @@ def _add_combine_parser(sub) -> None:
     _add_logging(p)
 
 
+def _add_method_options(group) -> None:
+    """The options the registry's methods declare (-m, -n, -mm N, -s Z), and --method NAME."""
+    from flatd import methods
+
+    for entry in methods.entries():
+        if not entry.flags:
+            continue
+        param = entry.param(entry.flag_param) if entry.flag_param else None
+        kind = {"action": "store_true"} if param is None else {"type": param.kind, "metavar": param.metavar}
+        group.add_argument(*entry.flags, dest=_method_dest(entry.name), help=entry.summary, **kind)
+    group.add_argument("--method", choices=methods.names(), metavar="NAME",
+                       help=f"combine method by name: {', '.join(methods.names())}")
+
+
+def _method_dest(name: str) -> str:
+    return "method_" + name.replace("-", "_")
+
+
+def _method_choice(args, configured: str) -> dict:
+    """The combine method and parameters the command line gives (`configured`: the rules file's method)."""
+    from flatd import methods
+
+    chosen: dict = {}
+    for entry in methods.entries():
+        value = getattr(args, _method_dest(entry.name), None)
+        if value is not None and value is not False:
+            chosen = {"method": entry.name, **({entry.flag_param: value} if entry.flag_param else {})}
+    if args.method:
+        chosen = {"method": args.method}
+    entry = methods.get(chosen.get("method", configured))
+    for item in args.param or []:
+        name, sep, text = item.partition("=")
+        param = entry.param(name.strip())
+        if param is None or not sep:
+            own = ", ".join(p.name for p in entry.params) or "none"
+            raise UsageError(f"--param {item!r}: give NAME=VALUE, NAME a parameter of {entry.name} ({own})")
+        if param.name in chosen:
+            raise UsageError(f"--param {item!r}: {param.name} is given twice")
+        try:
+            chosen[param.name] = param.validate(text)
+        except ValueError as exc:
+            raise UsageError(f"--param {item!r}: {exc}") from None
+    return chosen
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -123,7 +174,7 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
-def _load_rules(path: Optional[Path], required: bool = True):
+def _load_rules(path: Optional[Path], required: bool = True, writes_state: bool = True):
     from flatd.config import ConfigError, find_config, load_rules
 
     found = find_config(path)
@@ -132,9 +183,41 @@ def _load_rules(path: Optional[Path], required: bool = True):
     if found is not None and not found.exists():
         raise UsageError(f"rules file {found} does not exist")
     try:
-        return load_rules(found)
+        rules = load_rules(found)
     except ConfigError as exc:
         raise UsageError(exc.render()) from None
+    if required:  # the commands that keep a ledger: run-once (dry run too), watch, status, retry
+        problem = state_problem(rules.state, write=writes_state)
+        if problem:
+            raise UsageError(f"{found or '<built-in rules>'}: {problem}")
+    return rules
+
+
+NO_CAPTURE = "the rules file names no capture folder (capture: [- path: ...])"
+
+
+def state_problem(state: Path, write: bool = True) -> Optional[str]:
+    """Why the `state` folder cannot hold the ledger and the lock (None: it can).
+
+    It is usable when it is a writable folder, or when its nearest existing parent is
+    one (the folder is made at the first run)."""
+    import stat
+
+    for probe in (state, *state.parents):
+        try:
+            st = os.stat(probe)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except (OSError, ValueError) as exc:
+            return f"at 'state': {state}: not a usable path ({getattr(exc, 'strerror', None) or exc})"
+        if not stat.S_ISDIR(st.st_mode):
+            what = "is a file, not a folder" if probe == state else f"cannot be made: {probe} is a file"
+            return f"at 'state': {state} {what}"
+        if write and not os.access(probe, os.W_OK):
+            where = "is" if probe == state else f"cannot be made: {probe} is"
+            return f"at 'state': {state} {where} not writable"
+        return None
+    return f"at 'state': {state}: no existing folder above it"
 
 
 def _progress_factory():
@@ -146,7 +229,11 @@ def _progress_factory():
     def factory(label: str, total: int):
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                             TimeElapsedColumn(), console=_console(stderr=True), transient=True)
-        task = progress.add_task(label, total=total)
+        from rich.markup import escape
+
+        from flatd.log import printable
+
+        task = progress.add_task(escape(printable(label)), total=total)  # a FILTER of "[/x]" is no markup
         progress.start()
 
         def update(done: int, total_rows: int) -> None:
@@ -176,10 +263,44 @@ def cmd_config_check(args) -> int:
         print(exc.render(), file=sys.stderr)
         print(f"{path}: {len(exc.problems)} error(s)", file=sys.stderr)
         return EXIT_USAGE
+    problems = _run_problems(rules)
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"{path}: valid ({len(rules.capture)} capture folder(s), {len(rules.rules)} rule(s))")
     for warning in _missing_paths(rules):
         print(f"{path}: warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_config_show(args) -> int:
+    """The effective rules as YAML (a valid rules file itself), or the errors as `check` prints them."""
+    import yaml
+
+    from flatd.config import ConfigError, Rules, find_config, load_rules
+    from flatd.log import printable
+
+    path = find_config(args.file)
+    if path is not None and not path.exists():
+        raise UsageError(f"rules file {path} does not exist")
+    try:
+        rules = load_rules(path) if path is not None else Rules()
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_USAGE
+    source = printable(str(path)) if path is not None else "no rules file: the built-in defaults"
+    print(f"# flatd config show: {source}")
+    print("# every key, defaults included; durations in seconds, sizes in bytes")
+    print(yaml.safe_dump(rules.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+    return EXIT_OK
+
+
+def _run_problems(rules) -> list[str]:
+    """What would stop run-once and watch with valid rules: no capture folder, an unusable state folder."""
+    problems = [] if rules.capture else [NO_CAPTURE]
+    state = state_problem(rules.state)
+    return problems + ([state] if state else [])
 
 
 def _missing_paths(rules) -> list[str]:
@@ -200,7 +321,8 @@ def cmd_inspect(args) -> int:
         raise UsageError(f"--sort takes one of: {', '.join(SORT_KEYS)}")
     rows = inspect_paths(args.paths, adu=args.adu, sort=args.sort, recursive=args.recursive)
     render_table(rows, _console(), adu=args.adu)
-    return EXIT_OK
+    missing = [p for p in args.paths if not os.path.lexists(p)]
+    return EXIT_FAILED if missing else EXIT_OK
 
 
 def cmd_demo(args) -> int:
@@ -218,18 +340,34 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
-def cmd_run_once(args) -> int:
-    from flatd.log import setup_logging
+def _one_shot_output(args, report_wins: bool = False) -> bool:
+    """Set up the log for a one-shot command; True when it prints its report.
 
-    setup_logging(args.log_format, args.verbose, quiet_on_terminal=True)
+    Each destination gets every event once. stdout and stderr apart (or a terminal):
+    the report on stdout, log lines on stderr (muted on a terminal). Both in one file
+    (`>> run-once.log 2>&1`): timestamped log lines ending with a `batch_done` summary,
+    no report; a dry run, which logs nothing it would do, prints the report alone (as
+    does `combine`: `report_wins`).
+    """
+    from flatd.log import is_terminal, same_destination, setup_logging
+
+    together = same_destination(sys.stdout, sys.stderr) and not is_terminal(sys.stdout)
+    report = not together or args.dry_run or report_wins
+    setup_logging(args.log_format, args.verbose, quiet_on_terminal=True, quiet=together and report)
+    return report
+
+
+def cmd_run_once(args) -> int:
+    report_here = _one_shot_output(args)
     rules = _load_rules(args.config)
     if not rules.capture:
         raise UsageError("the rules file names no capture folder (capture: [- path: ...])")
-    from flatd.service import run_once
+    from flatd.runonce import run_once
 
     say = (lambda text: print(f"flatd: {text}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
     report = run_once(rules, dry_run=args.dry_run, progress=_progress_factory(), wait=not args.no_wait, say=say)
-    print_report(report, dry_run=args.dry_run)
+    if report_here:
+        print_report(report, dry_run=args.dry_run)
     return report.exit_code
 
 
@@ -248,12 +386,12 @@ def cmd_watch(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from flatd.service import print_status
+    from flatd.status import print_status
 
     state = args.state
     rules = None
     if state is None:
-        rules = _load_rules(args.config)
+        rules = _load_rules(args.config, writes_state=False)
         state = rules.state
     elif args.config:
         rules = _load_rules(args.config)
@@ -261,19 +399,29 @@ def cmd_status(args) -> int:
 
 
 def cmd_retry(args) -> int:
+    """Under the state lock: a running service would not see the change in time."""
     from flatd.ledger import Ledger, LedgerLocked, StateLock
+    from flatd.status import service_pid
 
     rules = _load_rules(args.config)
     try:
-        with StateLock(rules.state):
-            ledger = Ledger.open(rules.state)
-            count = ledger.retry(args.job)
-            ledger.close()
+        lock = StateLock(rules.state).acquire()
     except LedgerLocked:
-        # The service holds the lock; it re-reads failed jobs on its next sweep.
+        pid, _ = service_pid(rules.state)
+        print(f"flatd: a flatd service (pid {pid if pid is not None else '?'}) holds the state lock of "
+              f"{rules.state}; stop it or wait", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         ledger = Ledger.open(rules.state)
-        count = ledger.retry(args.job)
-        ledger.close()
+        try:
+            if args.job and not ledger.jobs_like(args.job):
+                print(f"flatd: no job {args.job} in the ledger", file=sys.stderr)
+                return EXIT_FAILED
+            count = ledger.retry(args.job)
+        finally:
+            ledger.close()
+    finally:
+        lock.release()
     print(f"{count} failed job(s) put back; they are planned again on the next run")
     return EXIT_OK if count or args.job is None else EXIT_FAILED
 
@@ -303,14 +451,7 @@ def _combine_rules(args):
     if args.policy:
         pre["policy"] = args.policy
     comb = rules.combine.model_dump()
-    if args.mean:
-        comb["method"] = "mean"
-    elif args.median:
-        comb["method"] = "median"
-    elif args.minmax is not None:
-        comb.update(method="minmax", minmax=args.minmax)
-    elif args.sigma is not None:
-        comb.update(method="sigma", sigma=args.sigma)
+    comb.update(_method_choice(args, comb["method"]))
     if args.normalize:
         comb["normalize"] = args.normalize
     grouping_flags = args.groupsize or args.groupfilter or args.grouptemperature is not None
@@ -344,23 +485,33 @@ def _combine_rules(args):
 
 
 def _expand_output_name(name: str) -> str:
-    """The original's -o accepted %d and %t for the date and time of the run."""
+    """The original's -o accepted %d and %t for the date and time of the run. A name
+    that is not a plain file name, or has an extension flatd cannot write (.xisf,
+    .png...), is a usage error."""
     from datetime import datetime
 
+    from flatd.naming import check_file_name, check_output_template
+
+    try:
+        check_output_template(name, "-o")
+        check_file_name(name)
+    except ValueError as exc:
+        hint = " (-od names a folder)" if name in ("", ".", "..") else ""
+        raise UsageError(str(exc) if str(exc).startswith("-o") else f"-o: {exc}{hint}") from None
     now = datetime.now()
     return name.replace("%d", now.strftime("%Y%m%d")).replace("%t", now.strftime("%H%M%S"))
 
 
 def cmd_combine(args) -> int:
-    from flatd.log import setup_logging
-
-    setup_logging(args.log_format, args.verbose, quiet_on_terminal=True)
+    _one_shot_output(args, report_wins=True)
     rules, grouped = _combine_rules(args)
+    _check_move_destination(args.moveinputs)
     if grouped and args.output:
         raise UsageError("-o names one master; with grouping options use -od for the folder of the masters")
     from datetime import datetime
 
     from flatd.calibration import LibraryCache
+    from flatd.engines import make_engine
     from flatd.frames import read_frames
     from flatd.plan import plan_frames
     from flatd.runner import Runner
@@ -384,13 +535,38 @@ def cmd_combine(args) -> int:
         for job in plan.jobs:
             for item in job.inputs:
                 print(f"{item.frame.path}: {item.calibration.why or item.calibration.label}")
-    report = Runner(progress=_progress_factory(), workers=rules.engine.workers).run(plan, dry_run=args.dry_run, now=now)
+    engine = None if args.dry_run else make_engine(rules.engine, _progress_factory())
+    report = Runner(engine=engine).run(plan, dry_run=args.dry_run, now=now)
     print_report(report, dry_run=args.dry_run)
+    _warn_single_flat_groups(plan.jobs)
     if not plan.jobs and not plan.failed:
         print("nothing to combine", file=sys.stderr)
         only_small_groups = all("min_group_size" in s.reason for s in plan.left_out)
         return EXIT_OK if only_small_groups else EXIT_FAILED
-    return EXIT_FAILED if (report.exit_code or missing) else EXIT_OK
+    return EXIT_FAILED if (report.exit_code or missing or bad) else EXIT_OK
+
+
+FITS_SUFFIXES = (".fit", ".fits", ".fts", ".fz")
+
+
+def _check_move_destination(destination: Optional[str]) -> None:
+    """-v is the original's "move inputs to this folder": a FITS file after it is a slip."""
+    if destination is None:
+        return
+    path = Path(destination)
+    if path.is_file() or (not path.is_dir() and path.name.lower().endswith(FITS_SUFFIXES)):
+        raise UsageError(f"-v/--moveinputs takes the folder the inputs are moved to, and {destination} is a file, "
+                         "not a folder (for more log lines use --verbose)")
+
+
+def _warn_single_flat_groups(jobs) -> None:
+    """A master of one flat is that flat again, with all its noise: say so."""
+    from flatd.log import printable
+
+    for job in jobs:
+        if len(job.inputs) == 1:
+            print(f"flatd: warning: group {printable(job.label)} has one flat: a master of one flat is no master "
+                  "(nothing is averaged; give more flats, or -mg to skip such groups)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- report
@@ -415,8 +591,8 @@ def print_report(report, dry_run: bool = False) -> None:
         rule = f" (rule {safe(job.rule)})" if job.rule else ""
         group = safe(job.label)
         if outcome.state == "would-run":
-            out.print(f"[bold]group {group}[/bold]{rule}: {len(job.inputs)} flats, {job.method.description}, "
-                      f"normalize {job.normalize}")
+            out.print(f"[bold]group {group}[/bold]{rule}: {len(job.inputs)} flats, {safe(job.method.description)}, "
+                      f"normalize {safe(job.normalize)}")
             for item in job.inputs:
                 out.print(f"  {safe(item.frame.path)}  [dim]calibration:[/dim] "
                           f"{safe(item.calibration.why or item.calibration.label)}")
@@ -449,6 +625,8 @@ def print_report(report, dry_run: bool = False) -> None:
         out.print("no groups to combine")
 
 
+CONFIG_COMMANDS = {"check": cmd_config_check, "show": cmd_config_show}
+
 COMMANDS = {
     "run-once": cmd_run_once,
     "watch": cmd_watch,
@@ -466,7 +644,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for usage errors
         return int(exc.code or 0)
-    handler = cmd_config_check if args.command == "config" else COMMANDS[args.command]
+    handler = CONFIG_COMMANDS[args.config_command] if args.command == "config" else COMMANDS[args.command]
     try:
         return handler(args)
     except UsageError as exc:

@@ -1,103 +1,127 @@
-"""The combine methods and normalization, on an in-memory stack of one band.
+"""The combine kernels and normalization, on an in-memory stack of one band.
 
 Pure numpy/numba, no I/O. A stack is a C-contiguous float32 array of shape
-(N, rows, cols): N frames of one band. Every method reduces each pixel "column" of N
-values to one float32 value, with the original MasterFlatMaker's semantics (in float):
+(N, rows, cols): N frames of one band. Every method (flatd.methods) reduces each pixel
+"column" of N values to one float32 value in two stages, with the original
+MasterFlatMaker's semantics (in float):
 
-- ``mean``; ``median`` (even N: the mean of the two middle values);
-- ``minmax n``: per pass drop every copy of the column's minimum, then every copy of
-  the maximum of what is left; n passes; mean of the rest. A pass that would empty the
-  column is not made, so with d distinct values k = min(n, (d-1)//2) passes are made;
-- ``sigma z``: one pass; column mean and population standard deviation; values with
-  |x - mean| / std > z (strictly) are rejected (nothing when std == 0); mean of the
-  rest; a column where everything is rejected (z < 1) falls back to min/max clip n=2.
+- rejection decides which values of a column are kept (REJECTIONS, by name):
+  ``minmax n``: per pass drop every copy of the column's minimum, then every copy of
+  the maximum of what is left; n passes. A pass that would empty the column is not
+  made, so with d distinct values k = min(n, (d-1)//2) passes are made;
+  ``sigma z``: one pass; column mean and population standard deviation; values with
+  |x - mean| / std > z (strictly) are rejected (nothing when std == 0); a column where
+  everything is rejected (z < 1) falls back to min/max clip n=2;
+- an estimator combines what was kept (ESTIMATORS, by name): ``mean``; ``median``
+  (even count: the mean of the two middle values). A column where nothing is kept is NaN.
 
-The kernels work on tiles of one row by a few hundred columns and loop over the frames
-on the outside and over the columns on the inside, so the work vectorizes across
-pixels; column statistics are accumulated in float64. The median uses a pruned Batcher
-sorting network applied to whole tile rows (compare-exchange of two frames' rows).
+A method without rejection (mean, median) skips the keep-mask entirely.
+
+The kernels work on tiles of one row by a few hundred columns (up to 1024) and loop
+over the frames on the outside and over the columns on the inside, so the work
+vectorizes across pixels; column statistics are accumulated in float64. The median
+uses a pruned Batcher sorting network applied to whole tile rows (compare-exchange of
+two frames' rows). A rejection kernel writes a uint8 keep-mask of (N, tile width) that
+the estimator reads. Kernels are passed to the row drivers as first-class functions of
+fixed signatures (REJECT_SIG, ESTIMATE_SIG, ESTIMATE_KEPT_SIG), which keeps numba's
+on-disk cache usable.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core.types import WrapperAddressProtocol
 
-METHODS = ("mean", "median", "minmax", "sigma")
-_CODES = {"mean": 0, "median": 1, "minmax": 2, "sigma": 3}
+try:  # numba's lookup of a compiled function's address (not public API: a fallback below)
+    from numba.experimental.function_type import _get_wrapper_address
+except ImportError:  # pragma: no cover
+    _get_wrapper_address = None
+
+from flatd.methods import Method  # noqa: F401  (re-exported: from flatd.combine import Method)
+
 CLIP_MAX = 65535.0
 # Rows sampled to measure a frame's level: at most this many.
 LEVEL_ROWS = 256
 
+# --------------------------------------------------------------------------- signatures
 
-# --------------------------------------------------------------------------- method
+_STACK = types.float32[:, :, ::1]
+_OUT = types.float32[:, ::1]
+_KEEP = types.uint8[:, ::1]
+_NET = types.int64[:, ::1]
+_I = types.intp
+# reject(stack, r, c0, c1, params, keep): keep[i, c - c0] = 1 if stack[i, r, c] is kept, else 0
+REJECT_SIG = types.void(_STACK, _I, _I, _I, types.float64[::1], _KEEP)
+# estimate(stack, out, r, c0, c1, net): out[r, c0:c1] from every value
+ESTIMATE_SIG = types.void(_STACK, _OUT, _I, _I, _I, _NET)
+# estimate_kept(stack, keep, out, r, c0, c1, net): out[r, c0:c1] from the kept values
+ESTIMATE_KEPT_SIG = types.void(_STACK, _KEEP, _OUT, _I, _I, _I, _NET)
 
 
-@dataclass(frozen=True)
-class Method:
-    """A combine method and its parameter."""
+class Kernel:
+    """A numba function of a fixed signature, compiled (or loaded from numba's cache)
+    at its first use, so that importing this module compiles nothing."""
 
-    name: str
-    sigma: float = 2.0
-    minmax: int = 2
-
-    def __post_init__(self):
-        if self.name not in METHODS:
-            raise ValueError(f"unknown combine method {self.name!r}; known: {', '.join(METHODS)}")
-        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
-            raise ValueError(f"sigma clip z must be a positive number, got {self.sigma!r}")
-        if isinstance(self.minmax, bool) or not isinstance(self.minmax, (int, np.integer)) or self.minmax < 1:
-            raise ValueError(f"min/max clip n must be a whole number >= 1, got {self.minmax!r}")
-
-    @classmethod
-    def from_settings(cls, settings) -> "Method":
-        """From a flatd.config.CombineSettings (or anything with method/sigma/minmax)."""
-        return cls(name=settings.method, sigma=float(settings.sigma), minmax=int(settings.minmax))
-
-    @property
-    def label(self) -> str:
-        """The original program's names: Mean, Median, MinMaxClip2, SigmaClip2.0."""
-        if self.name == "mean":
-            return "Mean"
-        if self.name == "median":
-            return "Median"
-        if self.name == "minmax":
-            return f"MinMaxClip{self.minmax}"
-        return f"SigmaClip{_format_z(self.sigma)}"
+    def __init__(self, signature, func: Callable, cache: bool = True):
+        self.signature, self.func, self.cache = signature, func, cache
+        self._compiled = None
+        self._lock = threading.Lock()
 
     @property
-    def description(self) -> str:
-        if self.name == "minmax":
-            return f"min/max clip n={self.minmax}"
-        if self.name == "sigma":
-            return f"sigma clip z={_format_z(self.sigma)}"
-        return self.name
+    def compiled(self):
+        with self._lock:
+            if self._compiled is None:
+                self._compiled = njit(self.signature, nogil=True, cache=self.cache)(self.func)
+                self._pointer = (_Pointer(self._compiled, self.signature) if _get_wrapper_address
+                                 else self._compiled)
+            return self._compiled
 
     @property
-    def min_frames(self) -> int:
-        """The original requires 2n+1 files for min/max clip."""
-        return 2 * self.minmax + 1 if self.name == "minmax" else 1
+    def pointer(self) -> "_Pointer":
+        """The kernel as a first-class function argument of a driver."""
+        self.compiled
+        return self._pointer
 
 
-def _format_z(z: float) -> str:
-    text = f"{float(z):g}"
-    if "." not in text and "e" not in text and "inf" not in text:
-        text += ".0"
-    return text
+class _Pointer(WrapperAddressProtocol):
+    """A compiled kernel's address, looked up once: numba otherwise looks it up at
+    every call of a driver that takes the kernel as an argument (~50 us each)."""
+
+    def __init__(self, dispatcher, signature):
+        self.dispatcher = dispatcher  # keeps the machine code alive
+        self.sig = signature
+        self.address = _get_wrapper_address(dispatcher, signature)
+
+    def __wrapper_address__(self):
+        return self.address
+
+    def signature(self):
+        return self.sig
 
 
-# --------------------------------------------------------------------------- kernels
+def _kernel_of(signature):
+    return lambda func: Kernel(signature, func)
 
 
-@njit(nogil=True, cache=True)
-def _tile_mean(stack, out, r, c0, c1):
+def rejection_kernel(func: Callable, cache: bool = True) -> Kernel:
+    """A rejection kernel (REJECT_SIG) for REJECTIONS, from a plain Python function."""
+    return Kernel(REJECT_SIG, func, cache)
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+@_kernel_of(ESTIMATE_SIG)
+def _mean(stack, out, r, c0, c1, net):
     n = stack.shape[0]
     w = c1 - c0
     acc = np.zeros(w, np.float64)
@@ -110,8 +134,8 @@ def _tile_mean(stack, out, r, c0, c1):
         orow[c] = acc[c] / n
 
 
-@njit(nogil=True, cache=True)
-def _tile_median(stack, out, r, c0, c1, net, m1, m2):
+@_kernel_of(ESTIMATE_SIG)
+def _median(stack, out, r, c0, c1, net):
     n = stack.shape[0]
     w = c1 - c0
     s = np.empty((n, w), np.float32)
@@ -129,14 +153,69 @@ def _tile_median(stack, out, r, c0, c1, net, m1, m2):
                 a[c] = y
                 b[c] = x
     orow = out[r, c0:c1]
-    lo = s[m1]
-    hi = s[m2]
+    lo = s[(n - 1) // 2]
+    hi = s[n // 2]
     for c in range(w):
         orow[c] = (np.float64(lo[c]) + np.float64(hi[c])) * 0.5
 
 
+@_kernel_of(ESTIMATE_KEPT_SIG)
+def _mean_kept(stack, keep, out, r, c0, c1, net):
+    n = stack.shape[0]
+    w = c1 - c0
+    acc = np.zeros(w, np.float64)
+    cnt = np.zeros(w, np.int32)
+    for i in range(n):
+        row = stack[i, r, c0:c1]
+        k = keep[i]
+        for c in range(w):
+            if k[c]:
+                acc[c] += row[c]
+        for c in range(w):  # a loop of its own: together they do not vectorize
+            cnt[c] += k[c]
+    orow = out[r, c0:c1]
+    for c in range(w):
+        orow[c] = acc[c] / cnt[c] if cnt[c] > 0 else np.nan
+
+
+@_kernel_of(ESTIMATE_KEPT_SIG)
+def _median_kept(stack, keep, out, r, c0, c1, net):
+    # rejected values become +inf and sort last; `net` sorts the whole column
+    n = stack.shape[0]
+    w = c1 - c0
+    s = np.empty((n, w), np.float32)
+    cnt = np.zeros(w, np.int64)
+    inf = np.float32(np.inf)
+    for i in range(n):
+        row = stack[i, r, c0:c1]
+        k = keep[i]
+        for c in range(w):
+            s[i, c] = row[c] if k[c] else inf
+            cnt[c] += k[c]
+    for j in range(net.shape[0]):
+        a = s[net[j, 0]]
+        b = s[net[j, 1]]
+        for c in range(w):
+            x = a[c]
+            y = b[c]
+            if y < x:
+                a[c] = y
+                b[c] = x
+    orow = out[r, c0:c1]
+    for c in range(w):
+        m = cnt[c]
+        if m > 0:
+            orow[c] = (np.float64(s[(m - 1) // 2, c]) + np.float64(s[m // 2, c])) * 0.5
+        else:
+            orow[c] = np.nan
+
+
+# --------------------------------------------------------------------------- rejections
+
+
 @njit(nogil=True, cache=True)
-def _tile_minmax(stack, out, r, c0, c1, passes):
+def _minmax_keep(stack, r, c0, c1, passes, keep, k0):
+    """Min/max clip of columns c0..c1 of row r into keep[:, k0:k0 + c1 - c0]."""
     n = stack.shape[0]
     w = c1 - c0
     inf = np.float32(np.inf)
@@ -144,20 +223,13 @@ def _tile_minmax(stack, out, r, c0, c1, passes):
     hi = np.full(w, inf, np.float32)
     nlo = np.empty(w, np.float32)
     nhi = np.empty(w, np.float32)
-    acc = np.zeros(w, np.float64)
     cnt = np.zeros(w, np.int64)
-    res = np.empty(w, np.float64)
-    for i in range(n):
-        row = stack[i, r, c0:c1]
-        for c in range(w):
-            acc[c] += row[c]
-    for c in range(w):
-        res[c] = acc[c] / n
-    for _ in range(passes):
+    clipped = np.zeros(w, np.bool_)  # a pass was made: keep lo < x < hi (else keep all)
+    written = np.zeros(w, np.bool_)  # the mask holds the column's last successful pass
+    for p in range(passes):
         for c in range(w):
             nlo[c] = inf
             nhi[c] = -inf
-            acc[c] = 0.0
             cnt[c] = 0
         # the smallest value left: every copy of it goes
         for i in range(n):
@@ -173,39 +245,55 @@ def _tile_minmax(stack, out, r, c0, c1, passes):
                 x = row[c]
                 if x > nlo[c] and x < hi[c] and x > nhi[c]:
                     nhi[c] = x
+        last = p == passes - 1
         for i in range(n):
             row = stack[i, r, c0:c1]
+            k = keep[i, k0:k0 + w]
             for c in range(w):
                 x = row[c]
-                if x > nlo[c] and x < nhi[c]:
-                    acc[c] += x
-                    cnt[c] += 1
+                inside = x > nlo[c] and x < nhi[c]
+                cnt[c] += inside
+                if last:  # the last pass writes the mask on the way
+                    k[c] = inside
         changed = 0
         for c in range(w):
             if cnt[c] > 0:  # else the pass would empty the column: keep the previous one
                 lo[c] = nlo[c]
                 hi[c] = nhi[c]
-                res[c] = acc[c] / cnt[c]
+                clipped[c] = True
+                written[c] = last
                 changed += 1
         if changed == 0:
             break
-    orow = out[r, c0:c1]
+    # columns whose last pass was not made (few distinct values): their mask from lo, hi
+    todo = 0
     for c in range(w):
-        orow[c] = res[c]
+        todo += not written[c]
+    if todo:
+        for i in range(n):
+            row = stack[i, r, c0:c1]
+            k = keep[i, k0:k0 + w]
+            for c in range(w):
+                if not written[c]:
+                    x = row[c]
+                    k[c] = (x > lo[c] and x < hi[c]) or not clipped[c]
 
 
-@njit(nogil=True, cache=True)
-def _tile_sigma(stack, out, r, c0, c1, z):
+@_kernel_of(REJECT_SIG)
+def _reject_minmax(stack, r, c0, c1, params, keep):
+    _minmax_keep(stack, r, c0, c1, int(params[0]), keep, 0)
+
+
+@_kernel_of(REJECT_SIG)
+def _reject_sigma(stack, r, c0, c1, params, keep):
     # |x - mean| / std > z  <=>  N * D^2 > z^2 * sum_j D_j^2   with D = N*x - sum(x)
     # (exact for integer data; two-pass accuracy for any data; std == 0 rejects nothing)
     n = stack.shape[0]
     w = c1 - c0
     fn = np.float64(n)
-    z2 = np.float64(z) * np.float64(z)
+    z2 = params[0] * params[0]
     s = np.zeros(w, np.float64)
     v = np.zeros(w, np.float64)
-    acc = np.zeros(w, np.float64)
-    cnt = np.zeros(w, np.int64)
     for i in range(n):
         row = stack[i, r, c0:c1]
         for c in range(w):
@@ -219,39 +307,81 @@ def _tile_sigma(stack, out, r, c0, c1, z):
         v[c] *= z2
     for i in range(n):
         row = stack[i, r, c0:c1]
+        k = keep[i]
         for c in range(w):
-            x = row[c]
-            d = fn * x - s[c]
-            if not (fn * d * d > v[c]):
-                acc[c] += x
-                cnt[c] += 1
-    orow = out[r, c0:c1]
+            d = fn * row[c] - s[c]
+            k[c] = not (fn * d * d > v[c])
+    # Some |x - mean| <= std in every column, so only z < 1 can reject a whole column
+    # (rounding is ~n * 1e-16 relative, far inside the margin): only then is it looked for.
+    if z2 < 1.0001:
+        _minmax_where_none_kept(stack, r, c0, c1, keep)
+
+
+@njit(nogil=True, cache=True)
+def _minmax_where_none_kept(stack, r, c0, c1, keep):
+    """Columns where nothing is kept: the original falls back to min/max clip n=2."""
+    w = c1 - c0
+    cnt = np.zeros(w, np.int32)
+    for i in range(stack.shape[0]):
+        k = keep[i]
+        for c in range(w):
+            cnt[c] += k[c]
     for c in range(w):
-        if cnt[c] > 0:
-            orow[c] = acc[c] / cnt[c]
-        else:  # everything rejected: the original falls back to min/max clip n=2
-            _tile_minmax(stack, out, r, c0 + c, c0 + c + 1, 2)
+        if cnt[c] == 0:
+            _minmax_keep(stack, r, c0 + c, c0 + c + 1, 2, keep, c)
 
 
-@njit(nogil=True, cache=True)
-def _tile(stack, out, r, c0, c1, code, z, passes, net, m1, m2):
-    if code == 0:
-        _tile_mean(stack, out, r, c0, c1)
-    elif code == 1:
-        _tile_median(stack, out, r, c0, c1, net, m1, m2)
-    elif code == 2:
-        _tile_minmax(stack, out, r, c0, c1, passes)
-    else:
-        _tile_sigma(stack, out, r, c0, c1, z)
+# --------------------------------------------------------------------------- tables and drivers
 
 
-@njit(nogil=True, cache=True)
-def _combine_rows(stack, out, r0, r1, code, z, passes, net, m1, m2, tile):
-    """Combine rows r0..r1 of `stack` into `out`, in this thread (GIL released)."""
+@dataclass(frozen=True)
+class Estimator:
+    """An estimator's kernels: on every value, on the kept values; the network (int64
+    pairs) each needs for N frames; and the values in a tile (N x columns) it runs
+    fastest on: the median sorts a copy of the tile, best in L1; for the mean, larger
+    tiles in L2 measured faster (less work done once per tile, such as the calls)."""
+
+    every: Kernel
+    kept: Kernel
+    network: Callable[[int, bool], np.ndarray]
+    tile_values: int
+
+
+def _no_network(n: int, kept: bool) -> np.ndarray:
+    return _EMPTY_NET
+
+
+def _median_networks(n: int, kept: bool) -> np.ndarray:
+    return sort_network(n) if kept else median_network(n)[0]
+
+
+# flatd.methods entries name these: Entry.reject and Entry.estimator
+REJECTIONS: dict[str, Kernel] = {"minmax": _reject_minmax, "sigma": _reject_sigma}
+ESTIMATORS: dict[str, Estimator] = {
+    "mean": Estimator(_mean, _mean_kept, _no_network, tile_values=32768),
+    "median": Estimator(_median, _median_kept, _median_networks, tile_values=8192),
+}
+
+@_kernel_of(types.void(_STACK, _OUT, _I, _I, types.FunctionType(ESTIMATE_SIG), _NET, _I))
+def _rows_every(stack, out, r0, r1, estimate, net, tile):
+    """Rows r0..r1, every value estimated, in this thread (GIL released)."""
     ncols = stack.shape[2]
     for r in range(r0, r1):
         for c0 in range(0, ncols, tile):
-            _tile(stack, out, r, c0, min(ncols, c0 + tile), code, z, passes, net, m1, m2)
+            estimate(stack, out, r, c0, min(ncols, c0 + tile), net)
+
+
+@_kernel_of(types.void(_STACK, _OUT, _I, _I, types.FunctionType(REJECT_SIG), types.float64[::1],
+                       types.FunctionType(ESTIMATE_KEPT_SIG), _NET, _I))
+def _rows_kept(stack, out, r0, r1, reject, params, estimate, net, tile):
+    """Rows r0..r1: rejection, then the estimate of what was kept, tile by tile."""
+    ncols = stack.shape[2]
+    keep = np.empty((stack.shape[0], tile), np.uint8)
+    for r in range(r0, r1):
+        for c0 in range(0, ncols, tile):
+            c1 = min(ncols, c0 + tile)
+            reject(stack, r, c0, c1, params, keep)
+            estimate(stack, keep, out, r, c0, c1, net)
 
 
 # --------------------------------------------------------------------------- median network
@@ -298,33 +428,53 @@ def median_network(n: int) -> tuple[np.ndarray, int, int]:
     return net, m1, m2
 
 
+@lru_cache(maxsize=64)
+def sort_network(n: int) -> np.ndarray:
+    """Compare-exchange pairs (int64, shape (M, 2)) that sort n values ascending:
+    Batcher's network for the next power of two without the padding (+inf)."""
+    size = 1
+    while size < n:
+        size *= 2
+    return np.array([(a, b) for a, b in _batcher_pairs(size) if b < n], dtype=np.int64).reshape(-1, 2)
+
+
 # --------------------------------------------------------------------------- entry points
 
 
-def _tile_width(n: int) -> int:
-    """Columns per tile: keep a tile's N rows (and the median's copy) in L1/L2."""
-    return int(min(1024, max(128, (8192 // max(n, 1)) // 16 * 16)))
-
-
-def _kernel_args(method: Method, n: int) -> tuple:
-    if method.name == "median":
-        net, m1, m2 = median_network(n)
-    else:
-        net, m1, m2 = _EMPTY_NET, 0, 0
-    return (_CODES[method.name], float(method.sigma), int(method.minmax), net, m1, m2, _tile_width(n))
+def _tile_width(n: int, budget: int) -> int:
+    """Columns per tile: about `budget` values (the estimator's) in a tile of N rows."""
+    return int(min(1024, max(128, (budget // max(n, 1)) // 16 * 16)))
 
 
 _EMPTY_NET = np.zeros((0, 2), dtype=np.int64)
 
 
+def _kernel(method: Method, n: int) -> tuple[Any, tuple]:
+    """The row driver for `method` on N frames and its arguments after (stack, out, r0, r1)."""
+    entry = method.entry
+    estimator = ESTIMATORS.get(entry.estimator)
+    if estimator is None:
+        raise ValueError(f"combine method {entry.name}: no estimator kernel {entry.estimator!r}")
+    if entry.reject is None:
+        return _rows_every.compiled, (estimator.every.pointer, estimator.network(n, False),
+                                      _tile_width(n, estimator.tile_values))
+    reject = REJECTIONS.get(entry.reject)
+    if reject is None:
+        raise ValueError(f"combine method {entry.name}: no rejection kernel {entry.reject!r}")
+    params = np.array([float(method.params[p.name]) for p in entry.params], dtype=np.float64)
+    return _rows_kept.compiled, (reject.pointer, params, estimator.kept.pointer, estimator.network(n, True),
+                                 _tile_width(n, estimator.tile_values))
+
+
 def combine_rows_into(stack: np.ndarray, method: Method, out: np.ndarray, r0: int = 0, r1: Optional[int] = None) -> None:
     """Combine rows r0..r1 of a float32 C-contiguous (N, rows, cols) stack into the
-    float32 (rows, cols) `out`, in the calling thread (the GIL is released)."""
+    float32 C-contiguous (rows, cols) `out`, in the calling thread (the GIL is released)."""
     if r1 is None:
         r1 = stack.shape[1]
     if r1 <= r0 or stack.shape[2] == 0:
         return
-    _combine_rows(stack, out, r0, r1, *_kernel_args(method, stack.shape[0]))
+    driver, args = _kernel(method, stack.shape[0])
+    driver(stack, out, r0, r1, *args)
 
 
 def _as_stack(stack) -> np.ndarray:
@@ -368,9 +518,9 @@ def combine(stack: np.ndarray, method: Method, workers: Optional[int] = None, ou
         combine_rows_into(stack, method, out)
         return out
     bounds = np.linspace(0, rows, chunks + 1).astype(int)
-    args = _kernel_args(method, n)
+    driver, args = _kernel(method, n)
     with ThreadPoolExecutor(max_workers=min(workers, chunks)) as pool:
-        futures = [pool.submit(_combine_rows, stack, out, int(a), int(b), *args)
+        futures = [pool.submit(driver, stack, out, int(a), int(b), *args)
                    for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         for f in futures:
             f.result()

@@ -13,6 +13,8 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
+from flatd.errors import FlatdError
+
 DEFAULT_CONFIG_PATHS = (
     Path("~/.config/flatd/flatd.yaml").expanduser(),
     Path("/etc/flatd/flatd.yaml"),
@@ -92,16 +94,29 @@ def _poll_mode(value: Any) -> Any:
 
 
 class CaptureFolder(Section):
-    path: PathValue
-    recursive: bool = True
-    poll: Annotated[Union[str, bool], BeforeValidator(_poll_mode)] = "auto"
-    # A symbolic link to a file outside every capture folder is not followed unless this is on.
-    follow_symlinks: bool = False
+    """A folder that receives flats."""
+
+    path: PathValue = Field(description="the folder; relative to the rules file's folder, or absolute")
+    recursive: bool = Field(True, description="look in sub-folders too")
+    poll: Annotated[Union[str, bool], BeforeValidator(_poll_mode)] = Field(
+        "auto", description="auto (native events, polling on network shares), true (always poll) or false")
+    follow_symlinks: bool = Field(
+        False, description="take symbolic links to files outside every capture folder (the link is moved)")
 
 
 class Output(Section):
-    directory: PathValue = Path("masters")
-    name: str = "FLAT-{filter}-{binning}-{size}-{method}-{date}-{temperature}C.fits"
+    """Where the master flats go and what they are called."""
+
+    directory: PathValue = Field(Path("masters"), description="relative to each capture folder, or absolute")
+    name: str = Field("FLAT-{filter}-{binning}-{size}-{method}-{date}-{temperature}C.fits",
+                      description="the file name of each master, with {fields} from its group")
+
+    @field_validator("name")
+    @classmethod
+    def _known_extension(cls, name: str) -> str:
+        from flatd.naming import check_output_template
+
+        return check_output_template(name, "the name")
 
     @field_validator("name")
     @classmethod
@@ -120,26 +135,37 @@ NAME_FIELDS = ("filter", "binning", "size", "method", "date", "time", "datetime"
 
 
 class Inputs(Section):
-    ignore_type: bool = False
-    move_to: Optional[str] = "originals-{date}"
+    """What is done with the input flats."""
+
+    ignore_type: bool = Field(False, description="treat every FITS file as a flat, whatever its IMAGETYP")
+    move_to: Optional[str] = Field("originals-{date}", description=(
+        "folder the inputs are moved to once their master is on disk, relative to each input's folder, "
+        "or absolute; null leaves them in place"))
 
 
 class Grouping(Section):
-    size: bool = True
-    filter: bool = True
-    temperature: Optional[float] = Field(1.0, ge=0.1, le=50)
-    min_group_size: int = Field(5, ge=1)
-    folder: bool = True  # flats in different folders (sessions) never share a group
+    """How flats are split into groups; one master per group."""
+
+    size: bool = Field(True, description="separate flats of different binning or image size")
+    filter: bool = Field(True, description="separate flats of different filters")
+    temperature: Optional[float] = Field(1.0, ge=0.1, le=50, description=(
+        "mean-shift bandwidth in °C for temperature groups; null: no temperature grouping"))
+    min_group_size: int = Field(5, ge=1, description="groups with fewer flats are left out and reported")
+    folder: bool = Field(True, description="flats in different folders (sessions) never share a group")
 
 
 class Precalibration(Section):
-    mode: Literal["none", "pedestal", "file", "auto"] = "none"
-    pedestal: float = 100.0
-    file: Optional[PathValue] = None
-    library: Optional[PathValue] = None
-    recursive: bool = True
-    bias_dark_only: bool = True
-    policy: Literal["original", "exposure-match"] = "original"
+    """What is subtracted from each flat before combining."""
+
+    mode: Literal["none", "pedestal", "file", "auto"] = Field("none", description=(
+        "none, pedestal, file or auto; without a mode: auto when a library is given, file when a file is"))
+    pedestal: float = Field(100.0, description="the constant for mode pedestal, in ADU")
+    file: Optional[PathValue] = Field(None, description="the dark or bias frame for mode file")
+    library: Optional[PathValue] = Field(None, description="the folder of darks and biases for mode auto")
+    recursive: bool = Field(True, description="look in the library's sub-folders too")
+    bias_dark_only: bool = Field(True, description="consider only library files typed BIAS or DARK")
+    policy: Literal["original", "exposure-match"] = Field("original", description=(
+        "original: lowest |dT| + 3 |dExposure|; exposure-match: a dark of the flat's own exposure first"))
 
     @model_validator(mode="before")
     @classmethod
@@ -162,13 +188,100 @@ class Precalibration(Section):
 
 
 class CombineSettings(Section):
-    method: Literal["mean", "median", "minmax", "sigma"] = "sigma"
-    sigma: float = Field(2.0, gt=0)
-    minmax: int = Field(2, ge=1)
-    normalize: Literal["none", "multiplicative"] = "multiplicative"
+    """How a group is combined. Besides method and normalize, the section takes the
+    parameters of every method in the registry (flatd.methods: sigma, minmax...), each
+    with its default; a key that no method has is refused."""
+
+    @staticmethod
+    def _parameters_schema(schema: dict) -> None:
+        from flatd import methods
+
+        properties = schema.setdefault("properties", {})
+        for p in methods.parameters().values():
+            bounds = {"exclusiveMinimum": p.gt, "minimum": p.ge, "maximum": p.le}
+            properties[p.name] = {"type": "integer" if p.kind is int else "number", "default": p.default,
+                                  "description": p.description, **{k: v for k, v in bounds.items() if v is not None}}
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, json_schema_extra=_parameters_schema)
+
+    method: str = Field("sigma", description="combine method: mean, median, minmax (min/max clip), sigma "
+                                             "(sigma clip), or another method of the registry")
+    normalize: Literal["none", "multiplicative"] = Field(
+        "multiplicative", description="scale the flats to a common level before rejecting: none | multiplicative")
+
+    @classmethod
+    def parameter_fields(cls) -> dict:
+        """The registry's method parameters as pydantic FieldInfo, by key (for the docs and
+        tools that walk model_fields: the parameters are not fields of this model)."""
+        from pydantic.fields import FieldInfo
+
+        from flatd import methods
+
+        return {p.name: FieldInfo.from_annotated_attribute(
+                    p.kind, Field(p.default, description=p.description, gt=p.gt, ge=p.ge, le=p.le))
+                for p in methods.parameters().values()}
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _known_method(cls, value: Any) -> Any:
+        from pydantic_core import PydanticCustomError
+
+        problem = cls._method_problem(value)
+        if problem:
+            raise PydanticCustomError("combine_method", problem)
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_parameters(cls, data: Any) -> Any:
+        """Check each parameter key against the registry (at validation time, so methods
+        registered later count) and fill in the defaults of those not given."""
+        from flatd import methods
+
+        if not isinstance(data, dict):
+            return data
+        known = methods.parameters()
+        data = dict(data)
+        errors = []
+        for key in [k for k in data if k not in cls.model_fields]:
+            message = None
+            if key not in known:
+                message = (f"unknown key: no combine method has a parameter {str(key)[:40]!r} "
+                           f"(parameters: {', '.join(sorted(known)) or 'none'})")
+            else:
+                try:
+                    data[key] = known[key].validate(data[key])
+                except ValueError as exc:
+                    message = str(exc)
+            if message:
+                errors.append(cls._parameter_error(key, data[key], message))
+        if errors:  # the field validators will not run: report an unknown method too
+            problem = cls._method_problem(data.get("method", "sigma"))
+            if problem:
+                errors.insert(0, cls._parameter_error("method", data["method"], problem))
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        for name, param in known.items():
+            data.setdefault(name, param.default)
+        return data
+
+    @staticmethod
+    def _method_problem(value: Any) -> Optional[str]:
+        from flatd import methods
+
+        if not isinstance(value, str) or value not in methods.names():
+            return f"Input should be {methods.choices_text()}"
+        return None
+
+    @staticmethod
+    def _parameter_error(key: Any, value: Any, message: str) -> dict:
+        """A pydantic line error for one key of the combine section."""
+        from pydantic_core import PydanticCustomError
+
+        return {"type": PydanticCustomError("combine_parameter", message), "loc": (str(key),), "input": value}
 
 
 class Engine(Section):
+    kind: Literal["local"] = Field("local", description="the engine that stacks: local (in this process)")
     memory_limit: Size = 512 * 2**20
     workers: Optional[int] = Field(None, ge=1)
 
@@ -176,15 +289,15 @@ class Engine(Section):
 class Keywords(Section):
     """Header keywords tried first for each fact, before the built-in dialects."""
 
-    imagetype: list[str] = []
-    filter: list[str] = []
-    exposure: list[str] = []
-    temperature: list[str] = []
-    xbinning: list[str] = []
-    ybinning: list[str] = []
-    date: list[str] = []
-    instrument: list[str] = []
-    telescope: list[str] = []
+    imagetype: list[str] = Field([], description="keywords for the frame type")
+    filter: list[str] = Field([], description="keywords for the filter name")
+    exposure: list[str] = Field([], description="keywords for the exposure in seconds")
+    temperature: list[str] = Field([], description="keywords for the sensor temperature")
+    xbinning: list[str] = Field([], description="keywords for the horizontal binning")
+    ybinning: list[str] = Field([], description="keywords for the vertical binning")
+    date: list[str] = Field([], description="keywords for the date of the exposure")
+    instrument: list[str] = Field([], description="keywords for the camera")
+    telescope: list[str] = Field([], description="keywords for the telescope")
 
 
 def _scalar_text(value: Any) -> Any:
@@ -202,41 +315,46 @@ MatchText = Annotated[str, BeforeValidator(_scalar_text)]
 class Match(Section):
     """Which flats a rule applies to: a path glob and header values (globs, any case)."""
 
-    path: Optional[str] = None
-    instrument: Optional[MatchText] = None
-    telescope: Optional[MatchText] = None
-    filter: Optional[MatchText] = None
-    header: dict[str, MatchText] = {}
+    path: Optional[str] = Field(None, description='glob on the flat\'s absolute path; "dir/**" is everything below dir')
+    instrument: Optional[MatchText] = Field(None, description="glob on the camera (INSTRUME)")
+    telescope: Optional[MatchText] = Field(None, description="glob on the telescope (TELESCOP)")
+    filter: Optional[MatchText] = Field(None, description="glob on the filter name")
+    header: dict[str, MatchText] = Field({}, description="header keywords and the glob each value must match")
 
 
 class Rule(Section):
-    name: Optional[str] = None
-    match: Match
-    output: Optional[dict[str, Any]] = None
-    inputs: Optional[dict[str, Any]] = None
-    grouping: Optional[dict[str, Any]] = None
-    precalibration: Optional[dict[str, Any]] = None
-    combine: Optional[dict[str, Any]] = None
+    """Overrides for the flats a rule matches; the first rule that matches wins."""
+
+    name: Optional[str] = Field(None, description="a label for logs and dry runs; default rules[N]")
+    match: Match = Field(description="the conditions, all of which must hold")
+    output: Optional[dict[str, Any]] = Field(None, description="keys of output to override")
+    inputs: Optional[dict[str, Any]] = Field(None, description="keys of inputs to override")
+    grouping: Optional[dict[str, Any]] = Field(None, description="keys of grouping to override")
+    precalibration: Optional[dict[str, Any]] = Field(None, description="keys of precalibration to override")
+    combine: Optional[dict[str, Any]] = Field(None, description="keys of combine to override")
 
 
 OVERRIDABLE = ("output", "inputs", "grouping", "precalibration", "combine")
 
 
 class Rules(Section):
-    capture: list[CaptureFolder] = []
-    output: Output = Output()
-    inputs: Inputs = Inputs()
-    grouping: Grouping = Grouping()
-    precalibration: Precalibration = Precalibration()
-    combine: CombineSettings = CombineSettings()
-    engine: Engine = Engine()
-    keywords: Keywords = Keywords()
-    settle: Duration = 600.0
-    stable: Duration = 5.0
-    rescan: Duration = 300.0
-    schedule: Optional[str] = None
-    state: PathValue = Path("~/.local/state/flatd").expanduser()
-    rules: list[Rule] = []
+    """The rules file."""
+
+    capture: list[CaptureFolder] = Field([], description="folders that receive flats")
+    output: Output = Field(Output(), description=Output.__doc__)
+    inputs: Inputs = Field(Inputs(), description=Inputs.__doc__)
+    grouping: Grouping = Field(Grouping(), description=Grouping.__doc__)
+    precalibration: Precalibration = Field(Precalibration(), description=Precalibration.__doc__)
+    combine: CombineSettings = Field(CombineSettings(), description="how each group is combined into a master")
+    engine: Engine = Field(Engine(), description="memory and workers of the combine")
+    keywords: Keywords = Field(Keywords(), description=Keywords.__doc__)
+    settle: Duration = Field(600.0, description="quiet time after the last new flat before its session is combined")
+    stable: Duration = Field(5.0, description="a file is complete once its size and mtime are unchanged this long")
+    rescan: Duration = Field(300.0, description="full rescan of the capture folders, in case an event was missed")
+    schedule: Optional[str] = Field(None, description="an optional cron line for a sweep at fixed times")
+    state: PathValue = Field(Path("~/.local/state/flatd").expanduser(),
+                             description="folder for the ledger and the lock")
+    rules: list[Rule] = Field([], description="overrides for the flats a rule matches; first match wins")
     # The folder relative paths are resolved against (the rules file's); None: cwd.
     _base_dir: Optional[Path] = PrivateAttr(None)
 
@@ -272,7 +390,7 @@ class ConfigProblem:
     line: Optional[int] = None
 
 
-class ConfigError(Exception):
+class ConfigError(FlatdError):
     """The rules file is invalid; holds every problem found."""
 
     def __init__(self, path: Optional[Path], problems: list[ConfigProblem]):

@@ -22,8 +22,6 @@ from typing import Callable, Iterator, Optional
 from flatd.config import CaptureFolder, Rules
 from flatd.frames import Frame, FrameError, Skipped, is_fits_name, is_ignored_name, read_frame
 
-NOT_FITS = "not a FITS file name (.fit, .fits, .fts, .fz)"
-
 
 def inside(path: Path, folder: Path) -> bool:
     """`path` is `folder` or lies below it (both absolute)."""
@@ -55,10 +53,9 @@ def _absolute_move_globs(rules: Rules) -> list[str]:
 
 @dataclass
 class Walk:
-    """What a walk met besides candidates: unreadable folders, other files, links refused."""
+    """What a walk met besides candidates: unreadable folders, links refused."""
 
     problems: list[str] = field(default_factory=list)
-    others: list[Path] = field(default_factory=list)
     refused: list[Skipped] = field(default_factory=list)
 
 
@@ -153,8 +150,7 @@ class FolderFilter:
                 if is_ignored_name(candidate):
                     continue
                 if not is_fits_name(candidate):
-                    seen.others.append(candidate)
-                    continue
+                    continue  # no candidate, and not listed: a dry run lists what the run does
                 refused = self.link_refused(candidate)
                 if refused:
                     seen.refused.append(Skipped(candidate, refused))
@@ -171,8 +167,8 @@ Ready = Callable[[Path, os.stat_result], bool]
 
 
 def scan_capture(capture: CaptureFolder, rules: Rules, ledger, now: float, stable: float,
-                 ready: Optional[Ready] = None, waiter: Optional["StableWait"] = None,
-                 list_others: bool = False) -> tuple[list[Frame], list[Skipped], list[str]]:
+                 ready: Optional[Ready] = None,
+                 waiter: Optional["StableWait"] = None) -> tuple[list[Frame], list[Skipped], list[str]]:
     """Ready frames under a capture folder, every file left out with its reason, and the
     folders that could not be read.
 
@@ -204,10 +200,26 @@ def scan_capture(capture: CaptureFolder, rules: Rules, ledger, now: float, stabl
             frames.append(read_frame(path, keywords))
         except FrameError as exc:
             skipped.append(Skipped(exc.path, exc.reason))
-    skipped += seen.refused
-    if list_others:
-        skipped += [Skipped(p, NOT_FITS) for p in seen.others]
+    skipped += seen.refused  # files without a FITS name are no candidates: not listed, dry run or not
     return frames, skipped, seen.problems
+
+
+def still_candidates(frames: list[Frame], ledger) -> list[Frame]:
+    """The Frames a watcher read earlier that may still go into a batch: the file is
+    unchanged since (size and mtime, by a stat), and not combined or made by flatd."""
+    kept = []
+    for frame in frames:
+        try:
+            st = frame.path.stat()
+        except OSError:
+            continue  # gone meanwhile
+        if (st.st_size, st.st_mtime) != (frame.file_size, frame.mtime):
+            continue  # changed: the watcher reads it again once it is stable
+        if ledger is not None and (ledger.is_master(frame.path) or ledger.is_moved_input(frame.path)
+                                   or ledger.consumed(frame.path, st.st_size, st.st_mtime)):
+            continue
+        kept.append(frame)
+    return kept
 
 
 # --------------------------------------------------------------------------- run-once's wait

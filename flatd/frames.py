@@ -18,6 +18,7 @@ from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 from typing import Iterable, Mapping, Optional, Sequence
 
+from flatd.errors import FlatdError
 from flatd.log import printable
 
 BLOCK = 2880
@@ -38,7 +39,7 @@ class Kind(str, Enum):
     UNKNOWN = "unknown"
 
 
-class FrameError(Exception):
+class FrameError(FlatdError):
     """A file that cannot be used as a frame; carries the file and the reason."""
 
     def __init__(self, path: Path | str, reason: str):
@@ -93,6 +94,7 @@ class Frame:
     temperature: float | None = None
     set_temperature: float | None = None
     date: datetime | None = None
+    local_date: datetime | None = None  # DATE-LOC: the observatory's local time (N.I.N.A., SGP)
     instrument: str | None = None
     telescope: str | None = None
     software: str | None = None
@@ -596,6 +598,7 @@ def frame_from_cards(
         temperature=_measured(cards, keywords.temperature, TEMPERATURE_LIMITS, path),
         set_temperature=_measured(cards, ("SET-TEMP",), TEMPERATURE_LIMITS, path),
         date=observation_date(cards, keywords),
+        local_date=parse_date(cards.get("DATE-LOC")),
         instrument=_as_text(_first(cards, keywords.instrument)),
         telescope=_as_text(_first(cards, keywords.telescope)),
         software=software,

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 
+from flatd.errors import FlatdError
+from flatd.naming import format_fields
+
 CHUNK = 1 << 20
 TEMP_PREFIX = ".flatd-"
 TEMP_SUFFIX = ".tmp"
@@ -40,7 +43,7 @@ _FSYNC_UNSUPPORTED = frozenset(
 )
 
 
-class MoveError(OSError):
+class MoveError(OSError, FlatdError):
     """A move that was not done; the source is still where it was."""
 
 
@@ -302,12 +305,10 @@ def resolve_move_dir(template: str, input_path: Path, fields: Mapping[str, objec
     """The folder an input is moved to (inputs.move_to).
 
     `template` is relative to the input's own folder, or absolute ("~" expands);
-    "{field}" values are sanitized with masters.safe_component, so a header value can
+    "{field}" values are sanitized with naming.safe_component, so a header value can
     never add a separator or "..": "originals-{date}" ->
     <input folder>/originals-20261125-010203. Unknown fields raise ValueError.
     """
-    from flatd.masters import format_fields
-
     if not template or not template.strip():
         raise ValueError("empty move_to template")
     text = format_fields(os.path.expanduser(template), fields)

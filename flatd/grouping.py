@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Iterable, Sequence
 
 from flatd.frames import TEMPERATURE_LIMITS, Frame, Skipped
+from flatd.naming import temperature_text
 
 SizeKey = tuple[int, int, int, int]
 
@@ -101,10 +102,8 @@ def format_size(key: SizeKey) -> str:
 
 
 def format_temperature(value: float) -> str:
-    rounded = round(value, 1)
-    if rounded == 0:
-        rounded = 0.0  # no "-0.0"
-    return f"{rounded:.1f} °C"
+    """-10.04 -> "-10.0 °C", rounded as in master names (naming.temperature_text)."""
+    return f"{temperature_text(value)} °C"
 
 
 def _describe(size_key: SizeKey | None, temperature: str | None, filter_: str | None) -> list[str]:

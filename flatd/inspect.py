@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from flatd.frames import DEFAULT_KEYWORDS, Frame, FrameError, KeywordMap, iter_fits_files, read_frame
 from flatd.log import printable
+from flatd.naming import temperature_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -119,7 +120,7 @@ def inspect_paths(
         raise ValueError(f"cannot sort by {sort!r}; choose one of {', '.join(SORT_KEYS)}")
     mean: Callable[[Frame], float] | None = None
     if adu:
-        from flatd.stacker import mean_adu as mean  # reads pixels: numpy, only when asked
+        from flatd.pixels import mean_adu as mean  # reads pixels: numpy, only when asked
     rows: list[Row] = []
     for path in _candidates(paths, recursive):
         try:
@@ -132,7 +133,7 @@ def inspect_paths(
         if mean is not None:
             try:
                 value = float(mean(frame))
-            except Exception as exc:  # StackError, FrameError, OSError...: a reason in the table
+            except Exception as exc:  # FlatdError, OSError...: a reason in the table
                 error = "mean ADU: " + _without_path(str(getattr(exc, "reason", None) or exc), path)
         rows.append(Row(path, frame, error, value))
     return sort_rows(rows, sort)
@@ -160,7 +161,7 @@ def _cells(row: Row, adu: bool) -> list[str]:
         frame.binning,
         frame.filter or "",
         _fmt_number(frame.exposure, "g", "s"),
-        _fmt_number(frame.temperature, ".1f", "°C"),
+        "" if frame.temperature is None else temperature_text(frame.temperature) + "°C",
         frame.date.isoformat(sep=" ", timespec="seconds") if frame.date else "",
     ]
     if adu:

@@ -13,19 +13,50 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
+
+from flatd.errors import FlatdError
 
 DB_NAME = "flatd.sqlite"
 LOCK_NAME = "flatd.lock"
 
-PLANNED, WRITING, WRITTEN, MOVED, DONE, FAILED = "planned", "writing", "written", "moved", "done", "failed"
-# The master is made and recorded, but some inputs could not be moved yet: every later
-# run tries those moves again; the inputs are never combined again.
-MOVES_PENDING = "moves-pending"
-UNFINISHED = (PLANNED, WRITING, WRITTEN, MOVED)
+class JobState(str, Enum):
+    """A job's state, stored in the ledger as its value."""
+
+    PLANNED = "planned"  # recorded with its inputs; nothing written yet
+    WRITING = "writing"  # stacked; the master is being written
+    WRITTEN = "written"  # the master is on disk under its final name; inputs not moved yet
+    # The master is made and recorded, but some inputs could not be moved yet: every
+    # later run tries those moves again; the inputs are never combined again.
+    MOVES_PENDING = "moves-pending"
+    DONE = "done"
+    FAILED = "failed"  # kept until `flatd retry`
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FrameVerdict(str, Enum):
+    """What the watcher made of a stable file; `bad` and `other` are stored (table seen)."""
+
+    FLAT = "flat"
+    OTHER = "other"  # a light, a dark...: not a flat under the rules
+    INCOMPLETE = "incomplete"  # shorter than its header says: still being written
+    BAD = "bad"  # not a usable FITS image
+    OWN = "own"  # a master or a moved input
+    CONSUMED = "consumed"  # already combined (inputs left in place)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PLANNED, WRITING, WRITTEN = JobState.PLANNED, JobState.WRITING, JobState.WRITTEN
+DONE, FAILED, MOVES_PENDING = JobState.DONE, JobState.FAILED, JobState.MOVES_PENDING
+UNFINISHED = (PLANNED, WRITING, WRITTEN)
 # States in which a job's inputs are in a master: never combined again.
-COMBINED = (WRITTEN, MOVED, MOVES_PENDING, DONE)
+COMBINED = (WRITTEN, MOVES_PENDING, DONE)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -92,7 +123,7 @@ CREATE TABLE IF NOT EXISTS folders (
 """
 
 
-class LedgerLocked(Exception):
+class LedgerLocked(FlatdError):
     """Another flatd process holds the ledger."""
 
 
@@ -110,6 +141,12 @@ class JobRow:
     attempts: int
     created_at: float
     updated_at: float
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "state", JobState(self.state))
+        except ValueError:
+            pass  # a state of a newer flatd: kept as its text
 
 
 @dataclass(frozen=True)
@@ -130,7 +167,7 @@ class InputRow:
         return bool(self.move_dir) and not self.moved_to and not self.note
 
 
-class OutputBusy(Exception):
+class OutputBusy(FlatdError):
     """Another flatd process holds an output folder's lock."""
 
 
@@ -371,6 +408,10 @@ class Ledger:
         if limit:
             sql += f" LIMIT {int(limit)}"
         return [JobRow(**dict(r)) for r in self.db.execute(sql, args)]
+
+    def jobs_like(self, prefix: str) -> list[JobRow]:
+        """The jobs whose id starts with `prefix`."""
+        return [JobRow(**dict(r)) for r in self.db.execute("SELECT * FROM jobs WHERE id LIKE ?", (prefix + "%",))]
 
     def inputs(self, job_id: str) -> list[InputRow]:
         return [InputRow(**dict(r)) for r in self.db.execute("SELECT * FROM job_inputs WHERE job_id=? ORDER BY path", (job_id,))]

@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+from typing import Optional
 
 LOGGER = logging.getLogger("flatd")
 
@@ -33,8 +34,18 @@ def printable(text: object) -> str:
     return _CONTROL.sub("", _LINE_BREAKING.sub(" ", text))
 
 
+# Fields whose value a message often shows in full (a path): left out of a plain line
+# when the message has that very value as a word. Any other field is always written.
+SHOWN_KEYS = frozenset({"path", "folder"})
+
+
+def _shown(value: str, text: str) -> bool:
+    """`value` is a whole word of `text` (not a part of one: "8" is not shown by "480")."""
+    return bool(value) and re.search(r"(?:^|(?<=[\s(]))" + re.escape(value) + r"(?=$|[\s:;,)])", text) is not None
+
+
 class PlainFormatter(logging.Formatter):
-    """`event key=value ...`; journald adds its own timestamp, a terminal gets one here."""
+    """`message key=value ...`, with a timestamp when asked (files, pipes; not journald)."""
 
     def __init__(self, timestamps: bool):
         super().__init__()
@@ -42,9 +53,8 @@ class PlainFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = printable(record.getMessage())
-        # A value the message already shows (a path, most often) is not repeated.
         fields = {k: printable(v) for k, v in getattr(record, "fields", {}).items()}
-        fields = {k: v for k, v in fields.items() if v not in text}
+        fields = {k: v for k, v in fields.items() if not (k in SHOWN_KEYS and _shown(v, text))}
         if fields:
             text += " " + " ".join(f"{k}={_plain(v)}" for k, v in fields.items())
         if record.levelno >= logging.WARNING:
@@ -84,23 +94,59 @@ def _json(value):
     return value if isinstance(value, (int, float, bool, type(None))) else str(value)
 
 
-def setup_logging(fmt: str = "plain", verbose: bool = False, stream=None, quiet_on_terminal: bool = False) -> None:
+def is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def under_journald(stream) -> bool:
+    """systemd sets JOURNAL_STREAM to the device:inode of the stream it reads."""
+    import os
+
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return bool(value)
+    return value == f"{st.st_dev}:{st.st_ino}"
+
+
+def same_destination(a, b) -> bool:
+    """Two streams that end in the same file, pipe or terminal (`>> log 2>&1`)."""
+    import os
+
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (AttributeError, OSError, ValueError):
+        return a is b
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def setup_logging(fmt: str = "plain", verbose: bool = False, stream=None, quiet_on_terminal: bool = False,
+                  timestamps: Optional[bool] = None, quiet: bool = False) -> None:
     """Configure the 'flatd' logger once per process.
 
-    One-shot commands print a report of their own; on a terminal (and without
-    --verbose) their event lines would only repeat it, so `quiet_on_terminal` mutes them.
+    Plain lines carry a timestamp when they go neither to a terminal nor to journald
+    (`timestamps` forces it either way; `plain-time` asks for it on a terminal too).
+    One-shot commands print a report of their own; where their event lines would only
+    repeat it (a terminal without --verbose: `quiet_on_terminal`, or the same file:
+    `quiet`) the lines are muted.
     """
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
+    terminal = is_terminal(stream)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        journald = not stream.isatty() and "JOURNAL_STREAM" in __import__("os").environ
-        handler.setFormatter(PlainFormatter(timestamps=not journald and fmt == "plain-time"))
+        if timestamps is None:
+            timestamps = not under_journald(stream) and (fmt == "plain-time" or not terminal)
+        handler.setFormatter(PlainFormatter(timestamps=timestamps))
     LOGGER.handlers[:] = [handler]
     if verbose:
         LOGGER.setLevel(logging.DEBUG)
-    elif quiet_on_terminal and stream.isatty() and fmt != "json":
+    elif quiet or (quiet_on_terminal and terminal and fmt != "json"):
         LOGGER.setLevel(logging.CRITICAL)
     else:
         LOGGER.setLevel(logging.INFO)

@@ -15,39 +15,15 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from flatd.calibration import Calibration, CalibrationError, Library, LibraryCache, calibration_for
-from flatd.combine import Method
 from flatd.config import Effective, Rules, effective_for
 from flatd.frames import DEFAULT_KEYWORDS, Frame, KeywordMap, Kind, Skipped
 from flatd.grouping import Group, GroupOptions, group_frames
-from flatd.masters import master_name, name_fields
-from flatd.stacker import StackInput
+from flatd.jobs import Job, StackInput
+from flatd.methods import Method
+from flatd.naming import master_name, name_fields, numbered_name
 
 # Kinds that are never combined into a master flat, even with ignore_type.
 NEVER_INPUTS = (Kind.MASTER,)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One group to combine into one master."""
-
-    id: str
-    group: Group
-    rule: Optional[str]
-    method: Method
-    normalize: str
-    inputs: tuple[StackInput, ...]
-    output_dir: Path
-    output_name: str
-    move_to: Optional[str]
-    memory_limit: int
-
-    @property
-    def label(self) -> str:
-        return self.group.label
-
-    @property
-    def frames(self) -> tuple[Frame, ...]:
-        return tuple(i.frame for i in self.inputs)
 
 
 @dataclass(frozen=True)
@@ -125,7 +101,7 @@ def plan_frames(
         plan.left_out.extend(skipped)
         for group in groups:
             outcome = plan_group(group, eff, capture_root, libraries, now, output_dir, output_name,
-                                 rules.engine.memory_limit, rules.keyword_map())
+                                 rules.keyword_map())
             (plan.jobs if isinstance(outcome, Job) else plan.failed).append(outcome)
     _make_names_distinct(plan.jobs)
     return plan
@@ -139,7 +115,6 @@ def plan_group(
     now: datetime,
     output_dir: Optional[Path],
     output_name: Optional[str],
-    memory_limit: int,
     keywords: KeywordMap = DEFAULT_KEYWORDS,
 ) -> Job | FailedGroup:
     """A Job for one group, or the reason it cannot be made."""
@@ -156,7 +131,10 @@ def plan_group(
         return FailedGroup(group.label, group.frames, str(exc), eff.rule)
     directory = output_dir or resolve_output_dir(eff.output.directory, capture_root, group.frames[0].path.parent)
     fields = name_fields(group.frames, method.label, group.label, now)
-    name = master_name(output_name or eff.output.name, fields)
+    try:
+        name = master_name(output_name or eff.output.name, fields)
+    except ValueError as exc:  # a template that gives no plain file name
+        return FailedGroup(group.label, group.frames, f"output name: {exc}", eff.rule)
     settings = f"{method.description}|{eff.combine.normalize}|{[c.label for c in calibrations]}"
     return Job(
         id=job_id(group.frames, settings),
@@ -168,7 +146,6 @@ def plan_group(
         output_dir=directory,
         output_name=name,
         move_to=eff.inputs.move_to,
-        memory_limit=memory_limit,
     )
 
 
@@ -197,8 +174,7 @@ def _make_names_distinct(jobs: list[Job]) -> None:
         target = job.output_dir / job.output_name
         seen[target] += 1
         if seen[target] > 1:
-            stem, dot, suffix = job.output_name.rpartition(".")
-            jobs[i] = replace(job, output_name=f"{stem}-{seen[target]}.{suffix}")
+            jobs[i] = replace(job, output_name=numbered_name(job.output_name, seen[target]))
 
 
 def output_folders(rules: Rules) -> list[Path]:

@@ -18,18 +18,18 @@ from typing import Callable, Optional, Sequence
 from flatd import ledger as L
 from flatd.calibration import LibraryCache
 from flatd.config import CaptureFolder, Rules
-from flatd.discover import scan_capture
+from flatd.discover import scan_capture, still_candidates
+from flatd.engines import Engine, ProgressFactory, make_engine  # noqa: F401 (ProgressFactory: re-export)
+from flatd.errors import FlatdError
 from flatd.frames import FrameError, read_header_cards
 from flatd.fsops import FileChanged, FileIdentity, file_digest, move_file, resolve_move_dir
-from flatd.log import event
-from flatd.masters import cleanup_temp_files, master_header, write_master
+from flatd import events as E
+from flatd.events import emit
 from flatd.plan import Job, Plan, plan_frames
 
 JOB_CARD = "FLATDJOB"  # the job id, in every master's header: finds a master after a crash
 # How long a run waits for another flatd's lock on an output folder before it skips it.
 OUTPUT_LOCK_WAIT = 10.0
-
-ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
 
 # Outcome states that leave something undone: the run exits 1.
 NOT_DONE = ("failed", "failed-before", "busy", "moves-pending")
@@ -75,7 +75,7 @@ class RunReport:
         self.pending_moves.extend(other.pending_moves)
 
 
-class JobFailed(Exception):
+class JobFailed(FlatdError):
     """A job that cannot be made; `transient` when the place is at fault, not the flats."""
 
     def __init__(self, reason: str, transient: bool = False):
@@ -98,14 +98,20 @@ def row_identity(row: L.InputRow) -> FileIdentity:
 class Runner:
     """Runs planned jobs; with a ledger, journals every step and can recover."""
 
-    def __init__(self, ledger: Optional[L.Ledger] = None, progress: Optional[ProgressFactory] = None,
-                 workers: Optional[int] = None, should_stop: Callable[[], bool] = lambda: False,
-                 lock_wait: float = OUTPUT_LOCK_WAIT):
+    def __init__(self, ledger: Optional[L.Ledger] = None, engine: Optional[Engine] = None,
+                 should_stop: Callable[[], bool] = lambda: False, lock_wait: float = OUTPUT_LOCK_WAIT):
+        """`engine` stacks each job (flatd.engines.make_engine); default: the local engine
+        with the default engine settings."""
         self.ledger = ledger
-        self.progress = progress
-        self.workers = workers
+        self._engine = engine
         self.should_stop = should_stop
         self.lock_wait = lock_wait
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine()
+        return self._engine
 
     # ------------------------------------------------------------------ run
 
@@ -113,8 +119,7 @@ class Runner:
         report = RunReport(plan=plan)
         now = now or datetime.now()
         for failed in plan.failed:
-            event("group_failed", f"group {failed.label} failed: {failed.reason}", logging.ERROR,
-                  group=failed.label, files=len(failed.frames))
+            emit(E.JobFailed(failed.label, failed.reason, files=len(failed.frames)))
         for job in plan.jobs:
             if self.should_stop():
                 break
@@ -157,7 +162,7 @@ class Runner:
         try:
             lock = L.OutputLock(job.output_dir, f"state folder {self.ledger.path.parent}").acquire(self.lock_wait)
         except L.OutputBusy as exc:
-            event("output_busy", str(exc), logging.WARNING, job=job.id, folder=job.output_dir)
+            E.notice("output_busy", str(exc), logging.WARNING, job=job.id, folder=job.output_dir)
             return Outcome(job, "busy", reason=str(exc))
         except OSError as exc:
             return self._fail(job, JobFailed(f"cannot use the output folder {job.output_dir}: {exc.strerror or exc}",
@@ -176,17 +181,14 @@ class Runner:
         started = time.monotonic()
         master = find_master(job.output_dir, job.id) if self.ledger is not None else None
         if master is not None:
-            event("master_found", f"a master of these inputs is already there: {master}; recorded, not made again",
-                  logging.WARNING, job=job.id, path=master)
+            emit(E.MasterWritten(job.id, master, len(job.inputs), found=True))
         else:
-            event("group_planned", f"combining {len(job.inputs)} flats of {job.label} with {job.method.description}",
-                  job=job.id, group=job.label, files=len(job.inputs), rule=job.rule or "-")
+            emit(E.GroupPlanned(job.id, job.label, len(job.inputs), job.method.description, job.rule or "-"))
             try:
                 master = self._make_master(job)
             except JobFailed as exc:
                 return self._fail(job, exc)
-            event("master_written", f"wrote {master}", job=job.id, path=master, files=len(job.inputs),
-                  seconds=round(time.monotonic() - started, 2))
+            emit(E.MasterWritten(job.id, master, len(job.inputs), round(time.monotonic() - started, 2)))
         if self.ledger is not None:
             self.ledger.master_written(job.id, master, job.label, len(job.inputs))
         moves = [(i.frame.path, d, input_identity(i.frame)) for i, d in zip(job.inputs, move_dirs)]
@@ -202,20 +204,18 @@ class Runner:
 
     def _make_master(self, job: Job) -> Path:
         """Stack and write; JobFailed says why not (transient when the output is at fault)."""
-        from flatd.masters import NoSpace
-        from flatd.stacker import StackError, stack_frames
+        from flatd.masters import NoSpace, master_header, write_master  # astropy: only when a master is made
 
         try:
-            progress = self.progress(job.label, job.frames[0].height) if self.progress else None
-            result = stack_frames(job.inputs, job.method, job.normalize, job.memory_limit, self.workers, progress)
+            result = self.engine.stack(job)
             header = master_header(
-                job.frames, [i.calibration for i in job.inputs], job.method.description, job.method.label,
+                job.frames, [i.calibration for i in job.inputs], job.method,
                 job.normalize, result.factors, extra={JOB_CARD: job.id},
             )
-        except (StackError, FrameError, ValueError, MemoryError) as exc:
-            raise JobFailed(str(exc)) from None
         except OSError as exc:
             raise JobFailed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)) from None
+        except (FlatdError, MemoryError) as exc:  # the flats' fault: the job fails with the reason
+            raise JobFailed(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the other groups
             raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
         self._state(job, L.WRITING)
@@ -239,7 +239,7 @@ class Runner:
             else:
                 self.ledger.set_state(job.id, L.FAILED, reason)
         retry = "; tried again at the next run" if exc.transient else ""
-        event("group_failed", f"group {job.label} failed: {reason}{retry}", logging.ERROR, job=job.id, group=job.label)
+        emit(E.JobFailed(job.label, reason, job=job.id, files=len(job.inputs), retried=exc.transient))
         return Outcome(job, "failed", reason=reason + retry, transient=exc.transient)
 
     def _state(self, job: Job, state: str, reason: Optional[str] = None) -> None:
@@ -267,20 +267,20 @@ class Runner:
             except FileChanged as exc:
                 note = f"{src} {exc.strerror}: not moved"
                 problems.append(note)
-                event("move_refused", note, logging.ERROR, job=job_id, path=src)
+                emit(E.MoveProblem(job_id, src, note, refused=True))
                 if self.ledger is not None:
                     self.ledger.input_not_moved(job_id, src, exc.strerror)
                 continue
             except OSError as exc:
                 owed.append(f"could not move {src}: {exc.strerror or exc}")
                 problems.append(owed[-1])
-                event("move_failed", f"could not move {src}: {exc}", logging.ERROR, job=job_id, path=src)
+                emit(E.MoveProblem(job_id, src, f"could not move {src}: {exc}"))
                 continue
             if self.ledger is not None:
                 self.ledger.input_moved(job_id, src, dest)
             moved.append((src, dest))
         if moved:
-            event("inputs_moved", f"moved {len(moved)} inputs to {moved[0][1].parent}", job=job_id, files=len(moved))
+            emit(E.InputsMoved(job_id, len(moved), moved[0][1].parent))
         if self.ledger is not None and moves and not any(d for _, d, _ in moves):
             self.ledger.inputs_consumed(job_id)
         return moved, problems, owed
@@ -307,8 +307,7 @@ class Runner:
                 self.ledger.set_state(job_id, L.MOVES_PENDING, "; ".join(problems))
             else:
                 self.ledger.set_state(job_id, L.DONE, "; ".join(problems) or None)
-                event("moves_finished", f"job {job_id}: the {len(rows)} input(s) left by an earlier run are moved",
-                      job=job_id, files=len(rows))
+                emit(E.MovesFinished(job_id, len(rows)))
         return left
 
     # ------------------------------------------------------------------ recovery
@@ -319,21 +318,19 @@ class Runner:
             return []
         handled = []
         for row in self.ledger.jobs(L.UNFINISHED):
-            cleanup_temp_files(Path(row.output_dir))
+            _cleanup_temp_files(Path(row.output_dir))
             master = Path(row.master) if row.master else find_master(Path(row.output_dir), row.id)
             inputs = self.ledger.inputs(row.id)
             if master is None or not master.exists():
                 self.ledger.forget_job(row.id)
-                event("job_rolled_back", f"interrupted job {row.id} ({row.label}) had no master yet; it will be redone",
-                      logging.WARNING, job=row.id)
+                emit(E.JobRecovered(row.id, row.label))
             else:
                 if row.master is None:
                     self.ledger.master_written(row.id, master, row.label, len(inputs))
                 problems, owed = self._finish_moves(row.id, inputs)
                 state = L.MOVES_PENDING if owed else L.DONE
                 self.ledger.set_state(row.id, state, "; ".join(problems) or None)
-                event("job_recovered", f"finished interrupted job {row.id} ({row.label}): {master}", logging.WARNING,
-                      job=row.id)
+                emit(E.JobRecovered(row.id, row.label, master))
             handled.append(row.id)
         return handled
 
@@ -345,7 +342,7 @@ class Runner:
             if not row.move_pending:
                 continue
             src, dest_dir = Path(row.path), Path(row.move_dir)
-            cleanup_temp_files(dest_dir) if dest_dir.exists() else None
+            _cleanup_temp_files(dest_dir) if dest_dir.exists() else None
             already = _already_moved(src, dest_dir, row.size, row.mtime)
             if already is not None:
                 if src.exists():
@@ -360,6 +357,12 @@ class Runner:
         if not any(r.move_dir for r in inputs):
             self.ledger.inputs_consumed(job_id)
         return problems + more, owed
+
+
+def _cleanup_temp_files(directory: Path) -> None:
+    from flatd.masters import cleanup_temp_files
+
+    cleanup_temp_files(directory)
 
 
 def _already_moved(src: Path, dest_dir: Path, size: int, mtime: float) -> Optional[Path]:
@@ -413,26 +416,36 @@ def process_capture(capture: CaptureFolder, rules: Rules, runner: Runner, dry_ru
                     stable: Optional[float] = None, libraries: Optional[LibraryCache] = None,
                     now: Optional[datetime] = None,
                     ready: Optional[Callable[[Path, os.stat_result], bool]] = None,
-                    waiter=None) -> RunReport:
+                    waiter=None, frames: Optional[Sequence] = None) -> RunReport:
     """Scan, plan and run one capture folder: the one code path of run-once and watch.
 
     `ready`: the service's verdicts (only the flats its watcher saw stable); `waiter`:
-    run-once's StableWait (files not yet stable are left out with the reason)."""
+    run-once's StableWait (files not yet stable are left out with the reason); `frames`:
+    the Frames the service's watcher already read (no walk, no second header read)."""
     if not capture.path.is_dir():
         problem = f"capture folder {capture.path} does not exist or is not a folder (a share not mounted?)"
-        event("capture_missing", problem, logging.ERROR, folder=capture.path)
+        emit(E.FolderProblem(capture.path, problem, missing=True))
         return RunReport(problems=[problem])
     now = now or datetime.now()
     libraries = libraries or LibraryCache()
-    frames, bad, problems = scan_capture(capture, rules, runner.ledger, time.time(),
-                                         rules.stable if stable is None else stable, ready, waiter,
-                                         list_others=dry_run)
+    if frames is not None:
+        frames, bad, problems = still_candidates(frames, runner.ledger), [], []
+    else:
+        frames, bad, problems = scan_capture(capture, rules, runner.ledger, time.time(),
+                                             rules.stable if stable is None else stable, ready, waiter)
     for problem in problems:
-        event("folder_unreadable", problem, logging.ERROR, folder=capture.path)
+        emit(E.FolderProblem(capture.path, problem))
     for item in bad:
-        event("file_left_out", f"left out {item.path}: {item.reason}", logging.WARNING, path=item.path)
+        emit(E.FrameLeftOut(item.path, item.reason, bad=True))
     plan = plan_frames(frames, rules, capture.path, libraries, now)
+    for item in plan.left_out:
+        emit(E.FrameLeftOut(item.path, item.reason, quiet=not_a_flat(item.reason)))
     plan.left_out = bad + plan.left_out
     report = runner.run(plan, dry_run=dry_run, now=now)
     report.problems.extend(problems)
     return report
+
+
+def not_a_flat(reason: str) -> bool:
+    """A file left out for its type (a light, a master): a debug line, not news."""
+    return "not a flat" in reason or "never an input" in reason

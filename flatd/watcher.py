@@ -24,7 +24,7 @@ from watchdog.events import FileSystemEventHandler
 
 from flatd.config import CaptureFolder, Rules
 from flatd.discover import inside
-from flatd.log import event
+from flatd.events import notice
 
 # --------------------------------------------------------------------------- file systems
 
@@ -350,8 +350,8 @@ def start_watch(capture: CaptureFolder, handler, polling: bool,
                 _stop_quietly(observer)
             if exc.errno not in WATCH_LIMIT_ERRNOS:
                 raise
-            event("watch_limit", watch_limit_message(exc, capture.path), logging.WARNING, folder=capture.path,
-                  errno=errno.errorcode.get(exc.errno, exc.errno))
+            notice("watch_limit", watch_limit_message(exc, capture.path), logging.WARNING, folder=capture.path,
+                   errno=errno.errorcode.get(exc.errno, exc.errno))
     observer = make_polling()
     observer.schedule(handler, path, recursive=capture.recursive)
     observer.start()
@@ -368,3 +368,100 @@ def _stop_quietly(observer) -> None:
             observer.stop()
     except Exception:  # noqa: BLE001
         pass
+
+
+# --------------------------------------------------------------------------- the service's observers
+
+
+class Observers:
+    """One Watch per capture folder, fed into `out`; a folder not there (yet), or that
+    cannot be watched, is noted in `missing` (one log line) and tried again later.
+    `rescan()` gives the rescan interval, for the messages."""
+
+    def __init__(self, out: "queue.SimpleQueue", rescan: Callable[[], float],
+                 make_native: Callable[[], object] = native_observer,
+                 make_polling: Callable[[], object] = polling_observer):
+        self.out = out
+        self.rescan = rescan
+        self.make_native = make_native
+        self.make_polling = make_polling
+        self.watches: dict[Path, Watch] = {}
+        self.missing: set[Path] = set()
+
+    def keep(self, wanted: dict) -> None:
+        """Watch exactly the capture folders in `wanted` (path -> CaptureFolder):
+        observers whose settings changed are restarted, the others stopped."""
+        for path, watch in list(self.watches.items()):
+            capture = wanted.get(path)
+            if capture is None or capture.recursive != watch.capture.recursive or capture.poll != watch.capture.poll:
+                watch.stop()
+                del self.watches[path]
+        self.missing &= set(wanted)
+        for path, capture in wanted.items():
+            if path not in self.watches:
+                self.start(capture)
+
+    def ensure(self, capture: CaptureFolder) -> None:
+        """At a rescan: a folder back after it was missing, or whose observer died, is watched anew."""
+        path = capture.path
+        if path in self.missing or path not in self.watches or not self.watches[path].alive():
+            self._drop(path)
+            self.start(capture)
+
+    def gone(self, path: Path) -> None:
+        """The folder went away (an unmounted share): watched again when it is back."""
+        self._drop(path)
+        self._missing(path, "folder_missing", f"capture folder {path} is not there; looking again every "
+                      f"{self.rescan():g} s", logging.WARNING)
+
+    def start(self, capture: CaptureFolder) -> None:
+        path = capture.path
+        if not path.is_dir():
+            self._missing(path, "folder_missing", f"capture folder {path} does not exist (yet); looking again "
+                          f"every {self.rescan():g} s", logging.WARNING)
+            return
+        polling = choose_polling(path, capture.poll)
+        try:
+            watch = start_watch(capture, EnqueueHandler(self.out, path), polling,
+                                make_native=self.make_native, make_polling=self.make_polling)
+        except OSError as exc:
+            self._missing(path, "watch_failed", f"cannot watch {path}: {exc.strerror or exc}; relying on rescans "
+                          f"every {self.rescan():g} s and trying again", logging.ERROR)
+            return
+        self.missing.discard(path)
+        self.watches[path] = watch
+        fstype = filesystem_type(path) or "?"
+        why = "forced" if capture.poll in (True, False) else f"auto, {fstype}"
+        if watch.polling and not polling:
+            why = "the inotify limit was reached"
+        notice("watching", f"watching {path} ({watch.mode} events, {why}; "
+               f"{'recursive' if capture.recursive else 'top level only'})",
+               folder=path, mode=watch.mode, fstype=fstype, recursive=capture.recursive)
+
+    def signal_stop(self) -> None:
+        """Ask every observer to stop (no waiting)."""
+        for watch in list(self.watches.values()):
+            try:
+                watch.observer.stop()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def stop_all(self) -> None:
+        self.signal_stop()
+        watches = list(self.watches.values())
+        self.watches.clear()
+        for watch in watches:
+            try:
+                watch.observer.join(1.0)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _drop(self, path: Path) -> None:
+        old = self.watches.pop(path, None)
+        if old is not None:
+            old.stop()
+
+    def _missing(self, path: Path, kind: str, text: str, level: int) -> None:
+        if path not in self.missing:
+            notice(kind, text, level, folder=path)
+        self.missing.add(path)

@@ -121,3 +121,33 @@ def test_config_check_reports_every_error_with_line(tmp_path):
     assert f"{rules}:5: at 'combine.method'" in proc.stderr
     ok = flatd("config", "check", Path(__file__).parents[2] / "config" / "flatd.example.yaml")
     assert "valid" in ok.stdout
+
+
+def test_run_once_into_one_log_file_says_each_thing_once(tmp_path):
+    """`flatd run-once >> run-once.log 2>&1` (cron, a N.I.N.A. batch file): timestamped
+    log lines, each master and each left-out file once, one summary line; no report
+    repeating them."""
+    import os
+    import re
+
+    session = write_demo(tmp_path / "session")
+    log = tmp_path / "run-once.log"
+    log.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with open(log, "ab") as out:
+        rc = subprocess.run([FLATD, "run-once", "--config", str(session.config)], stdout=out,
+                            stderr=subprocess.STDOUT, env=env, timeout=300).returncode
+    text = log.read_text()
+    assert rc == 0, text
+    lines = text.splitlines()
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+    assert lines and all(stamp.match(line) for line in lines), text
+    messages = [stamp.sub("", line) for line in lines]
+    assert len(messages) == len(set(messages)), text
+    masters = sorted(session.captures.rglob("masters/*.fits"))
+    assert masters
+    for master in masters:
+        assert text.count(str(master)) == 1, text
+    (summary,) = [m for m in messages if m.startswith("run-once: ")]
+    assert summary.startswith(f"run-once: {len(masters)} master(s) written, 0 group(s) failed")
+    assert f" masters={len(masters)} failed=0" in summary

@@ -320,7 +320,7 @@ def test_stop_abandons_a_long_job_at_a_band_and_rolls_it_back(tmp_path, monkeypa
     """SIGTERM's path without the signal: a job still stacking after the grace period is
     cut short at its next band, rolled back, and the inputs stay as they were."""
     import flatd.service as service_module
-    import flatd.stacker as stacker
+    import flatd.engines.local as stacker
     from flatd.config import load_rules
     from flatd.ledger import Ledger
 
@@ -506,3 +506,48 @@ def test_a_restart_does_not_read_the_lights_again(tmp_path, monkeypatch):
     finally:
         assert running.stop() == 0
     assert reads == ["flat_new.fits"]
+
+
+# --------------------------------------------------------------------------- one discovery, one header read
+
+
+def test_a_batch_reuses_the_frames_the_watcher_read(tmp_path, monkeypatch):
+    """Between its arrival and its master, each flat's header is read once (by the
+    intake, when it stood still); the batch walks no folder and reads no header again."""
+    from collections import Counter
+
+    import flatd.discover as discover
+    import flatd.frames as frames
+    import flatd.runner as runner
+
+    reads: Counter = Counter()
+    real_read = frames.read_frame
+
+    def counting_read(path, *args, **kwargs):
+        reads[Path(path).name] += 1
+        return real_read(path, *args, **kwargs)
+
+    scans = []
+    real_scan = runner.scan_capture
+
+    def counting_scan(*args, **kwargs):
+        scans.append(args[0])
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(frames, "read_frame", counting_read)
+    monkeypatch.setattr(discover, "read_frame", counting_read)
+    monkeypatch.setattr(runner, "scan_capture", counting_scan)
+    cap = tmp_path / "cap"
+    (cap / "night1").mkdir(parents=True)
+    config = write_rules(tmp_path, settle="0.5s", stable="0.5s", rescan="1h")
+    running = InProcess(config)
+    try:
+        wait_until(lambda: running.service.ledger is not None, what="the service to start")
+        for i in range(3):
+            write_flat(cap / "night1" / f"flat_{i}.fits", seed=i)
+        wait_until(lambda: len(masters_in(cap / "masters")) == 1, what="the master")
+        wait_until(lambda: not list((cap / "night1").glob("flat_*.fits")), what="the inputs to be moved")
+    finally:
+        assert running.stop() == 0
+    assert {name: n for name, n in reads.items() if name.startswith("flat_")} == {f"flat_{i}.fits": 1 for i in range(3)}
+    assert scans == []

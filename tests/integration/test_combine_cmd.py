@@ -149,7 +149,7 @@ def test_unreadable_inputs_are_named_and_the_rest_goes_on(tree, capsys):
     files = _flats(tree, n=3)
     bad = tree.root / "bad.fits"
     bad.write_text("nope")
-    assert main(["combine", "-m", "-o", str(tree.root / "m.fits"), str(bad), *files]) == 0
+    assert main(["combine", "-m", "-o", str(tree.root / "m.fits"), str(bad), *files]) == 1
     assert "bad.fits" in capsys.readouterr().out
     assert (tree.root / "m.fits").exists()
     assert bad.read_text() == "nope"
@@ -176,3 +176,134 @@ def test_missing_file_is_named_once_and_fails(tree, capsys):
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("gone.fits") == 1
     assert (tree.root / "m.fits").exists()
+
+
+def _truncated(tree):
+    whole = tree.flat("whole.fits", folder="other").read_bytes()
+    path = tree.root / "truncated.fits"
+    path.write_bytes(whole[: len(whole) // 2])
+    return path
+
+
+@pytest.mark.parametrize("make_bad", [
+    lambda tree: tree.root / "gone.fits",
+    lambda tree: (tree.root / "adir.fits").mkdir() or tree.root / "adir.fits",
+    lambda tree: (tree.root / "text.fits").write_text("hello") and tree.root / "text.fits",
+    lambda tree: (tree.root / "notes.txt").write_text("hello") and tree.root / "notes.txt",
+    lambda tree: (tree.root / "empty.fits").write_bytes(b"") or tree.root / "empty.fits",
+    _truncated,
+], ids=["missing", "directory", "not-fits", "not-fits-name", "empty", "truncated"])
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_a_named_file_left_out_as_unusable_exits_1(tree, capsys, make_bad, dry_run):
+    """One rule: a file named on the command line and left out as unusable makes the exit status 1."""
+    files = _flats(tree, n=3)
+    bad = make_bad(tree)
+    out = tree.root / "m.fits"
+    assert main(["combine", "-m", *dry_run, "-o", str(out), str(bad), *files]) == 1
+    assert bad.name in capsys.readouterr().out
+    assert out.exists() != bool(dry_run), "the rest of the files are combined all the same"
+
+
+def test_only_unusable_files_exit_1(tree, capsys):
+    (tree.root / "a.fits").write_text("x")
+    assert main(["combine", "-m", "-o", str(tree.root / "m.fits"), str(tree.root / "a.fits")]) == 1
+
+
+@pytest.mark.parametrize("destination", ["done.fits", "DONE.FIT", "existing"])
+def test_move_inputs_to_a_file_is_refused(tree, capsys, destination):
+    """The original's -v is "move inputs to"; a FITS file after it is a slip, not verbose."""
+    files = _flats(tree, n=3)
+    (tree.root / "existing").write_text("a file")
+    before = snapshot(tree.root)
+    target = str(tree.root / destination)
+    assert main(["combine", "-m", "-v", target, "-o", str(tree.root / "m.fits"), *files]) == 2
+    err = capsys.readouterr().err
+    assert f"{target} is a file, not a folder" in err and "--verbose" in err
+    assert snapshot(tree.root) == before
+
+
+def test_a_group_of_one_flat_warns(tree, capsys):
+    files = _flats(tree, n=3, filt="R") + [str(tree.flat("ha.fits", filt="Ha"))]
+    assert main(["combine", "-gf", "-m", "-od", str(tree.root / "out"), *files]) == 0
+    err = capsys.readouterr().err
+    assert err.count("a master of one flat is no master") == 1 and "filter Ha has one flat" in err
+
+
+def test_auto_library_with_frames_only_below_suggests_ar(tree, capsys):
+    files = _flats(tree, n=3)
+    tree.bias("bias.fits", folder="calib/2026")
+    out = tree.root / "m.fits"
+    assert main(["combine", "-m", "-a", str(tree.root / "calib"), "-o", str(out), *files]) == 1
+    said = capsys.readouterr().out
+    assert "sub-folders hold 1 FITS file(s), searched with -ar" in said
+    assert main(["combine", "-m", "-a", str(tree.root / "calib"), "-ar", "-o", str(out), *files]) == 0
+    assert "searched with -ar" not in capsys.readouterr().out
+
+
+def test_rules_with_recursive_false_get_the_same_hint(tree, capsys):
+    files = _flats(tree, n=3)
+    tree.bias("bias.fits", folder="calib/2026")
+    rules = tree.rules(f"precalibration:\n  library: {tree.root}/calib\n  recursive: false\n"
+                       "grouping: {min_group_size: 1}\n")
+    assert main(["combine", "-m", "--config", str(rules), "-od", str(tree.root / "out"), *files]) == 1
+    assert "precalibration.recursive: true" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["master.fits.fz", "Master.FITS.FZ"])
+def test_output_fits_fz_is_a_lossless_tile_compressed_master(tree, name):
+    files = _flats(tree)
+    plain, packed = tree.root / "plain.fits", tree.root / name
+    assert main(["combine", "-m", "-o", str(plain), *files]) == 0
+    assert main(["combine", "-m", "-o", str(packed), *files]) == 0
+    assert sorted(p.name for p in tree.root.iterdir() if p.is_file()) == sorted(["plain.fits", name])
+    with fits.open(packed, checksum=True) as hdul:
+        assert isinstance(hdul[1], fits.CompImageHDU)
+        assert hdul[1].header["NCOMBINE"] == 5
+        np.testing.assert_array_equal(hdul[1].data, fits.getdata(plain))
+
+
+@pytest.mark.parametrize("name", ["master.xisf", "master.png", "master.fits.gz", "master.fz"])
+def test_output_with_an_unknown_extension_is_refused(tree, capsys, name):
+    files = _flats(tree, n=3)
+    assert main(["combine", "-m", "-o", str(tree.root / name), *files]) == 2
+    err = capsys.readouterr().err
+    assert f"-o '{name}': flatd cannot write" in err and ".fits, .fit, .fts" in err and ".fits.fz" in err
+    assert "Traceback" not in err
+    assert not list(tree.root.glob("master*"))
+
+
+def test_output_without_extension_gets_fits(tree):
+    files = _flats(tree, n=3)
+    assert main(["combine", "-m", "-o", str(tree.root / "master"), *files]) == 0
+    assert (tree.root / "master.fits").is_file()
+
+
+def test_output_in_a_parent_folder_goes_exactly_there(tree):
+    """-o is the user's own path (as in the original): ../x.fits is the folder above, no further."""
+    files = _flats(tree, n=3)
+    work = tree.root / "a" / "b"
+    work.mkdir(parents=True)
+    import os
+
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        assert main(["combine", "-m", "-o", "../x.fits", *files]) == 0
+    finally:
+        os.chdir(old)
+    assert [p.name for p in (tree.root / "a").iterdir() if p.is_file()] == ["x.fits"]
+
+
+@pytest.mark.parametrize("output, message", [
+    ("..", "-o: '..' is not a file name (-od names a folder)"),
+    ("/", "-o: '' is not a file name (-od names a folder)"),
+    (".hidden.fits", "-o: '.hidden.fits' would be a hidden file"),
+    ("a:b.fits", "-o: 'a:b.fits' is not a plain file name"),
+])
+def test_output_that_is_no_file_name_is_a_usage_error(tree, capsys, output, message):
+    files = _flats(tree, n=3)
+    before = snapshot(tree.root)
+    assert main(["combine", "-m", "-o", output, *files]) == 2
+    assert message in capsys.readouterr().err
+    assert snapshot(tree.root) == before
+

@@ -68,12 +68,12 @@ def _check_end_state(tree, digests, ledger):
 
 def test_crash_while_stacking_is_redone(tree, monkeypatch):
     rules, digests = _setup(tree)
-    import flatd.stacker
+    import flatd.engines.local
 
     def dying_stack(*args, **kwargs):
         raise Crash()
 
-    monkeypatch.setattr(flatd.stacker, "stack_frames", dying_stack)
+    monkeypatch.setattr(flatd.engines.local, "stack_frames", dying_stack)
     with pytest.raises(Crash):
         _run(rules, Ledger.open(rules.state))
     monkeypatch.undo()

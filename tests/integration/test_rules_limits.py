@@ -15,7 +15,7 @@ from flatd.config import MAX_RULES_BYTES, MAX_RULES_DEPTH, MAX_RULES_NODES
 FLATD = Path(sys.executable).with_name("flatd")
 TWO_MIB = 2 * 2**20
 RUNAWAY = 20  # seconds; only stops a runaway, the answer is expected in well under one
-COMMANDS = {"config check": ["config", "check"], "run-once": ["run-once", "--config"]}
+COMMANDS = {"config check": ["config", "check"], "config show": ["config", "show"], "run-once": ["run-once", "--config"]}
 
 pytestmark = pytest.mark.skipif(not FLATD.exists(), reason="the flatd script is not installed next to python")
 
@@ -69,16 +69,21 @@ def test_a_hostile_rules_file_is_refused(tmp_path, record_property, command, cas
 
 def test_many_nodes_under_the_limit_are_still_valid(tmp_path, record_property):
     rules = tmp_path / "flatd.yaml"
-    rules.write_bytes(flow_list(MAX_RULES_NODES - 10, item="FILT"))
+    rules.write_bytes(b"capture: [{path: captures}]\n" + flow_list(MAX_RULES_NODES - 20, item="FILT"))
     result, seconds = run_flatd(["config", "check", str(rules)], tmp_path)
     record_property("wall_seconds", round(seconds, 3))
     assert result.returncode == 0, result.stderr
     assert f"{rules}: valid" in result.stdout
 
 
-def test_an_empty_rules_file_is_valid(tmp_path):
+def test_an_empty_rules_file_says_what_run_once_would_say(tmp_path):
+    """Valid YAML, but nothing to run: `config check` does not call it valid."""
     rules = tmp_path / "flatd.yaml"
     rules.write_bytes(b"")
-    result, _ = run_flatd(["config", "check", str(rules)], tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"{rules}: valid (0 capture folder(s), 0 rule(s))")
+    check, _ = run_flatd(["config", "check", str(rules)], tmp_path)
+    run_once, _ = run_flatd(["run-once", "--config", str(rules)], tmp_path)
+    assert check.returncode == run_once.returncode == 2
+    assert "valid" not in check.stdout
+    assert "names no capture folder" in check.stderr and "names no capture folder" in run_once.stderr
+    shown, _ = run_flatd(["config", "show", str(rules)], tmp_path)
+    assert shown.returncode == 0 and "capture: []" in shown.stdout

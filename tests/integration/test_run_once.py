@@ -102,7 +102,30 @@ def test_dry_run_changes_nothing_and_explains(tree, capsys):
     assert "flat_R_000.fits" in out and "bias_" in out
     assert "notes.fits" in out and "not a FITS file" in out
     assert "dark_0001.fits" in out and "not a flat" in out
-    assert "session.txt" in out and "not a FITS file name" in out
+    assert "session.txt" not in out, "a file without a FITS name is no candidate, as in the real run"
+
+
+def _listed(out: str) -> tuple[set, set]:
+    """The group labels and the "left out" lines a report prints."""
+    import re
+
+    labels = set(re.findall(r"^(?:group |wrote \S+  \(\d+ flats, )(.+?)(?::| \(rule|\)$)", out, re.M))
+    return labels, {line for line in out.splitlines() if line.startswith("left out")}
+
+
+def test_dry_run_and_run_list_the_same_groups_and_files(tree, capsys):
+    """A dry run goes through the real run's code: same labels, same files left out."""
+    config = _session(tree)
+    (tree.root / "captures" / "night1" / "notes.txt").write_text("N.I.N.A. notes")
+    (tree.root / "captures" / "night1" / "bad.fits").write_text("not a fits file")
+    assert main(["run-once", "--config", str(config), "--dry-run"]) == 0
+    dry = capsys.readouterr()
+    assert main(["run-once", "--config", str(config)]) == 0
+    real = capsys.readouterr()
+    assert _listed(dry.out) == _listed(real.out)
+    labels, left_out = _listed(real.out)
+    assert len(labels) == 2 and any("bad.fits" in line for line in left_out)
+    assert "notes.txt" not in dry.out + dry.err + real.out + real.err
 
 
 def test_bad_files_are_reported_and_left_alone(tree, capsys):
@@ -238,3 +261,23 @@ def test_a_missing_capture_folder_is_an_error_not_silence(tree, capsys):
     out = capsys.readouterr().out
     assert f"capture folder {tree.root}/unmounted does not exist" in out
     assert len(_masters(tree.root)) == 1  # the other folder was processed all the same
+
+
+def test_rich_markup_in_file_names_is_printed_as_text(tree, capsys):
+    """`flat[/x].fits` (a folder "flat[" and a file "x].fits") reaches the report, the
+    dry run and status as it is, without a MarkupError."""
+    for i in range(3):
+        tree.flat(f"x{i}].fits", folder="captures/night1/flat[", filt="R")
+    (tree.root / "captures" / "night1" / "flat[" / "bad].fits").write_bytes(b"not a FITS file")
+    for i in range(2):
+        tree.bias(f"bias_{i}.fits")
+    config = tree.rules(RULES.format(root=tree.root))
+    assert main(["run-once", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "flat[/x0].fits" in out
+    assert "left out" in out and "flat[/bad].fits" in out
+    assert main(["run-once", "--config", str(config)]) == 0  # a bad file is left out, no failure
+    out = capsys.readouterr().out
+    assert "wrote " in out and "left out" in out and "flat[/bad].fits" in out
+    assert main(["status", "--config", str(config)]) == 0
+    assert "Last masters made" in capsys.readouterr().out

@@ -388,3 +388,86 @@ def test_combiner_calibrates_clips_normalizes():
     assert cal[0][0, 0] == 0
     plain = Combiner(images).combine(Method("median"))
     np.testing.assert_array_equal(plain, np.median(np.array(images), axis=0).astype(np.float32))
+
+
+# --------------------------------------------------------------------------- stages: rejection apart from the estimator
+
+
+def ref_sigma_kept(col, z):
+    """The values sigma clipping keeps (the min/max clip n=2 fallback included), exactly."""
+    exact = [Fraction(float(x)) for x in col]
+    mean = sum(exact) / len(exact)
+    var = sum((x - mean) ** 2 for x in exact) / len(exact)
+    kept = list(col) if var == 0 else [x for x, e in zip(col, exact) if not (e - mean) ** 2 > Fraction(float(z)) ** 2 * var]
+    if kept:
+        return kept
+    values = sorted(set(col))
+    k = min(2, (len(values) - 1) // 2)
+    return [v for v in col if values[k] <= v <= values[len(values) - 1 - k]]
+
+
+@pytest.fixture
+def staged_methods(monkeypatch):
+    """sigma rejection with the median estimator, and a rejection that keeps nothing."""
+    from flatd import combine as kernels
+    from flatd import methods
+
+    def keep_none(stack, r, c0, c1, params, keep):
+        for i in range(stack.shape[0]):
+            for c in range(c1 - c0):
+                keep[i, c] = 0
+
+    monkeypatch.setitem(kernels.REJECTIONS, "test-none", kernels.rejection_kernel(keep_none, cache=False))
+    added = [
+        methods.Entry("test-sigma-median", "x", lambda v: "X", lambda v: "x", params=(methods.SIGMA,),
+                      reject="sigma", estimator="median"),
+        methods.Entry("test-none-mean", "x", lambda v: "X", lambda v: "x", reject="test-none", estimator="mean"),
+        methods.Entry("test-none-median", "x", lambda v: "X", lambda v: "x", reject="test-none", estimator="median"),
+        methods.Entry("test-missing", "x", lambda v: "X", lambda v: "x", reject="no-such-kernel"),
+    ]
+    for entry in added:
+        methods.register(entry)
+    yield
+    for entry in added:
+        methods.unregister(entry.name)
+
+
+@settings(PROPS, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(stacks(), DYADIC_Z)
+def test_median_of_what_sigma_keeps(staged_methods, stack, z):  # the fixture holds for every example
+    got = combine(stack, Method("test-sigma-median", sigma=z))
+    for r in range(stack.shape[1]):
+        for c in range(stack.shape[2]):
+            assert got[r, c] == np.float32(ref_median(ref_sigma_kept([float(v) for v in stack[:, r, c]], z)))
+
+
+def test_nothing_kept_is_nan(staged_methods):
+    stack = np.arange(24, dtype=np.float32).reshape(3, 2, 4)
+    assert np.isnan(combine(stack, Method("test-none-mean"))).all()
+    assert np.isnan(combine(stack, Method("test-none-median"))).all()
+
+
+def test_a_method_without_its_kernel(staged_methods):
+    with pytest.raises(ValueError, match="no rejection kernel 'no-such-kernel'"):
+        combine(np.ones((3, 2, 2), np.float32), Method("test-missing"))
+
+
+@pytest.mark.parametrize("n", range(1, 40))
+def test_sort_network_sorts(n):
+    from flatd.combine import sort_network
+
+    values = np.random.default_rng(n).integers(0, 5, size=(n, 50))
+    for a, b in sort_network(n):
+        lo, hi = np.minimum(values[a], values[b]), np.maximum(values[a], values[b])
+        values[a], values[b] = lo, hi
+    assert (np.diff(values, axis=0) >= 0).all()
+
+
+def test_no_rejection_makes_no_mask():
+    from flatd.combine import _kernel
+
+    for name in ("mean", "median"):
+        driver, args = _kernel(Method(name), 5)
+        assert driver.py_func.__name__ == "_rows_every"
+    driver, args = _kernel(Method("sigma"), 5)
+    assert driver.py_func.__name__ == "_rows_kept"

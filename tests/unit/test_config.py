@@ -604,7 +604,8 @@ def test_example_config_parses():
 
 
 def _model_keys(model: type[BaseModel]) -> set[str]:
-    return set(model.model_fields)
+    # the combine section also takes every registered method's parameters
+    return set(model.model_fields) | set(getattr(model, "parameter_fields", dict)())
 
 
 def test_example_config_shows_every_key():
@@ -626,3 +627,106 @@ def test_example_config_lists_every_name_field():
     text = EXAMPLE.read_text()
     for field in NAME_FIELDS:
         assert "{" + field + "}" in text, field
+
+
+# --------------------------------------------------------------------------- one schema (A8)
+
+
+def _schema_keys(model: type[BaseModel] = Rules, prefix: str = "") -> dict[str, tuple]:
+    """Every key the schema knows, as a path ("capture[].poll"), with its model and field."""
+    import typing
+
+    keys = {}
+    for name, info in {**model.model_fields, **getattr(model, "parameter_fields", dict)()}.items():
+        path = f"{prefix}{name}"
+        keys[path] = (model, name, info)
+        inner = info.annotation
+        if typing.get_origin(inner) is list:
+            inner, path = typing.get_args(inner)[0], path + "[]"
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            keys.update(_schema_keys(inner, path + "."))
+    return keys
+
+
+def _comment_of(lines: list[str], number: int) -> str:
+    """The comment on a key's line and the comment lines right above it (1-based line)."""
+    import re
+
+    def comment(line: str) -> str:
+        found = re.search(r"(?:^|\s)#\s?(.*)$", line)
+        return found.group(1) if found else ""
+
+    above = []
+    for line in reversed(lines[:number - 1]):
+        if not re.match(r"^\s*(?:-\s*)?#", line):
+            break
+        above.insert(0, comment(line))
+    return "\n".join(above + [comment(lines[number - 1])]).strip()
+
+
+def _example_keys() -> dict[str, list[str]]:
+    """Each key of the example, as a schema path, with the comments found for it."""
+    from flatd.config import _compose_and_construct, _line_index
+
+    text = EXAMPLE.read_text()
+    node, _ = _compose_and_construct(text)
+    lines = text.splitlines()
+    keys: dict[str, list[str]] = {}
+    for loc, number in _line_index(node).items():
+        if loc and isinstance(loc[-1], str):
+            path = "".join(f"[]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".").replace(".[]", "[]")
+            keys.setdefault(path, []).append(_comment_of(lines, number))
+    return keys
+
+
+def _stated_default(comment: str):
+    """The value of a "Default: X" statement, X read as YAML (None when none is stated)."""
+    import re
+
+    found = re.search(r"\bDefault: (.+?)(?: \(|\.?$)", comment, re.M)
+    return (True, yaml.safe_load(found.group(1))) if found else (False, None)
+
+
+def test_every_schema_key_is_in_the_example_and_documented():
+    import re
+
+    example = _example_keys()
+    for path in _schema_keys():
+        assert path in example, f"{path} is not in {EXAMPLE.name}"
+        parent, _, name = path.rpartition(".")
+        in_parent = re.compile(rf"\b{name.removesuffix('[]')}\b").search
+        documented = any(example[path]) or any(map(in_parent, example.get(parent.removesuffix("[]"), [])))
+        assert documented, f"{path} has no comment in {EXAMPLE.name}"
+
+
+def test_every_default_stated_in_the_example_is_the_real_default():
+    from pydantic import TypeAdapter
+    from typing import Annotated
+
+    schema = _schema_keys()
+    checked = 0
+    for path, comments in _example_keys().items():
+        for comment in comments:
+            stated, value = _stated_default(comment)
+            if not stated:
+                continue
+            assert path in schema, f"{path}: a default is stated for a key the schema does not know"
+            _, name, info = schema[path]
+            kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            assert TypeAdapter(kind).validate_python(value) == info.get_default(call_default_factory=True), path
+            checked += 1
+    assert checked >= 30
+
+
+def test_every_field_has_a_description():
+    owned_elsewhere = ("combine.", "engine.")  # CombineSettings and Engine: their owners add theirs
+    for path, (_, _, info) in _schema_keys().items():
+        if not path.startswith(owned_elsewhere) and "rules[].combine" not in path:
+            assert info.description, f"{path} has no description"
+
+
+def test_the_stated_default_reader():
+    assert _stated_default("Look in sub-folders. Default: true") == (True, True)
+    assert _stated_default("Default: null (no sweep)") == (True, None)
+    assert _stated_default('Default: "FLAT-{filter}.fits"') == (True, "FLAT-{filter}.fits")
+    assert _stated_default("no statement here, default is lower case") == (False, None)

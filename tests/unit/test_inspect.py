@@ -164,12 +164,12 @@ def test_mean_adu_of_known_data(folder, tmp_path):
 
 
 def test_mean_adu_failure_is_a_reason(folder, monkeypatch):
-    import flatd.stacker
+    import flatd.pixels
 
     def broken(frame):
-        raise flatd.stacker.StackError(f"{frame.path}: read error: Input/output error", frame.path)
+        raise flatd.pixels.StackError(f"{frame.path}: read error: Input/output error", frame.path)
 
-    monkeypatch.setattr(flatd.stacker, "mean_adu", broken)
+    monkeypatch.setattr(flatd.pixels, "mean_adu", broken)
     rows = {row.path.name: row for row in inspect_paths([folder], adu=True)}
     row = rows["a_flat_L.fits"]
     assert row.frame is not None and row.adu is None

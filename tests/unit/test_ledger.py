@@ -126,3 +126,38 @@ def test_a_ledger_from_flatd_0_1_gains_the_new_columns(tmp_path):
     assert [r.path for r in ledger.pending_moves()] == ["a.fits"]
     ledger.input_not_moved("j", Path("a.fits"), "gone before it was moved")
     assert ledger.pending_moves() == []
+
+
+# --------------------------------------------------------------------------- states as enums
+
+
+def test_job_states_are_an_enum_stored_as_their_text(tmp_path):
+    import sqlite3
+
+    ledger = L.Ledger.open(tmp_path)
+    _plan(ledger)
+    ledger.set_state("job1", L.JobState.MOVES_PENDING)
+    row = ledger.job("job1")
+    assert row.state is L.JobState.MOVES_PENDING and row.state == "moves-pending"
+    ledger.close()
+    raw = sqlite3.connect(tmp_path / L.DB_NAME).execute("SELECT state FROM jobs").fetchone()[0]
+    assert raw == "moves-pending" and type(raw) is str
+
+
+def test_every_job_state_is_one_something_sets():
+    """`moved` was never set by anything: it is gone, and no ledger can hold it."""
+    assert {s.value for s in L.JobState} == {"planned", "writing", "written", "moves-pending", "done", "failed"}
+    assert not hasattr(L, "MOVED")
+    assert set(L.UNFINISHED) == {L.JobState.PLANNED, L.JobState.WRITING, L.JobState.WRITTEN}
+
+
+def test_frame_verdicts_are_an_enum():
+    assert {v.value for v in L.FrameVerdict} == {"flat", "other", "incomplete", "bad", "own", "consumed"}
+    assert L.FrameVerdict("bad") is L.FrameVerdict.BAD
+
+
+def test_jobs_like_finds_a_job_by_the_start_of_its_id(tmp_path):
+    ledger = L.Ledger.open(tmp_path)
+    _plan(ledger, "abc123")
+    assert [j.id for j in ledger.jobs_like("abc")] == ["abc123"]
+    assert ledger.jobs_like("zzz") == []

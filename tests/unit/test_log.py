@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import re
 import logging
 
 import pytest
@@ -10,7 +12,9 @@ from flatd.log import LOGGER, event, printable, setup_logging
 
 
 def _capture(fmt: str, **kw) -> io.StringIO:
+    """A log going to a StringIO, without timestamps unless asked (they have tests of their own)."""
     stream = io.StringIO()
+    kw.setdefault("timestamps", False)
     setup_logging(fmt, stream=stream, **kw)
     return stream
 
@@ -83,3 +87,71 @@ def test_json_line_escapes_control_characters_and_keeps_the_value():
     assert not any(c in line.rstrip("\n") for c in (ESC, "\x9b", "\x7f", "\n"))
     record = json.loads(line)
     assert record["message"] == text and record["filter"] == text
+
+
+# --------------------------------------------------------------------------- fields never dropped by accident
+
+
+def test_a_number_in_the_message_does_not_drop_a_field():
+    stream = _capture("plain")
+    event("group_planned", "combining 8 flats of 1x1 R, 480 s", files=8, exposure=480)
+    assert stream.getvalue().strip() == "combining 8 flats of 1x1 R, 480 s files=8 exposure=480"
+
+
+def test_a_value_inside_a_longer_word_does_not_drop_a_field():
+    stream = _capture("plain")
+    event("group_planned", "combining 3 flats of 1x1 -10.0C", files=3, rule="-", job="480")
+    line = stream.getvalue().strip()
+    assert line.endswith(" files=3 rule=- job=480")
+
+
+def test_files_8_survives_480_in_the_message():
+    stream = _capture("plain")
+    event("master_written", "wrote /m/FLAT-480s.fits", path="/m/FLAT-480s.fits", files=8)
+    assert stream.getvalue().strip() == "wrote /m/FLAT-480s.fits files=8"
+
+
+def test_a_path_field_is_left_out_only_when_the_message_shows_that_whole_path():
+    stream = _capture("plain")
+    event("frame_ready", "flat ready: /c/a.fits.bak", path="/c/a.fits")
+    assert stream.getvalue().strip() == "flat ready: /c/a.fits.bak path=/c/a.fits"
+
+
+# --------------------------------------------------------------------------- timestamps
+
+
+def test_plain_lines_carry_a_timestamp_away_from_a_terminal(monkeypatch):
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    stream = io.StringIO()
+    setup_logging("plain", stream=stream)
+    event("master_written", "wrote /m/F.fits")
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d wrote /m/F.fits$", stream.getvalue().strip())
+
+
+def test_no_timestamp_for_journald(monkeypatch, tmp_path):
+    with open(tmp_path / "log", "w") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        setup_logging("plain", stream=stream)
+        event("master_written", "wrote /m/F.fits")
+    assert (tmp_path / "log").read_text() == "wrote /m/F.fits\n"
+
+
+def test_no_timestamp_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    setup_logging("plain", stream=stream)
+    event("master_written", "wrote /m/F.fits")
+    assert stream.getvalue() == "wrote /m/F.fits\n"
+
+
+def test_same_destination(tmp_path):
+    from flatd.log import same_destination
+
+    with open(tmp_path / "a", "w") as a, open(tmp_path / "a", "a") as a2, open(tmp_path / "b", "w") as b:
+        assert same_destination(a, a2)
+        assert not same_destination(a, b)
+    assert not same_destination(io.StringIO(), io.StringIO())

@@ -1,4 +1,4 @@
-"""Output names, master headers and atomic writes (flatd.masters)."""
+"""Master headers and atomic writes, plain and tile-compressed (flatd.masters)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,14 @@ from astropy.io import fits
 import flatd
 from flatd import masters
 from flatd.calibration import Calibration
-from flatd.config import NAME_FIELDS, Output
+from flatd.config import Output
 from flatd.frames import Frame, Kind, read_frame
-from flatd.masters import (
-    cleanup_temp_files,
-    master_header,
-    master_name,
-    name_fields,
-    safe_component,
-    unique_path,
-    write_master,
-)
+from flatd.masters import cleanup_temp_files, master_header, unique_path, write_master
+from flatd.naming import master_name, name_fields
+from flatd.methods import Method
 
 WHEN = datetime(2026, 11, 25, 1, 2, 3)
+MEAN = Method("mean")
 
 
 def make_frame(name="flat_001.fits", **kw) -> Frame:
@@ -53,149 +48,6 @@ def temp_files(directory: Path) -> list[str]:
     return sorted(p.name for p in Path(directory).iterdir() if p.name.endswith(".tmp"))
 
 
-# ------------------------------------------------------------------- safe_component
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("../../x", "x"),
-        ("a/b", "a_b"),
-        ("a\\b", "a_b"),
-        ("..", "none"),
-        (".", "none"),
-        ("", "none"),
-        (None, "none"),
-        ("Hα", "Ha"),
-        ("OIII", "OIII"),
-        ("R G B", "R_G_B"),
-        ("C:\\Windows", "C_Windows"),
-        ("a\x00b\nc", "a_b_c"),
-        (".hidden", "hidden"),
-        ("__x__", "x"),
-        ("-10.0", "-10.0"),
-        ("SigmaClip2.0", "SigmaClip2.0"),
-        ("a..b", "a.b"),
-        ("CON", "CON_"),
-        ("  ", "none"),
-    ],
-)
-def test_safe_component(text, expected):
-    assert safe_component(text) == expected
-
-
-def test_safe_component_fallback_and_length():
-    assert safe_component("///", fallback="nofilter") == "nofilter"
-    long = safe_component("x" * 1000)
-    assert long == "x" * 64
-    assert len(safe_component("ab/" * 100)) <= 64
-
-
-@pytest.mark.parametrize("text", ["../../x", "..", "/", "a/../../b", "..\\..\\x", "\x00", "....//....//", "é/è", "../" * 40])
-def test_safe_component_never_a_path(text):
-    out = safe_component(text)
-    assert "/" not in out and "\\" not in out and "\0" not in out
-    assert out not in (".", "..")
-    assert not out.startswith(".")
-    assert Path(out).name == out
-    assert out.isascii()
-
-
-# ------------------------------------------------------------------- names
-
-
-def fields(**kw):
-    base = name_fields([make_frame()], "SigmaClip2.0", "g1", WHEN)
-    base.update(kw)
-    return base
-
-
-def test_name_fields_cover_config():
-    values = name_fields([make_frame(), make_frame("b.fits", temperature=-10.2, exposure=3.0)], "SigmaClip2.0", "g1", WHEN)
-    assert set(values) == set(NAME_FIELDS)
-    assert values["filter"] == "L"
-    assert values["binning"] == "1x1"
-    assert values["size"] == "4144x2822"
-    assert values["method"] == "SigmaClip2.0"
-    assert values["date"] == "20261124-183000"  # earliest DATE-OBS, not the time of combining
-    assert values["time"] == "183000"
-    assert values["datetime"] == "20261124T183000"
-    assert values["temperature"] == "-10.1"
-    assert values["exposure"] == "2.5"
-    assert values["instrument"] == "ZWO ASI294MM Pro"
-    assert values["count"] == "2"
-    assert values["group"] == "g1"
-
-
-def test_name_fields_missing_values():
-    frame = make_frame(filter=None, temperature=None, exposure=None, date=None, instrument=None, telescope=None)
-    values = name_fields([frame], "Mean", "", WHEN)
-    assert values["filter"] == "nofilter"
-    assert values["temperature"] == "na"
-    assert values["exposure"] == "na"
-    assert values["date"] == "20261125-010203"  # no DATE-OBS: the time given
-    assert values["instrument"] == "none"
-
-
-def test_name_fields_most_common_filter_and_no_negative_zero():
-    frames = [make_frame(filter="R"), make_frame(filter="G"), make_frame(filter="G"),
-              make_frame(temperature=-0.04)]
-    values = name_fields(frames[:3], "Median", "g", WHEN)
-    assert values["filter"] == "G"
-    assert name_fields([frames[3]], "Median", "g", WHEN)["temperature"] == "0.0"
-
-
-def test_default_name_like_the_original():
-    name = master_name(Output().name, fields())
-    assert name == "FLAT-L-1x1-4144x2822-SigmaClip2.0-20261124-183000--10.0C.fits"
-
-
-def test_names_differ_for_groups_differing_only_in_size():
-    template = Output().name
-    a = name_fields([make_frame(width=4144, height=2822)], "Mean", "g", WHEN)
-    b = name_fields([make_frame(width=2072, height=1411)], "Mean", "g", WHEN)
-    assert master_name(template, a) != master_name(template, b)
-
-
-def test_master_name_sanitizes_every_field():
-    name = master_name("{filter}_{instrument}_{telescope}.fits",
-                       fields(filter="../../x", instrument="a/b\\c", telescope=".."))
-    assert name == "x_a_b_c_none.fits"
-    assert Path(name).name == name
-
-
-def test_master_name_raw_values_and_format_specs():
-    raw = {"filter": None, "temperature": -9.96, "date": WHEN, "exposure": 1.5, "count": 7}
-    assert master_name("{filter}_{temperature}_{date}_{exposure}_{count}", raw) == \
-        "nofilter_-10.0_20261125-010203_1.5_7.fits"
-    assert master_name("{temperature:.0f}_{count:03d}_{date:%Y-%m-%d}", fields(count="7")) == \
-        "-10_007_2026-11-24.fits"
-
-
-@pytest.mark.parametrize("template", ["x.fit", "x.fts", "x.FITS", "x.fits"])
-def test_master_name_keeps_fits_extension(template):
-    assert master_name(template, fields()) == template
-
-
-def test_master_name_appends_fits():
-    assert master_name("FLAT-{filter}", fields()) == "FLAT-L.fits"
-    assert master_name("FLAT-{filter}.png", fields()) == "FLAT-L.png.fits"
-
-
-@pytest.mark.parametrize("template", ["sub/{filter}.fits", "../{filter}.fits", "/abs/{filter}.fits",
-                                      "a\\{filter}.fits", ".{filter}.fits", "a:{filter}.fits", "{nope}.fits"])
-def test_master_name_rejects_non_plain_templates(template):
-    with pytest.raises(ValueError):
-        master_name(template, fields())
-
-
-def test_master_name_limits_length():
-    long = {k: "y" * 64 for k in NAME_FIELDS}
-    name = master_name("{" + "}-{".join(NAME_FIELDS) + "}", long)
-    assert name.endswith(".fits")
-    assert len(name.encode()) <= 240
-
-
 # ------------------------------------------------------------------- header
 
 
@@ -208,7 +60,7 @@ def test_master_header_cards():
     dark = make_frame("master_dark_2s.fits", kind=Kind.DARK, path=Path("/lib/master_dark_2s.fits"))
     cals = [Calibration(mode="file", frame=dark), Calibration(mode="file", frame=dark),
             Calibration(mode="file", frame=dark)]
-    header = master_header(frames, cals, "sigma clip, z=2.0, single pass", "SigmaClip2.0", "multiplicative",
+    header = master_header(frames, cals, Method("sigma", sigma=2.0), "multiplicative",
                            factors=[1.0, 0.95, 1.1], extra={"OBSERVER": ("Jane Dœ", "who took them")})
     assert header["IMAGETYP"] == "Master Flat"
     assert header["FILTER"] == "L"
@@ -240,25 +92,25 @@ def test_master_header_cards():
 
 def test_master_header_parameters_and_modes():
     frames = [make_frame("a.fits", instrument="A"), make_frame("b.fits", instrument="B")]
-    h = master_header(frames, [], "min/max clip", "MinMaxClip2", "none")
+    h = master_header(frames, [], Method("minmax", minmax=2), "none")
     assert h["CLIPN"] == 2
     assert h["CALMODE"] == "none"
     assert "INSTRUME" not in h  # inputs disagree
-    h = master_header(frames, [Calibration(mode="pedestal", pedestal=100)] * 2, "mean", "Mean", "none")
+    h = master_header(frames, [Calibration(mode="pedestal", pedestal=100)] * 2, MEAN, "none")
     assert h["CALMODE"] == "pedestal" and h["PEDESTAL"] == 100
     assert "CLIPN" not in h and "CLIPSIG" not in h
-    h = master_header(frames, [Calibration(mode="pedestal", pedestal=100), Calibration()], "mean", "Mean", "none")
+    h = master_header(frames, [Calibration(mode="pedestal", pedestal=100), Calibration()], MEAN, "none")
     assert h["CALMODE"] == "mixed" and "PEDESTAL" not in h
     with pytest.raises(ValueError):
-        master_header(frames, [Calibration()], "mean", "Mean", "none")
+        master_header(frames, [Calibration()], MEAN, "none")
     with pytest.raises(ValueError):
-        master_header(frames, [], "mean", "Mean", "none", factors=[1.0])
+        master_header(frames, [], MEAN, "none", factors=[1.0])
 
 
 def test_master_header_values_are_card_safe(tmp_path):
     frame = make_frame("ä\x07.fits", filter="Hα\x00\x1b[31m", instrument="Kamera™ ü", telescope="x" * 200, exposure=None,
                        temperature=None, set_temperature=None, date=None)
-    h = master_header([frame], [], "mean", "Mean", "none")
+    h = master_header([frame], [], MEAN, "none")
     assert h["FILTER"] == "Ha [31m"
     assert "EXPTIME" not in h and "CCD-TEMP" not in h and "DATE-OBS" not in h
     for card in h.cards:
@@ -270,7 +122,7 @@ def test_master_header_values_are_card_safe(tmp_path):
 
 
 def test_master_is_recognised_as_master_by_frames(tmp_path):
-    h = master_header([make_frame(), make_frame("b.fits")], [], "mean", "Mean", "none")
+    h = master_header([make_frame(), make_frame("b.fits")], [], MEAN, "none")
     path = write_master(tmp_path, "m.fits", np.ones((8, 6), dtype=np.float32), h)
     assert read_frame(path).kind is Kind.MASTER
 
@@ -282,7 +134,7 @@ def test_write_master_float32_checksum_and_round_trip(tmp_path):
     data = np.linspace(40000, 65535, 64 * 48).reshape(48, 64)
     data[0, 0] = 32768.0
     data[0, 1] = 65535.0
-    header = master_header([make_frame()], [], "mean", "Mean", "none")
+    header = master_header([make_frame()], [], MEAN, "none")
     path = write_master(tmp_path / "out", "m.fits", data, header)
     assert path == tmp_path / "out" / "m.fits"
     with warnings.catch_warnings():
@@ -413,12 +265,12 @@ def test_hostile_filter_ends_up_inside_output_folder(tmp_path):
     out = tmp_path / "capture" / "night" / "masters"
     for template in (Output().name, "{filter}", "{instrument}-{filter}.fits"):
         name = master_name(template, name_fields([frame], "Mean", "g", WHEN))
-        header = master_header([frame], [], "mean", "Mean", "none")
+        header = master_header([frame], [], MEAN, "none")
         path = write_master(out, name, np.ones((6, 8)), header)
         assert path.parent == out
         assert os.path.realpath(path).startswith(os.path.realpath(out) + os.sep)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["FLAT-x-1x1-8x6-Mean-20261124-183000--10.0C.fits", "x.fits", "etc_passwd-x.fits"])
+        ["FLAT-x-1x1-8x6-Mean-20261124-183000-10.0C.fits", "x.fits", "etc_passwd-x.fits"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "capture" / "x").exists()
 
 
@@ -459,7 +311,71 @@ def test_cleanup_temp_files_spares_fresh_ones(tmp_path):
     assert cleanup_temp_files(tmp_path, min_age=3600) == [fresh]
 
 
-def test_method_parameter():
-    assert masters.method_parameter("SigmaClip2.5") == ("CLIPSIG", 2.5, "sigma clip threshold (z-score)")
-    assert masters.method_parameter("MinMaxClip3")[:2] == ("CLIPN", 3)
-    assert masters.method_parameter("Median") is None
+def test_method_cards_come_from_the_registry():
+    h = master_header([make_frame()], [], Method("sigma", sigma=2.5), "none")
+    assert (h["COMBMETH"], h["CLIPSIG"]) == ("SigmaClip2.5", 2.5)
+    assert h.comments["COMBMETH"] == "combine method"
+    assert h.comments["CLIPSIG"] == "sigma clip threshold (z-score)"
+    h = master_header([make_frame()], [], Method("minmax", minmax=3), "none")
+    assert (h["COMBMETH"], h["CLIPN"]) == ("MinMaxClip3", 3) and isinstance(h["CLIPN"], int)
+    assert h.comments["CLIPN"] == "min/max clip passes"
+    h = master_header([make_frame()], [], Method("median"), "none")
+    assert h["COMBMETH"] == "Median" and "CLIPN" not in h and "CLIPSIG" not in h
+
+
+# ------------------------------------------------------------------- .fits.fz, EXPTIME
+
+
+@pytest.mark.parametrize("name", ["m.fits.fz", "M.FITS.FZ"])
+def test_write_compressed_master_is_lossless(tmp_path, name):
+    rng = np.random.default_rng(5)
+    data = rng.normal(1.0, 0.02, size=(50, 70)).astype(np.float32)
+    data[3, 4] = np.nan
+    data[5, 6] = 1e-30
+    header = master_header([make_frame(), make_frame("b.fits")], [], MEAN, "none", extra={"FLATDJOB": "j1"})
+    path = write_master(tmp_path, name, data, header)
+    assert path == tmp_path / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checksum mismatch would warn
+        with fits.open(path, checksum=True) as hdul:
+            assert isinstance(hdul[1], fits.CompImageHDU)
+            assert hdul[1].header["IMAGETYP"] == "Master Flat"
+            back = hdul[1].data
+            assert back.dtype == np.float32
+            np.testing.assert_array_equal(back, data)  # bit for bit, NaN included
+    assert path.stat().st_size < data.nbytes + 2 * 2880 * 3
+    frame = read_frame(path)  # flatd reads it back as a master (never an input)
+    assert frame.compressed and frame.kind is Kind.MASTER and frame.headers["FLATDJOB"] == "j1"
+    assert temp_files(tmp_path) == []
+
+
+def test_compressed_master_never_overwrites_and_numbers_before_the_extension(tmp_path):
+    (tmp_path / "m.fits.fz").write_bytes(b"not mine")
+    path = write_master(tmp_path, "m.fits.fz", np.ones((4, 4)), fits.Header())
+    assert path.name == "m-2.fits.fz"
+    assert (tmp_path / "m.fits.fz").read_bytes() == b"not mine"
+    assert unique_path(tmp_path / "m.fits.fz") == tmp_path / "m-3.fits.fz"
+
+
+def test_compressed_master_checks_free_space_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(masters, "free_bytes", lambda directory: 100)
+    with pytest.raises(masters.NoSpace, match="no space left on"):
+        write_master(tmp_path, "m.fits.fz", np.ones((64, 64)), fits.Header())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_errors_derive_from_one_base():
+    from flatd.errors import FlatdError
+
+    assert issubclass(masters.NoSpace, FlatdError) and issubclass(masters.NoSpace, OSError)
+
+
+def test_exptime_is_rounded_to_the_inputs_precision():
+    frames = [make_frame(f"{i}.fits", exposure=0.4) for i in range(3)]
+    assert sum(f.exposure for f in frames) / 3 != 0.4  # 0.4000000000000001 today
+    header = master_header(frames, [], MEAN, "none")
+    assert header["EXPTIME"] == 0.4 and header["EXPOSURE"] == 0.4
+    assert "EXPTIME =                  0.4" in header.tostring()
+    header = master_header([make_frame(exposure=1.25), make_frame(exposure=1.5)], [], MEAN, "none")
+    assert header["EXPTIME"] == 1.38  # (1.25 + 1.5) / 2 = 1.375, to 2 decimals
+

@@ -1,8 +1,7 @@
-"""flatd.stacker: streamed bands equal the whole stack in memory, within the memory limit."""
+"""flatd.engines.local: streamed bands equal the whole stack in memory, within the memory limit."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -11,61 +10,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from astropy.io import fits
 
-from flatd import stacker as S
 from flatd.calibration import Calibration
 from flatd.combine import Combiner, Method
+from flatd.engines import local as S
+from flatd.engines.local import plan_bands, stack_frames
+from flatd.errors import StackError
 from flatd.frames import read_frame
-from flatd.stacker import StackError, StackInput, mean_adu, open_pixels, plan_bands, read_image, stack_frames
+from flatd.jobs import StackInput
+from flatd.pixels import read_image
+
+from pixelfiles import H, W, flat_data, make_files, write
 
 METHODS = [Method("mean"), Method("median"), Method("minmax", minmax=2), Method("sigma", sigma=1.5)]
-H, W = 37, 53  # bands of 5 rows leave a band of 2 at the bottom
-
-
-def write(path: Path, data: np.ndarray, compressed: bool = False, **header) -> Path:
-    if compressed:
-        hdul = fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data)])
-    else:
-        hdul = fits.HDUList([fits.PrimaryHDU(data)])
-    for key, value in header.items():
-        hdul[-1].header[key] = value
-    hdul.writeto(path)
-    return path
-
-
-def flat_data(rng, level, shape=(H, W)):
-    h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    vignette = 1 - 0.2 * (((xx - w / 2) / w) ** 2 + ((yy - h / 2) / h) ** 2)
-    data = rng.normal(level * vignette, 40)
-    data[rng.random(shape) < 0.01] = 65000  # hot pixels and cosmic rays to reject
-    return data.clip(0, 65535)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """7 flats of mixed storage (uint16 with BZERO, int16, float32, tile-compressed) and a dark."""
-    d = tmp_path_factory.mktemp("stack")
-    rng = np.random.default_rng(11)
-    flats = []
-    kinds = ["uint16", "uint16", "int16", "float32", "fz", "uint16", "fz"]
-    for i, kind in enumerate(kinds):
-        data = flat_data(rng, 8000 + 2500 * i)
-        if kind == "uint16":
-            path = write(d / f"flat{i}.fits", data.astype(np.uint16), IMAGETYP="Flat Field")
-        elif kind == "int16":
-            path = write(d / f"flat{i}.fits", (data / 4).astype(np.int16), IMAGETYP="Flat Field")
-        elif kind == "float32":
-            data[5, :7] = 80000.0  # above the 16-bit range: clipped to 65535 when calibrated
-            path = write(d / f"flat{i}.fits", data.astype(np.float32), IMAGETYP="Flat Field")
-        else:
-            path = write(d / f"flat{i}.fits.fz", data.astype(np.uint16), compressed=True, IMAGETYP="Flat Field")
-        flats.append(read_frame(path))
-    dark = rng.normal(300, 30, size=(H, W))
-    dark[3, 4] = 60000  # brighter than the flats there: the subtraction clips at 0
-    dark_frame = read_frame(write(d / "dark.fits", dark.astype(np.uint16), IMAGETYP="Dark Frame"))
-    return {"dir": d, "flats": flats, "dark": dark_frame}
+    return make_files(tmp_path_factory.mktemp("stack"))
 
 
 def calibrations(kind, files, n):
@@ -96,54 +58,6 @@ def limit_for(band_rows, n, n_cal, workers, width=W, height=H, itemsize=4):
 def assert_close(got, want):
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(want))))
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def test_read_image_matches_astropy(files):
-    for frame in files["flats"] + [files["dark"]]:
-        want = fits.getdata(frame.path, ext=frame.hdu_index).astype(np.float32)
-        np.testing.assert_array_equal(read_image(frame), want)
-
-
-@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64])
-def test_every_bitpix_and_bscale(tmp_path, dtype):
-    rng = np.random.default_rng(2)
-    data = (rng.random((9, 11)) * 200).astype(dtype)
-    path = write(tmp_path / "x.fits", data)
-    frame = read_frame(path)
-    np.testing.assert_array_equal(read_image(frame), fits.getdata(path).astype(np.float32))
-    with open_pixels(frame) as src:
-        np.testing.assert_array_equal(src.rows(3, 7), fits.getdata(path)[3:7].astype(np.float32))
-    scaled = write(tmp_path / "s.fits", (data.astype(np.int32) if dtype != np.float64 else data), BSCALE=0.5, BZERO=10.0)
-    frame = read_frame(scaled)
-    assert frame.bscale == 0.5
-    np.testing.assert_allclose(read_image(frame), fits.getdata(scaled).astype(np.float32), rtol=1e-7)
-
-
-def test_three_d_single_plane(tmp_path):
-    data = np.arange(4 * 5, dtype=np.uint16).reshape(1, 4, 5) * 100
-    frame = read_frame(write(tmp_path / "cube.fits", data))
-    assert frame.naxis == 3
-    np.testing.assert_array_equal(read_image(frame), data[0].astype(np.float32))
-
-
-def test_mean_adu_streams(files):
-    for frame in files["flats"][:5]:
-        want = float(np.mean(fits.getdata(frame.path, ext=frame.hdu_index), dtype=np.float64))
-        assert mean_adu(frame, chunk_bytes=3 * W * 4) == pytest.approx(want, rel=1e-12)
-
-
-def test_truncated_file_is_an_error_naming_it(tmp_path):
-    path = write(tmp_path / "t.fits", np.ones((20, 30), np.uint16))
-    frame = read_frame(path)
-    with open(path, "r+b") as fh:
-        fh.truncate(frame.data_offset + 100)
-    with pytest.raises(StackError, match=r"t.fits changed since it was planned \(size .*nothing is moved"):
-        read_image(frame)
-    with pytest.raises(StackError, match="t.fits: truncated"):  # no identity to compare: the size check
-        read_image(dataclasses.replace(frame, inode=0))
 
 
 # --------------------------------------------------------------------------- tiled == whole
@@ -272,7 +186,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     import numpy as np
     from flatd.frames import read_frame
     from flatd.combine import Method
-    from flatd.stacker import StackInput, stack_frames
+    from flatd.jobs import StackInput
+    from flatd.engines.local import stack_frames
     from flatd.calibration import Calibration
 
     folder, limit = Path(sys.argv[1]), int(sys.argv[2])
@@ -339,3 +254,63 @@ def test_progress_can_cut_a_job_short(files, monkeypatch):
         stack_frames(inputs, Method("median"), memory_limit=limit_for(3, len(inputs), 0, 2), workers=2, progress=progress)
     assert len(calls) == 2
     assert sources and all(s._fd is None and s._hdul is None for s in sources)
+
+
+# --------------------------------------------------------------------------- the engine seam
+
+
+def _job(inputs, method, normalize="multiplicative"):
+    from types import SimpleNamespace
+
+    from flatd.jobs import Job
+
+    group = SimpleNamespace(label="g1", frames=tuple(i.frame for i in inputs))
+    return Job(id="j1", group=group, rule=None, method=method, normalize=normalize, inputs=tuple(inputs),
+               output_dir=Path("."), output_name="m.fits", move_to=None)
+
+
+def test_engine_stacks_a_job_with_its_settings(files):
+    from flatd.config import Engine
+    from flatd.engines import make_engine
+
+    inputs = [StackInput(f) for f in files["flats"]]
+    calls = []
+
+    def progress(label, rows):
+        calls.append((label, rows))
+        return lambda done, total: calls.append((done, total))
+
+    settings = Engine(memory_limit=limit_for(3, len(inputs), 0, 2), workers=2)
+    engine = make_engine(settings, progress)
+    assert isinstance(engine, S.LocalEngine)
+    result = engine.stack(_job(inputs, Method("median")))
+    want = stack_frames(inputs, Method("median"), memory_limit=settings.memory_limit, workers=2)
+    assert result.band_rows == 3
+    np.testing.assert_array_equal(result.image, want.image)
+    assert calls[0] == ("g1", H) and calls[-1] == (H, H)
+
+
+def test_engine_errors_name_the_file(files, tmp_path):
+    from flatd.engines import make_engine
+
+    odd = read_frame(write(tmp_path / "odd.fits", np.ones((H + 1, W), np.uint16)))
+    inputs = [StackInput(f) for f in files["flats"][:3]] + [StackInput(odd)]
+    with pytest.raises(StackError, match=r"odd\.fits is"):
+        make_engine().stack(_job(inputs, Method("mean")))
+
+
+def test_unknown_engine_kind_is_refused():
+    from flatd.config import Engine
+    from flatd.engines import make_engine
+    from flatd.errors import FlatdError
+
+    with pytest.raises(FlatdError, match="engine.kind 'dask' is not known"):
+        make_engine(Engine.model_construct(kind="dask", memory_limit=2**20, workers=1))
+
+
+def test_engine_kind_in_the_rules_file():
+    from flatd.config import ConfigError, parse_rules
+
+    assert parse_rules("engine: {kind: local}").engine.kind == "local"
+    with pytest.raises(ConfigError, match="engine.kind"):
+        parse_rules("engine: {kind: ../../bin/sh}")

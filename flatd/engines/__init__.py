@@ -1,0 +1,54 @@
+"""The engine seam: the runner asks an engine for a master, ``engine.stack(job) -> StackResult``.
+
+Engine settings (``engine:`` in the rules file: kind, memory_limit, workers) travel in
+one object, :class:`flatd.config.Engine`, handed to :func:`make_engine`. ``local`` is
+the streaming stacker (:mod:`flatd.engines.local`); others (dask) come later.
+Light: the engine itself (numpy, numba) is imported only when one is made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
+
+from flatd.errors import FlatdError, StackError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from flatd.config import Engine as EngineSettings
+    from flatd.jobs import Job
+
+__all__ = ["Engine", "ProgressFactory", "StackError", "StackResult", "make_engine"]
+
+# progress(label, rows) -> update(rows_done, rows): called after every band. A
+# BaseException raised from update cuts the job short (the service's stop).
+ProgressFactory = Callable[[str, int], Callable[[int, int], None]]
+
+
+@dataclass
+class StackResult:
+    """A master's pixels and what the engine measured on the way."""
+
+    image: "np.ndarray"  # (H, W) float32
+    levels: list[float]  # per input, after calibration, before normalization
+    factors: list[float]  # normalization factors applied (all 1.0 for "none")
+    band_rows: int
+
+
+class Engine(Protocol):
+    def stack(self, job: "Job") -> StackResult:
+        """Calibrate, normalize and combine the job's inputs; StackError says why not."""
+
+
+def make_engine(settings: Optional["EngineSettings"] = None, progress: Optional[ProgressFactory] = None) -> Engine:
+    """The engine `settings` (the rules' ``engine:``; defaults when None) asks for."""
+    if settings is None:
+        from flatd.config import Engine as EngineSettings
+
+        settings = EngineSettings()
+    if settings.kind == "local":
+        from flatd.engines.local import LocalEngine
+
+        return LocalEngine(settings, progress)
+    raise FlatdError(f"engine.kind {settings.kind!r} is not known; the engines are: local")

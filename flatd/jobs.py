@@ -1,0 +1,48 @@
+"""What planning hands to an engine: a Job and its inputs.
+
+Plain dataclasses, imported by planning and by the engines alike (no numba, no astropy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from flatd.calibration import Calibration
+from flatd.frames import Frame
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flatd.methods import Method
+    from flatd.grouping import Group
+
+
+@dataclass(frozen=True)
+class StackInput:
+    """One flat and what is subtracted from it."""
+
+    frame: Frame
+    calibration: Calibration = field(default_factory=Calibration)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One group to combine into one master."""
+
+    id: str
+    group: "Group"
+    rule: Optional[str]
+    method: "Method"
+    normalize: str
+    inputs: tuple[StackInput, ...]
+    output_dir: Path
+    output_name: str
+    move_to: Optional[str]
+
+    @property
+    def label(self) -> str:
+        return self.group.label
+
+    @property
+    def frames(self) -> tuple[Frame, ...]:
+        return tuple(i.frame for i in self.inputs)

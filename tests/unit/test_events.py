@@ -1,0 +1,89 @@
+"""Typed events, the bus, and the log and report subscribers."""
+
+import io
+import json
+import logging
+from pathlib import Path
+
+from flatd import events as E
+from flatd.log import setup_logging
+
+
+def _log(fmt="plain") -> io.StringIO:
+    stream = io.StringIO()
+    setup_logging(fmt, stream=stream, timestamps=False)
+    return stream
+
+
+def test_the_six_events_of_the_design_have_their_names():
+    names = {cls.name for cls in (E.FrameLeftOut, E.GroupPlanned, E.MasterWritten, E.InputsMoved, E.JobFailed,
+                                  E.BatchDone)}
+    assert names == {"frame_left_out", "group_planned", "master_written", "inputs_moved", "job_failed", "batch_done"}
+
+
+def test_a_subscriber_gets_every_event_until_it_leaves():
+    bus = E.Bus()
+    got = []
+    leave = bus.subscribe(got.append)
+    ev = E.InputsMoved("j1", 3, Path("/c/originals"))
+    bus.emit(ev)
+    leave()
+    bus.emit(ev)
+    assert got == [ev]
+
+
+def test_a_failing_subscriber_does_not_stop_the_others():
+    bus = E.Bus()
+    got = []
+
+    def broken(ev):
+        raise RuntimeError("boom")
+
+    bus.subscribe(broken)
+    bus.subscribe(got.append)
+    stream = _log()
+    bus.emit(E.MovesFinished("j1", 2))
+    assert len(got) == 1
+    assert "subscriber failed on moves_finished: boom" in stream.getvalue()
+
+
+def test_the_log_subscriber_writes_one_line_with_the_event_name_and_fields():
+    stream = _log("json")
+    E.emit(E.MasterWritten("j1", Path("/m/F.fits"), 8, 1.5))
+    record = json.loads(stream.getvalue())
+    assert record["event"] == "master_written" and record["message"] == "wrote /m/F.fits"
+    assert record["job"] == "j1" and record["files"] == 8 and record["seconds"] == 1.5
+
+
+def test_plain_lines_of_typed_events_keep_every_field():
+    stream = _log()
+    E.emit(E.GroupPlanned("j1", "1x1 50x40, -10.0 °C, filter R", 8, "median", "-"))
+    assert stream.getvalue().strip() == ('combining 8 flats of 1x1 50x40, -10.0 °C, filter R with median '
+                                         'job=j1 group="1x1 50x40, -10.0 °C, filter R" files=8 rule=-')
+
+
+def test_levels_follow_what_happened():
+    assert E.FrameLeftOut(Path("/a"), "type light, not a flat", quiet=True).level == logging.DEBUG
+    assert E.FrameLeftOut(Path("/a"), "truncated", bad=True).level == logging.WARNING
+    assert E.JobFailed("R", "no dark").level == logging.ERROR
+    assert E.MasterWritten("j", Path("/m"), 3, found=True).level == logging.WARNING
+
+
+def test_recovery_and_move_events_keep_their_log_names():
+    assert E.JobRecovered("j1", "R").name == "job_rolled_back"
+    assert E.JobRecovered("j1", "R", Path("/m/F.fits")).name == "job_recovered"
+    assert E.MoveProblem("j1", Path("/a"), "x", refused=True).name == "move_refused"
+    assert E.MoveProblem("j1", Path("/a"), "x").name == "move_failed"
+    assert E.FolderProblem(Path("/c"), "gone", missing=True).name == "capture_missing"
+
+
+def test_the_report_subscriber_gathers_a_one_shot_run():
+    with E.ReportSubscriber() as report:
+        E.emit(E.MasterWritten("j1", Path("/m/F.fits"), 5))
+        E.emit(E.JobFailed("G", "no dark", job="j2"))
+        E.emit(E.FrameLeftOut(Path("/c/l.fits"), "type light, not a flat", quiet=True))
+        E.emit(E.FrameLeftOut(Path("/c/b.fits"), "truncated", bad=True))
+    E.emit(E.MasterWritten("j3", Path("/m/G.fits"), 5))  # after it left
+    summary = report.summary()
+    assert (summary.masters, summary.failed, summary.left_out) == (1, 1, 1)
+    assert summary.message == "run-once: 1 master(s) written, 1 group(s) failed, 1 file(s) left out"
