@@ -282,8 +282,10 @@ class CombineSettings(Section):
 
 class Engine(Section):
     kind: Literal["local"] = Field("local", description="the engine that stacks: local (in this process)")
-    memory_limit: Size = 512 * 2**20
-    workers: Optional[int] = Field(None, ge=1)
+    memory_limit: Size = Field(512 * 2**20, description="memory the stacking may use for pixel bands, "
+                                                     "whatever the number and size of flats (512MiB, 2GB, bytes)")
+    workers: Optional[int] = Field(None, ge=1, description="threads that combine bands; null: one per CPU "
+                                                           "this process may use")
 
 
 class Keywords(Section):

@@ -63,7 +63,7 @@ class Group:
     frames: tuple[Frame, ...]  # sorted by date then path
     size_key: SizeKey | None  # (xbin, ybin, width, height) when grouped by size
     filter: str | None  # as written in the most common frame; '' when missing; None when not grouped by filter
-    temperature: float | None  # cluster centre (mean of members) when grouped by temperature
+    temperature: float | None  # mean of the members' temperatures when grouped by temperature
     no_temperature: bool = False  # the group of flats without a temperature (grouping by temperature)
 
     @property
@@ -286,7 +286,9 @@ def group_frames(frames: Sequence[Frame], options: GroupOptions) -> tuple[list[G
             for key in sorted(by_filter):
                 members = by_filter[key]
                 written = most_common_filter(members) if key else ""
-                next_level.append(_Partial(members, p.size_key, p.temperature, p.no_temperature, written))
+                # the group's own mean, as its master's name and CCD-TEMP give it
+                temp = None if p.temperature is None else sum(f.temperature for f in members) / len(members)
+                next_level.append(_Partial(members, p.size_key, temp, p.no_temperature, written))
         level = [p for p in next_level if not _too_small(p, minimum, skipped)]
 
     groups = []
