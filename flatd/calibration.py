@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from flatd.errors import FlatdError
-from flatd.frames import (
+from flatd.ingest.frames import (
     DEFAULT_KEYWORDS,
     Frame,
     FrameError,

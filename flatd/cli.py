@@ -122,7 +122,7 @@ def _add_combine_parser(sub) -> None:
 
 def _add_method_options(group) -> None:
     """The options the registry's methods declare (-m, -n, -mm N, -s Z), and --method NAME."""
-    from flatd import methods
+    from flatd.stack import methods
 
     for entry in methods.entries():
         if not entry.flags:
@@ -140,7 +140,7 @@ def _method_dest(name: str) -> str:
 
 def _method_choice(args, configured: str) -> dict:
     """The combine method and parameters the command line gives (`configured`: the rules file's method)."""
-    from flatd import methods
+    from flatd.stack import methods
 
     chosen: dict = {}
     for entry in methods.entries():
@@ -490,7 +490,7 @@ def _expand_output_name(name: str) -> str:
     .png...), is a usage error."""
     from datetime import datetime
 
-    from flatd.naming import check_file_name, check_output_template
+    from flatd.output.naming import check_file_name, check_output_template
 
     try:
         check_output_template(name, "-o")
@@ -511,8 +511,8 @@ def cmd_combine(args) -> int:
     from datetime import datetime
 
     from flatd.calibration import LibraryCache
-    from flatd.engines import make_engine
-    from flatd.frames import read_frames
+    from flatd.stack.engines import make_engine
+    from flatd.ingest.frames import read_frames
     from flatd.plan import plan_frames
     from flatd.runner import Runner
 
@@ -528,7 +528,7 @@ def cmd_combine(args) -> int:
     now = datetime.now()
     libraries = LibraryCache()
     plan = plan_frames(frames, rules, None, libraries, now, output_dir=output_dir, output_name=output_name, by_folder=False)
-    from flatd.frames import Skipped
+    from flatd.ingest.frames import Skipped
 
     plan.left_out = bad + [Skipped(p, "no such file") for p in missing] + plan.left_out
     if args.autodisplay:

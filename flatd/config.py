@@ -114,7 +114,7 @@ class Output(Section):
     @field_validator("name")
     @classmethod
     def _known_extension(cls, name: str) -> str:
-        from flatd.naming import check_output_template
+        from flatd.output.naming import check_output_template
 
         return check_output_template(name, "the name")
 
@@ -189,12 +189,12 @@ class Precalibration(Section):
 
 class CombineSettings(Section):
     """How a group is combined. Besides method and normalize, the section takes the
-    parameters of every method in the registry (flatd.methods: sigma, minmax...), each
+    parameters of every method in the registry (flatd.stack.methods: sigma, minmax...), each
     with its default; a key that no method has is refused."""
 
     @staticmethod
     def _parameters_schema(schema: dict) -> None:
-        from flatd import methods
+        from flatd.stack import methods
 
         properties = schema.setdefault("properties", {})
         for p in methods.parameters().values():
@@ -215,7 +215,7 @@ class CombineSettings(Section):
         tools that walk model_fields: the parameters are not fields of this model)."""
         from pydantic.fields import FieldInfo
 
-        from flatd import methods
+        from flatd.stack import methods
 
         return {p.name: FieldInfo.from_annotated_attribute(
                     p.kind, Field(p.default, description=p.description, gt=p.gt, ge=p.ge, le=p.le))
@@ -236,7 +236,7 @@ class CombineSettings(Section):
     def _method_parameters(cls, data: Any) -> Any:
         """Check each parameter key against the registry (at validation time, so methods
         registered later count) and fill in the defaults of those not given."""
-        from flatd import methods
+        from flatd.stack import methods
 
         if not isinstance(data, dict):
             return data
@@ -266,7 +266,7 @@ class CombineSettings(Section):
 
     @staticmethod
     def _method_problem(value: Any) -> Optional[str]:
-        from flatd import methods
+        from flatd.stack import methods
 
         if not isinstance(value, str) or value not in methods.names():
             return f"Input should be {methods.choices_text()}"
@@ -377,7 +377,7 @@ class Rules(Section):
         return value
 
     def keyword_map(self):
-        from flatd.frames import KeywordMap
+        from flatd.ingest.frames import KeywordMap
 
         return KeywordMap.from_mapping({k: v for k, v in self.keywords.model_dump().items() if v})
 

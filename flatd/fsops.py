@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 
 from flatd.errors import FlatdError
-from flatd.naming import format_fields
+from flatd.output.naming import format_fields
 
 CHUNK = 1 << 20
 TEMP_PREFIX = ".flatd-"

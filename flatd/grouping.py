@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Sequence
 
-from flatd.frames import TEMPERATURE_LIMITS, Frame, Skipped
-from flatd.naming import temperature_text
+from flatd.ingest.frames import TEMPERATURE_LIMITS, Frame, Skipped
+from flatd.output.naming import temperature_text
 
 SizeKey = tuple[int, int, int, int]
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from flatd.frames import DEFAULT_KEYWORDS, Frame, FrameError, KeywordMap, iter_fits_files, read_frame
+from flatd.ingest.frames import DEFAULT_KEYWORDS, Frame, FrameError, KeywordMap, iter_fits_files, read_frame
 from flatd.log import printable
-from flatd.naming import temperature_text
+from flatd.output.naming import temperature_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -120,7 +120,7 @@ def inspect_paths(
         raise ValueError(f"cannot sort by {sort!r}; choose one of {', '.join(SORT_KEYS)}")
     mean: Callable[[Frame], float] | None = None
     if adu:
-        from flatd.pixels import mean_adu as mean  # reads pixels: numpy, only when asked
+        from flatd.stack.pixels import mean_adu as mean  # reads pixels: numpy, only when asked
     rows: list[Row] = []
     for path in _candidates(paths, recursive):
         try:

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from flatd.calibration import Calibration
-from flatd.frames import Frame
+from flatd.ingest.frames import Frame
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatd.methods import Method
+    from flatd.stack.methods import Method
     from flatd.grouping import Group
 
 

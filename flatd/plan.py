@@ -16,11 +16,11 @@ from typing import Iterable, Optional, Sequence
 
 from flatd.calibration import Calibration, CalibrationError, Library, LibraryCache, calibration_for
 from flatd.config import Effective, Rules, effective_for
-from flatd.frames import DEFAULT_KEYWORDS, Frame, KeywordMap, Kind, Skipped
+from flatd.ingest.frames import DEFAULT_KEYWORDS, Frame, KeywordMap, Kind, Skipped
 from flatd.grouping import Group, GroupOptions, group_frames
 from flatd.jobs import Job, StackInput
-from flatd.methods import Method
-from flatd.naming import master_name, name_fields, numbered_name
+from flatd.stack.methods import Method
+from flatd.output.naming import master_name, name_fields, numbered_name
 
 # Kinds that are never combined into a master flat, even with ignore_type.
 NEVER_INPUTS = (Kind.MASTER,)

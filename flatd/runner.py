@@ -18,13 +18,13 @@ from typing import Callable, Optional, Sequence
 from flatd import ledger as L
 from flatd.calibration import LibraryCache
 from flatd.config import CaptureFolder, Rules
-from flatd.discover import scan_capture, still_candidates
-from flatd.engines import Engine, ProgressFactory, make_engine  # noqa: F401 (ProgressFactory: re-export)
+from flatd.ingest.discover import scan_capture, still_candidates
+from flatd.stack.engines import Engine, ProgressFactory, make_engine  # noqa: F401 (ProgressFactory: re-export)
 from flatd.errors import FlatdError
-from flatd.frames import FrameError, read_header_cards
+from flatd.ingest.frames import FrameError, read_header_cards
 from flatd.fsops import FileChanged, FileIdentity, file_digest, move_file, resolve_move_dir
-from flatd import events as E
-from flatd.events import emit
+from flatd.notify import events as E
+from flatd.notify.events import emit
 from flatd.plan import Job, Plan, plan_frames
 
 JOB_CARD = "FLATDJOB"  # the job id, in every master's header: finds a master after a crash
@@ -100,7 +100,7 @@ class Runner:
 
     def __init__(self, ledger: Optional[L.Ledger] = None, engine: Optional[Engine] = None,
                  should_stop: Callable[[], bool] = lambda: False, lock_wait: float = OUTPUT_LOCK_WAIT):
-        """`engine` stacks each job (flatd.engines.make_engine); default: the local engine
+        """`engine` stacks each job (flatd.stack.engines.make_engine); default: the local engine
         with the default engine settings."""
         self.ledger = ledger
         self._engine = engine
@@ -204,7 +204,7 @@ class Runner:
 
     def _make_master(self, job: Job) -> Path:
         """Stack and write; JobFailed says why not (transient when the output is at fault)."""
-        from flatd.masters import NoSpace, master_header, write_master  # astropy: only when a master is made
+        from flatd.output.masters import NoSpace, master_header, write_master  # astropy: only when a master is made
 
         try:
             result = self.engine.stack(job)
@@ -360,7 +360,7 @@ class Runner:
 
 
 def _cleanup_temp_files(directory: Path) -> None:
-    from flatd.masters import cleanup_temp_files
+    from flatd.output.masters import cleanup_temp_files
 
     cleanup_temp_files(directory)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Callable, Optional
 
-from flatd import events as E
+from flatd.notify import events as E
 from flatd.config import Rules
 from flatd.ledger import Ledger, StateLock
 
@@ -28,8 +28,8 @@ def run_once(rules: Rules, dry_run: bool = False, progress=None, wait: bool = Tr
     `batch_done` event summing it up.
     """
     from flatd.calibration import LibraryCache
-    from flatd.discover import FolderFilter, StableWait
-    from flatd.engines import make_engine
+    from flatd.ingest.discover import FolderFilter, StableWait
+    from flatd.stack.engines import make_engine
     from flatd.runner import RunReport, Runner, process_capture
 
     report = RunReport()

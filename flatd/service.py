@@ -3,8 +3,8 @@
 `flatd watch` is `flatd run-once` plus watching and timing: the same Runner, the same
 `process_capture` for each folder, the same ledger. What the service adds:
 
-- observers push paths onto a queue (flatd.watcher); the main thread feeds them to the
-  Intake (flatd.intake), which reads the header of each file that stood still for
+- observers push paths onto a queue (flatd.ingest.watcher); the main thread feeds them to the
+  Intake (flatd.ingest.intake), which reads the header of each file that stood still for
   `stable` once (a file shorter than its header promises is not ready yet), records
   each new flat in the ledger and keeps its Frame for the batch;
 - a capture folder whose last new flat became ready `settle` ago is processed by one
@@ -15,7 +15,7 @@
   start); SIGHUP reloads the rules file, keeping the old rules when the new file is
   invalid.
 
-It writes nothing to the screen: everything it has to say is an event (flatd.events).
+It writes nothing to the screen: everything it has to say is an event (flatd.notify.events).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from flatd.config import Rules
-from flatd.events import BatchDone, emit, notice
-from flatd.intake import Intake, stat_file
+from flatd.notify.events import BatchDone, emit, notice
+from flatd.ingest.intake import Intake, stat_file
 from flatd.ledger import JobState, Ledger, StateLock
 
 # After SIGTERM/SIGINT: a running job may finish within STOP_GRACE seconds; then it is
@@ -80,7 +80,7 @@ class Service:
                  clock: Callable[[], float] = time.monotonic,
                  make_native: Optional[Callable[[], object]] = None,
                  make_polling: Optional[Callable[[], object]] = None):
-        from flatd.watcher import Observers, native_observer, polling_observer
+        from flatd.ingest.watcher import Observers, native_observer, polling_observer
 
         self.config_path = Path(config_path) if config_path else None
         self.rules = rules
@@ -198,7 +198,7 @@ class Service:
                 self.ledger.forget_frame(Path(row["path"]))
 
     def _runner(self):
-        from flatd.engines import make_engine
+        from flatd.stack.engines import make_engine
         from flatd.runner import Runner
 
         return Runner(self.job_ledger, make_engine(self.rules.engine, self._progress),
@@ -216,8 +216,8 @@ class Service:
 
     def _configure(self, initial: bool = False) -> None:
         """(Re)build folder states, filters and observers from self.rules."""
-        from flatd.discover import FolderFilter
-        from flatd.watcher import FolderState
+        from flatd.ingest.discover import FolderFilter
+        from flatd.ingest.watcher import FolderState
 
         now = self.clock()
         wall = time.time()

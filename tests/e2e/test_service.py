@@ -320,7 +320,7 @@ def test_stop_abandons_a_long_job_at_a_band_and_rolls_it_back(tmp_path, monkeypa
     """SIGTERM's path without the signal: a job still stacking after the grace period is
     cut short at its next band, rolled back, and the inputs stay as they were."""
     import flatd.service as service_module
-    import flatd.engines.local as stacker
+    import flatd.stack.engines.local as stacker
     from flatd.config import load_rules
     from flatd.ledger import Ledger
 
@@ -470,15 +470,15 @@ def test_a_group_too_small_waits_in_place_for_more_flats(tmp_path):
 def test_a_restart_does_not_read_the_lights_again(tmp_path, monkeypatch):
     """Months of lights in a capture folder: their verdict is kept in the ledger, so a
     restart reads only files it has not judged, unless the rules changed."""
-    import flatd.frames
+    import flatd.ingest.frames
 
     cap = tmp_path / "cap"
     for i in range(4):
         write_flat(cap / "night1" / f"light_{i}.fits", seed=i, imagetyp="LIGHT")
     config = write_rules(tmp_path, stable="0.2s", settle="1h", rescan="1h")
     reads: list[str] = []
-    real_read = flatd.frames.read_frame
-    monkeypatch.setattr(flatd.frames, "read_frame", lambda path, *a, **k: reads.append(Path(path).name) or real_read(path, *a, **k))
+    real_read = flatd.ingest.frames.read_frame
+    monkeypatch.setattr(flatd.ingest.frames, "read_frame", lambda path, *a, **k: reads.append(Path(path).name) or real_read(path, *a, **k))
 
     def judged(n):
         from flatd.ledger import Ledger
@@ -516,8 +516,8 @@ def test_a_batch_reuses_the_frames_the_watcher_read(tmp_path, monkeypatch):
     intake, when it stood still); the batch walks no folder and reads no header again."""
     from collections import Counter
 
-    import flatd.discover as discover
-    import flatd.frames as frames
+    import flatd.ingest.discover as discover
+    import flatd.ingest.frames as frames
     import flatd.runner as runner
 
     reads: Counter = Counter()

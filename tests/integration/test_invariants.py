@@ -13,7 +13,7 @@ import os
 import pytest
 from astropy.io import fits
 
-import flatd.discover as discover_module
+import flatd.ingest.discover as discover_module
 import flatd.runner as runner_module
 from flatd.cli import main
 from flatd.config import load_rules
@@ -68,12 +68,12 @@ def _check_end_state(tree, digests, ledger):
 
 def test_crash_while_stacking_is_redone(tree, monkeypatch):
     rules, digests = _setup(tree)
-    import flatd.engines.local
+    import flatd.stack.engines.local
 
     def dying_stack(*args, **kwargs):
         raise Crash()
 
-    monkeypatch.setattr(flatd.engines.local, "stack_frames", dying_stack)
+    monkeypatch.setattr(flatd.stack.engines.local, "stack_frames", dying_stack)
     with pytest.raises(Crash):
         _run(rules, Ledger.open(rules.state))
     monkeypatch.undo()

@@ -104,7 +104,7 @@ def test_enospc_in_the_middle_of_a_write_is_the_same_clear_failure(tree, capsys,
     fails with ENOSPC, which astropy's writer used to turn into an AttributeError."""
     _flats(tree, filt="L", shape=(300, 400))
     out = tree.root / "out"
-    monkeypatch.setattr("flatd.masters.free_bytes", lambda directory: 10**12)
+    monkeypatch.setattr("flatd.output.masters.free_bytes", lambda directory: 10**12)
     with small_filesystem(out, "96k"):
         assert _run_once(_rules(tree, output=out, move_to="null")) == 1
         text = capsys.readouterr().out
@@ -218,7 +218,7 @@ def test_a_flat_changed_after_stacking_is_not_moved(tree, capsys, monkeypatch):
     flats = _flats(tree)
     config = _rules(tree)
     victim = flats[2]
-    import flatd.masters as masters_module  # the runner imports it when it writes
+    import flatd.output.masters as masters_module  # the runner imports it when it writes
 
     real_write = masters_module.write_master
 

@@ -1,7 +1,7 @@
 """A method registered in the test, run through `flatd combine` and a rules file.
 
-Adding a method touches the registry (flatd.methods) and the kernel table
-(flatd.combine.REJECTIONS) and nothing else: config, cli and masters read the registry.
+Adding a method touches the registry (flatd.stack.methods) and the kernel table
+(flatd.stack.combine.REJECTIONS) and nothing else: config, cli and masters read the registry.
 "trimmed k" drops the k lowest and the k highest values of each pixel (one copy each),
 then takes the mean of the rest.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from flatd import combine, methods
+from flatd.stack import combine, methods
 from flatd.cli import main
 
 TRIM = methods.Param("trim", int, 1, "values dropped at each end of a pixel's column", ge=0, le=50,

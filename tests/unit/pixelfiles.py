@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from flatd.frames import read_frame
+from flatd.ingest.frames import read_frame
 
 H, W = 37, 53  # bands of 5 rows leave a band of 2 at the bottom
 

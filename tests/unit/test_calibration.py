@@ -20,7 +20,7 @@ from flatd.calibration import (
     master_type,
 )
 from flatd.config import Precalibration
-from flatd.frames import Frame, Kind, read_frame
+from flatd.ingest.frames import Frame, Kind, read_frame
 
 REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 LOWELL = REALDATA / "lowell-nasa42"
@@ -432,7 +432,7 @@ def test_darks_from_the_flats_own_camera_are_preferred(tmp_path):
     import numpy as np
     from astropy.io import fits
 
-    from flatd.frames import read_frame
+    from flatd.ingest.frames import read_frame
 
     def write(name, imagetyp, exptime, temp, camera):
         hdu = fits.PrimaryHDU(np.zeros((8, 10), np.uint16))

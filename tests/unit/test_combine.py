@@ -1,4 +1,4 @@
-"""flatd.combine against a plain per-column reference written here, literally.
+"""flatd.stack.combine against a plain per-column reference written here, literally.
 
 The reference loops over pixel columns in pure Python and follows the original
 program's rules word for word. Sigma clipping decides |x - mean| / std > z in exact
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from flatd.combine import (
+from flatd.stack.combine import (
     Combiner,
     Method,
     combine,
@@ -409,8 +409,8 @@ def ref_sigma_kept(col, z):
 @pytest.fixture
 def staged_methods(monkeypatch):
     """sigma rejection with the median estimator, and a rejection that keeps nothing."""
-    from flatd import combine as kernels
-    from flatd import methods
+    from flatd.stack import combine as kernels
+    from flatd.stack import methods
 
     def keep_none(stack, r, c0, c1, params, keep):
         for i in range(stack.shape[0]):
@@ -454,7 +454,7 @@ def test_a_method_without_its_kernel(staged_methods):
 
 @pytest.mark.parametrize("n", range(1, 40))
 def test_sort_network_sorts(n):
-    from flatd.combine import sort_network
+    from flatd.stack.combine import sort_network
 
     values = np.random.default_rng(n).integers(0, 5, size=(n, 50))
     for a, b in sort_network(n):
@@ -464,7 +464,7 @@ def test_sort_network_sorts(n):
 
 
 def test_no_rejection_makes_no_mask():
-    from flatd.combine import _kernel
+    from flatd.stack.combine import _kernel
 
     for name in ("mean", "median"):
         driver, args = _kernel(Method(name), 5)

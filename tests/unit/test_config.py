@@ -26,7 +26,7 @@ from flatd.config import (
     parse_size,
     rule_matches,
 )
-from flatd.frames import Frame, Kind
+from flatd.ingest.frames import Frame, Kind
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "flatd.example.yaml"
 

@@ -20,7 +20,7 @@ from flatd.demo import (
     illumination,
     write_demo,
 )
-from flatd.frames import Kind, iter_fits_files, read_frame
+from flatd.ingest.frames import Kind, iter_fits_files, read_frame
 
 NINA_FLAT_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_[A-Za-z0-9]+_FLAT_\d+\.\d{2}s_\d{4}\.fits$")
 NINA_KEYS = ("IMAGETYP", "EXPOSURE", "EXPTIME", "XBINNING", "YBINNING", "FILTER", "CCD-TEMP", "SET-TEMP",

@@ -1,9 +1,9 @@
-"""flatd.discover: which paths are candidates, for the watcher and the scans alike."""
+"""flatd.ingest.discover: which paths are candidates, for the watcher and the scans alike."""
 
 from __future__ import annotations
 
 from flatd.config import parse_rules
-from flatd.discover import FolderFilter
+from flatd.ingest.discover import FolderFilter
 
 
 def _rules(tmp_path, extra=""):
@@ -78,7 +78,7 @@ def test_stable_wait_also_waits_for_files_that_arrive_meanwhile(tmp_path):
     import os
     import time
 
-    from flatd.discover import StableWait
+    from flatd.ingest.discover import StableWait
 
     rules = _rules(tmp_path)
     cap = tmp_path / "cap"

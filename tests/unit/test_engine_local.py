@@ -1,4 +1,4 @@
-"""flatd.engines.local: streamed bands equal the whole stack in memory, within the memory limit."""
+"""flatd.stack.engines.local: streamed bands equal the whole stack in memory, within the memory limit."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from flatd.calibration import Calibration
-from flatd.combine import Combiner, Method
-from flatd.engines import local as S
-from flatd.engines.local import plan_bands, stack_frames
+from flatd.stack.combine import Combiner, Method
+from flatd.stack.engines import local as S
+from flatd.stack.engines.local import plan_bands, stack_frames
 from flatd.errors import StackError
-from flatd.frames import read_frame
+from flatd.ingest.frames import read_frame
 from flatd.jobs import StackInput
-from flatd.pixels import read_image
+from flatd.stack.pixels import read_image
 
 from pixelfiles import H, W, flat_data, make_files, write
 
@@ -184,10 +184,10 @@ MEMORY_SCRIPT = textwrap.dedent(
     import json, resource, sys, tracemalloc
     from pathlib import Path
     import numpy as np
-    from flatd.frames import read_frame
-    from flatd.combine import Method
+    from flatd.ingest.frames import read_frame
+    from flatd.stack.combine import Method
     from flatd.jobs import StackInput
-    from flatd.engines.local import stack_frames
+    from flatd.stack.engines.local import stack_frames
     from flatd.calibration import Calibration
 
     folder, limit = Path(sys.argv[1]), int(sys.argv[2])
@@ -271,7 +271,7 @@ def _job(inputs, method, normalize="multiplicative"):
 
 def test_engine_stacks_a_job_with_its_settings(files):
     from flatd.config import Engine
-    from flatd.engines import make_engine
+    from flatd.stack.engines import make_engine
 
     inputs = [StackInput(f) for f in files["flats"]]
     calls = []
@@ -291,7 +291,7 @@ def test_engine_stacks_a_job_with_its_settings(files):
 
 
 def test_engine_errors_name_the_file(files, tmp_path):
-    from flatd.engines import make_engine
+    from flatd.stack.engines import make_engine
 
     odd = read_frame(write(tmp_path / "odd.fits", np.ones((H + 1, W), np.uint16)))
     inputs = [StackInput(f) for f in files["flats"][:3]] + [StackInput(odd)]
@@ -301,7 +301,7 @@ def test_engine_errors_name_the_file(files, tmp_path):
 
 def test_unknown_engine_kind_is_refused():
     from flatd.config import Engine
-    from flatd.engines import make_engine
+    from flatd.stack.engines import make_engine
     from flatd.errors import FlatdError
 
     with pytest.raises(FlatdError, match="engine.kind 'dask' is not known"):

@@ -15,10 +15,10 @@ def test_every_error_flatd_raises_on_purpose_derives_from_flatd_error():
     from flatd.calibration import CalibrationError
     from flatd.cli import UsageError
     from flatd.config import ConfigError
-    from flatd.frames import FrameError
+    from flatd.ingest.frames import FrameError
     from flatd.fsops import FileChanged, MoveError
     from flatd.ledger import LedgerLocked, OutputBusy
-    from flatd.masters import NoSpace
+    from flatd.output.masters import NoSpace
     from flatd.runner import JobFailed
 
     for cls in (CalibrationError, UsageError, ConfigError, FrameError, FileChanged, MoveError, LedgerLocked,
@@ -38,9 +38,9 @@ class _Engine:
 
 
 def _job(tmp_path: Path):
-    from flatd.frames import Frame, Kind
+    from flatd.ingest.frames import Frame, Kind
     from flatd.jobs import Job, StackInput
-    from flatd.methods import Method
+    from flatd.stack.methods import Method
 
     frame = Frame(path=tmp_path / "f.fits", kind=Kind.FLAT, width=4, height=3)
     group = SimpleNamespace(label="g1", frames=(frame,))

@@ -5,7 +5,7 @@ import json
 import logging
 from pathlib import Path
 
-from flatd import events as E
+from flatd.notify import events as E
 from flatd.log import setup_logging
 
 

@@ -1,4 +1,4 @@
-"""flatd.frames: header dialects, keyword fallbacks, bad input, header-only reads."""
+"""flatd.ingest.frames: header dialects, keyword fallbacks, bad input, header-only reads."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from astropy.io import fits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flatd import frames
+from flatd.ingest import frames
 from flatd.config import parse_rules
-from flatd.frames import (
+from flatd.ingest.frames import (
     BLOCK,
     DEFAULT_KEYWORDS,
     Frame,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flatd.config import Grouping
-from flatd.frames import Frame, Kind
+from flatd.ingest.frames import Frame, Kind
 from flatd.grouping import (
     Group,
     GroupOptions,

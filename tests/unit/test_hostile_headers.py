@@ -9,7 +9,7 @@ import pytest
 from flatd.calibration import CalibrationError, Library, calibration_for
 from flatd.cli import main
 from flatd.config import Precalibration
-from flatd.frames import BLOCK, CARD, FrameError, frame_from_cards, read_frame, read_frames
+from flatd.ingest.frames import BLOCK, CARD, FrameError, frame_from_cards, read_frame, read_frames
 
 ESC = "\x1b"
 

@@ -13,7 +13,7 @@ import pytest
 from astropy.io import fits
 from rich.console import Console
 
-from flatd.frames import Frame, Kind
+from flatd.ingest.frames import Frame, Kind
 from flatd.inspect import SORT_KEYS, Row, inspect_paths, render_table, sort_rows
 
 
@@ -164,12 +164,12 @@ def test_mean_adu_of_known_data(folder, tmp_path):
 
 
 def test_mean_adu_failure_is_a_reason(folder, monkeypatch):
-    import flatd.pixels
+    import flatd.stack.pixels
 
     def broken(frame):
-        raise flatd.pixels.StackError(f"{frame.path}: read error: Input/output error", frame.path)
+        raise flatd.stack.pixels.StackError(f"{frame.path}: read error: Input/output error", frame.path)
 
-    monkeypatch.setattr(flatd.pixels, "mean_adu", broken)
+    monkeypatch.setattr(flatd.stack.pixels, "mean_adu", broken)
     rows = {row.path.name: row for row in inspect_paths([folder], adu=True)}
     row = rows["a_flat_L.fits"]
     assert row.frame is not None and row.adu is None

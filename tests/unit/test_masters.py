@@ -1,4 +1,4 @@
-"""Master headers and atomic writes, plain and tile-compressed (flatd.masters)."""
+"""Master headers and atomic writes, plain and tile-compressed (flatd.output.masters)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 from astropy.io import fits
 
 import flatd
-from flatd import masters
+from flatd.output import masters
 from flatd.calibration import Calibration
 from flatd.config import Output
-from flatd.frames import Frame, Kind, read_frame
-from flatd.masters import cleanup_temp_files, master_header, unique_path, write_master
-from flatd.naming import master_name, name_fields
-from flatd.methods import Method
+from flatd.ingest.frames import Frame, Kind, read_frame
+from flatd.output.masters import cleanup_temp_files, master_header, unique_path, write_master
+from flatd.output.naming import master_name, name_fields
+from flatd.stack.methods import Method
 
 WHEN = datetime(2026, 11, 25, 1, 2, 3)
 MEAN = Method("mean")
@@ -211,7 +211,7 @@ def test_write_master_failure_while_linking_leaves_nothing(tmp_path, monkeypatch
 
 
 def test_write_master_directory_fsync_failure_removes_final(tmp_path, monkeypatch):
-    import flatd.masters as m
+    import flatd.output.masters as m
 
     def broken_dir_sync(path):
         raise OSError(5, "Input/output error")

@@ -1,4 +1,4 @@
-"""The registry of combine methods (flatd.methods): entries, parameters, labels, cards."""
+"""The registry of combine methods (flatd.stack.methods): entries, parameters, labels, cards."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from flatd import methods
+from flatd.stack import methods
 from flatd.config import CombineSettings, ConfigError, parse_rules
-from flatd.methods import Entry, Method, Param
+from flatd.stack.methods import Entry, Method, Param
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_kernels_are_named():
 
 
 def test_every_entry_has_its_kernels():
-    from flatd import combine
+    from flatd.stack import combine
 
     for entry in methods.entries():
         assert entry.estimator in combine.ESTIMATORS, entry.name
@@ -73,7 +73,7 @@ def test_every_entry_has_its_kernels():
 
 def test_registry_imports_no_numerics():
     heavy = ("numpy", "numba", "astropy", "pydantic")
-    code = f"import sys, flatd.methods; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    code = f"import sys, flatd.stack.methods; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
 

@@ -1,4 +1,4 @@
-"""Output names from templates, made safe (flatd.naming)."""
+"""Output names from templates, made safe (flatd.output.naming)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from flatd.config import NAME_FIELDS, Output
-from flatd.frames import Frame, Kind, frame_from_header_text
-from flatd.naming import (check_output_template, is_compressed_name, master_name, mean_as_written, name_fields,
+from flatd.ingest.frames import Frame, Kind, frame_from_header_text
+from flatd.output.naming import (check_output_template, is_compressed_name, master_name, mean_as_written, name_fields,
                           numbered_name, safe_component, session_time, split_name, temperature_text)
 
 WHEN = datetime(2026, 11, 25, 1, 2, 3)

@@ -1,4 +1,4 @@
-"""flatd.pixels: row bands of every storage, as astropy reads them; truncated and replaced files refused."""
+"""flatd.stack.pixels: row bands of every storage, as astropy reads them; truncated and replaced files refused."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from astropy.io import fits
 
 from flatd.errors import FlatdError
-from flatd.frames import read_frame
-from flatd.pixels import StackError, mean_adu, open_pixels, read_image
+from flatd.ingest.frames import read_frame
+from flatd.stack.pixels import StackError, mean_adu, open_pixels, read_image
 
 from pixelfiles import W, make_files, write
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flatd.calibration import LibraryCache
 from flatd.config import parse_rules
-from flatd.frames import Frame, Kind
+from flatd.ingest.frames import Frame, Kind
 from flatd.plan import FailedGroup, Job, job_id, output_folders, plan_frames, select_flats
 
 NOW = datetime(2026, 11, 25, 6, 0, 0)

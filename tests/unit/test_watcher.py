@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from flatd.config import CaptureFolder
-from flatd.watcher import (EnqueueHandler, FolderState, StabilityTracker, choose_polling,
+from flatd.ingest.watcher import (EnqueueHandler, FolderState, StabilityTracker, choose_polling,
                            filesystem_type, is_network_fs, parse_bsd_mount, parse_proc_mounts, start_watch)
 
 

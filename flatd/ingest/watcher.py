@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Iterator, Optional
 from watchdog.events import FileSystemEventHandler
 
 from flatd.config import CaptureFolder, Rules
-from flatd.discover import inside
-from flatd.events import notice
+from flatd.ingest.discover import inside
+from flatd.notify.events import notice
 
 # --------------------------------------------------------------------------- file systems
 

@@ -10,7 +10,7 @@ Two passes over the files:
    combines it, and writes the rows into the output image. `workers` bands are in
    flight at once; the band height follows from the memory limit.
 
-Pixels are read by :mod:`flatd.pixels`.
+Pixels are read by :mod:`flatd.stack.pixels`.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 
-from flatd.combine import check_level, combine_rows_into, default_workers, frame_level, level_rows, normalization_factors
-from flatd.engines import ProgressFactory, StackResult
+from flatd.stack.combine import check_level, combine_rows_into, default_workers, frame_level, level_rows, normalization_factors
+from flatd.stack.engines import ProgressFactory, StackResult
 from flatd.errors import StackError
-from flatd.frames import Frame
+from flatd.ingest.frames import Frame
 from flatd.jobs import StackInput
-from flatd.pixels import PixelSource, open_pixels
+from flatd.stack.pixels import PixelSource, open_pixels
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatd.methods import Method
+    from flatd.stack.methods import Method
     from flatd.config import Engine as EngineSettings
     from flatd.jobs import Job
 
@@ -170,7 +170,7 @@ def stack_frames(
 ) -> StackResult:
     """Calibrate, normalize and combine `inputs` band by band within `memory_limit`.
 
-    Equals flatd.combine.Combiner on the whole stack (to float rounding). Levels are
+    Equals flatd.stack.combine.Combiner on the whole stack (to float rounding). Levels are
     measured for every input (they cost little); with "multiplicative" normalization a
     level <= 0 is an error naming the file.
     """

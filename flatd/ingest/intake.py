@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from flatd.config import Rules
-from flatd.events import FrameLeftOut, emit, notice
-from flatd.frames import Frame
+from flatd.notify.events import FrameLeftOut, emit, notice
+from flatd.ingest.frames import Frame
 from flatd.ledger import FrameVerdict as V
 
 # A file still changing after this long no longer holds its folder's batch back.
@@ -41,7 +41,7 @@ class Intake:
     """
 
     def __init__(self, rules: Rules, clock: Callable[[], float], owner: Callable[[Path], object]):
-        from flatd.watcher import StabilityTracker
+        from flatd.ingest.watcher import StabilityTracker
 
         self.rules = rules
         self.clock = clock
@@ -84,7 +84,7 @@ class Intake:
     def walk(self, folder: Path, stop: Callable[[], bool]) -> bool:
         """Touch every candidate under a capture folder and every file tracked there
         (files that went away are noticed). False when `stop` cut the walk short."""
-        from flatd.discover import Walk
+        from flatd.ingest.discover import Walk
 
         seen, walked = set(), Walk()
         for found in self.filters[folder].walk(seen=walked):
@@ -100,7 +100,7 @@ class Intake:
 
     def report_unreadable(self, folder: Path, problems: list[str]) -> None:
         """A folder that cannot be read is an error in the log, once until it is readable again."""
-        from flatd.events import FolderProblem
+        from flatd.notify.events import FolderProblem
 
         for problem in sorted(set(problems) - self.unreadable.get(folder, set())):
             emit(FolderProblem(folder, problem))
@@ -135,7 +135,7 @@ class Intake:
 
     def evaluate(self, path: Path, st: os.stat_result, now: float) -> str:
         """A stable file: its verdict (flat | other | incomplete | bad | own | consumed)."""
-        from flatd.frames import FrameError, read_frame
+        from flatd.ingest.frames import FrameError, read_frame
         from flatd.plan import select_flats
 
         if self.ledger.is_master(path) or self.ledger.is_moved_input(path):

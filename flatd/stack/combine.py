@@ -1,7 +1,7 @@
 """The combine kernels and normalization, on an in-memory stack of one band.
 
 Pure numpy/numba, no I/O. A stack is a C-contiguous float32 array of shape
-(N, rows, cols): N frames of one band. Every method (flatd.methods) reduces each pixel
+(N, rows, cols): N frames of one band. Every method (flatd.stack.methods) reduces each pixel
 "column" of N values to one float32 value in two stages, with the original
 MasterFlatMaker's semantics (in float):
 
@@ -46,7 +46,7 @@ try:  # numba's lookup of a compiled function's address (not public API: a fallb
 except ImportError:  # pragma: no cover
     _get_wrapper_address = None
 
-from flatd.methods import Method  # noqa: F401  (re-exported: from flatd.combine import Method)
+from flatd.stack.methods import Method  # noqa: F401  (re-exported: from flatd.stack.combine import Method)
 
 CLIP_MAX = 65535.0
 # Rows sampled to measure a frame's level: at most this many.
@@ -355,7 +355,7 @@ def _median_networks(n: int, kept: bool) -> np.ndarray:
     return sort_network(n) if kept else median_network(n)[0]
 
 
-# flatd.methods entries name these: Entry.reject and Entry.estimator
+# flatd.stack.methods entries name these: Entry.reject and Entry.estimator
 REJECTIONS: dict[str, Kernel] = {"minmax": _reject_minmax, "sigma": _reject_sigma}
 ESTIMATORS: dict[str, Estimator] = {
     "mean": Estimator(_mean, _mean_kept, _no_network, tile_values=32768),

@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit
 
 from flatd.errors import StackError
-from flatd.frames import Frame
+from flatd.ingest.frames import Frame
 
 CLIP_MAX = 65535.0
 
@@ -122,7 +122,7 @@ class PixelSource:
     def _check_planned(self, fd: int) -> None:
         """The open file is the one that was planned: same inode, size and mtime, and the
         same header. A file replaced or rewritten since (a LIGHT, another size) is refused."""
-        from flatd.frames import FrameError, read_header_from
+        from flatd.ingest.frames import FrameError, read_header_from
         from flatd.fsops import FileIdentity
 
         if not self.frame.inode:

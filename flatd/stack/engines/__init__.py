@@ -2,7 +2,7 @@
 
 Engine settings (``engine:`` in the rules file: kind, memory_limit, workers) travel in
 one object, :class:`flatd.config.Engine`, handed to :func:`make_engine`. ``local`` is
-the streaming stacker (:mod:`flatd.engines.local`); others (dask) come later.
+the streaming stacker (:mod:`flatd.stack.engines.local`); others (dask) come later.
 Light: the engine itself (numpy, numba) is imported only when one is made.
 """
 
@@ -48,7 +48,7 @@ def make_engine(settings: Optional["EngineSettings"] = None, progress: Optional[
 
         settings = EngineSettings()
     if settings.kind == "local":
-        from flatd.engines.local import LocalEngine
+        from flatd.stack.engines.local import LocalEngine
 
         return LocalEngine(settings, progress)
     raise FlatdError(f"engine.kind {settings.kind!r} is not known; the engines are: local")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from flatd.config import CaptureFolder, Rules
-from flatd.frames import Frame, FrameError, Skipped, is_fits_name, is_ignored_name, read_frame
+from flatd.ingest.frames import Frame, FrameError, Skipped, is_fits_name, is_ignored_name, read_frame
 
 
 def inside(path: Path, folder: Path) -> bool:

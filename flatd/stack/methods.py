@@ -5,10 +5,10 @@ parameters with their validation, its label (the original program's Mean, Median
 MinMaxClip2, SigmaClip2.0), its description, its header cards, its minimum number of
 frames, its command-line options, and its kernel: a rejection stage that decides which
 values of a pixel column are kept (None: all of them) and an estimator ("mean" or
-"median") that combines what was kept. The kernels live in flatd.combine, looked up by
+"median") that combines what was kept. The kernels live in flatd.stack.combine, looked up by
 these names, so that this module imports neither numba nor numpy.
 
-Adding a method: register an Entry here and its rejection kernel in flatd.combine.
+Adding a method: register an Entry here and its rejection kernel in flatd.stack.combine.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class Entry:
 
     summary: one line for `flatd combine --help` and the docs. label, describe and
     min_frames take the method's parameter values (a mapping).
-    reject names a rejection kernel in flatd.combine (None: every value is kept);
+    reject names a rejection kernel in flatd.stack.combine (None: every value is kept);
     estimator names the estimator there ("mean" or "median"). flags are `flatd
     combine` options that choose the method; their value sets `flag_param` (a switch
     when None).

@@ -1,6 +1,6 @@
 """Master headers and atomic, never-overwriting writes of master flats.
 
-Names come from :mod:`flatd.naming`. A master is written to a hidden temp file in the
+Names come from :mod:`flatd.output.naming`. A master is written to a hidden temp file in the
 target folder, fsynced, then hard-linked to its final name, which fails instead of
 overwriting (invariant 2); the temp name is removed afterwards. A name ending in
 ``.fits.fz`` gives a tile-compressed (lossless) master, any other a plain one.
@@ -24,9 +24,9 @@ from astropy.io import fits
 import flatd
 from flatd.calibration import Calibration
 from flatd.errors import FlatdError
-from flatd.frames import Frame
+from flatd.ingest.frames import Frame
 from flatd.fsops import TEMP_PREFIX, TEMP_SUFFIX, create_temp, fsync_dir, link_no_replace
-from flatd.naming import (ascii_text, check_file_name, earliest, is_compressed_name, mean_as_written, mean_value,
+from flatd.output.naming import (ascii_text, check_file_name, earliest, is_compressed_name, mean_as_written, mean_value,
                           most_common, numbered_name, safe_component)
 
 # ------------------------------------------------------------------- header
@@ -65,7 +65,7 @@ def _calibration_text(cal: Calibration) -> str:
 def master_header(
     frames: Sequence[Frame],
     calibrations: Sequence[Calibration],
-    method: flatd.methods.Method,
+    method: flatd.stack.methods.Method,
     normalization: str,
     factors: Sequence[float] | None = None,
     extra: Mapping[str, object] | None = None,

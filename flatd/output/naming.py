@@ -20,7 +20,7 @@ from string import Formatter
 from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatd.frames import Frame
+    from flatd.ingest.frames import Frame
 
 MAX_COMPONENT = 64
 # A file name is at most 255 bytes on the usual filesystems; keep room for "-NN".
