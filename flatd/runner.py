@@ -19,7 +19,7 @@ from flatd import ledger as L
 from flatd.calibration import LibraryCache
 from flatd.config import CaptureFolder, Rules
 from flatd.ingest.discover import scan_capture, still_candidates
-from flatd.stack.engines import Engine, ProgressFactory, make_engine  # noqa: F401 (ProgressFactory: re-export)
+from flatd.stack.engines import Engine, make_engine
 from flatd.errors import FlatdError
 from flatd.ingest.frames import FrameError, read_header_cards
 from flatd.fsops import FileChanged, FileIdentity, file_digest, move_file, resolve_move_dir

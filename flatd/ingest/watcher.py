@@ -18,11 +18,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 from watchdog.events import FileSystemEventHandler
 
-from flatd.config import CaptureFolder, Rules
+from flatd.config import CaptureFolder
 from flatd.ingest.discover import inside
 from flatd.notify.events import notice
 

@@ -134,15 +134,11 @@ def _mean(stack, out, r, c0, c1, net):
         orow[c] = acc[c] / n
 
 
-@_kernel_of(ESTIMATE_SIG)
-def _median(stack, out, r, c0, c1, net):
-    n = stack.shape[0]
-    w = c1 - c0
-    s = np.empty((n, w), np.float32)
-    for i in range(n):
-        row = stack[i, r, c0:c1]
-        for c in range(w):
-            s[i, c] = row[c]
+@njit(nogil=True, cache=True, inline="always")
+def _compare_exchange(s, net):
+    """Apply a sorting network to whole rows of s: after it, s[k] holds the k-th
+    smallest value of each column (for the outputs the network was pruned to)."""
+    w = s.shape[1]
     for k in range(net.shape[0]):
         a = s[net[k, 0]]
         b = s[net[k, 1]]
@@ -152,6 +148,18 @@ def _median(stack, out, r, c0, c1, net):
             if y < x:
                 a[c] = y
                 b[c] = x
+
+
+@_kernel_of(ESTIMATE_SIG)
+def _median(stack, out, r, c0, c1, net):
+    n = stack.shape[0]
+    w = c1 - c0
+    s = np.empty((n, w), np.float32)
+    for i in range(n):
+        row = stack[i, r, c0:c1]
+        for c in range(w):
+            s[i, c] = row[c]
+    _compare_exchange(s, net)
     orow = out[r, c0:c1]
     lo = s[(n - 1) // 2]
     hi = s[n // 2]
@@ -192,15 +200,7 @@ def _median_kept(stack, keep, out, r, c0, c1, net):
         for c in range(w):
             s[i, c] = row[c] if k[c] else inf
             cnt[c] += k[c]
-    for j in range(net.shape[0]):
-        a = s[net[j, 0]]
-        b = s[net[j, 1]]
-        for c in range(w):
-            x = a[c]
-            y = b[c]
-            if y < x:
-                a[c] = y
-                b[c] = x
+    _compare_exchange(s, net)
     orow = out[r, c0:c1]
     for c in range(w):
         m = cnt[c]

@@ -1,38 +1,23 @@
 """The command line: each command imports only what it uses."""
 
 import subprocess
-import sys
 
 import pytest
 
-HEAVY = ("numpy", "numba", "astropy", "sklearn", "pydantic", "scipy")
+
+def test_help_imports_nothing_heavy(modules_loaded_by):
+    assert modules_loaded_by(["--help"])[0] == set()
 
 
-def _modules_after(argv: list[str]) -> set[str]:
-    code = (
-        "import sys\n"
-        "from flatd.cli import main\n"
-        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
-        f"print('LOADED:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    loaded = [line for line in out.splitlines() if line.startswith("LOADED:")][-1]
-    return set(filter(None, loaded.removeprefix("LOADED:").split(",")))
-
-
-def test_help_imports_nothing_heavy():
-    assert _modules_after(["--help"]) == set()
-
-
-def test_inspect_reads_headers_without_numpy_or_astropy(tmp_path):
+def test_inspect_reads_headers_without_numpy_or_astropy(tmp_path, modules_loaded_by):
     (tmp_path / "x.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 50 + b"END".ljust(80) + b" " * (2880 - 160))
-    assert _modules_after(["inspect", str(tmp_path)]) == set()
+    assert modules_loaded_by(["inspect", str(tmp_path)])[0] == set()
 
 
-def test_config_check_needs_no_numerics(tmp_path):
+def test_config_check_needs_no_numerics(tmp_path, modules_loaded_by):
     rules = tmp_path / "r.yaml"
     rules.write_text("capture:\n  - path: /x\n")
-    assert _modules_after(["config", "check", str(rules)]) <= {"pydantic"}
+    assert modules_loaded_by(["config", "check", str(rules)])[0] <= {"pydantic"}
 
 
 @pytest.mark.parametrize("argv", [["combine"], ["nonsense"], ["combine", "-s", "x", "f.fits"]])

@@ -674,7 +674,7 @@ def _example_keys() -> dict[str, list[str]]:
     keys: dict[str, list[str]] = {}
     for loc, number in _line_index(node).items():
         if loc and isinstance(loc[-1], str):
-            path = "".join(f"[]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".").replace(".[]", "[]")
+            path = "".join("[]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".").replace(".[]", "[]")
             keys.setdefault(path, []).append(_comment_of(lines, number))
     return keys
 

@@ -15,33 +15,14 @@ import flatd
 from flatd.output import masters
 from flatd.calibration import Calibration
 from flatd.config import Output
-from flatd.ingest.frames import Frame, Kind, read_frame
+from flatd.ingest.frames import Kind, read_frame
 from flatd.output.masters import cleanup_temp_files, master_header, unique_path, write_master
 from flatd.output.naming import master_name, name_fields
 from flatd.stack.methods import Method
+from framefactory import make_frame
 
 WHEN = datetime(2026, 11, 25, 1, 2, 3)
 MEAN = Method("mean")
-
-
-def make_frame(name="flat_001.fits", **kw) -> Frame:
-    values = dict(
-        path=Path("/captures") / name,
-        kind=Kind.FLAT,
-        width=4144,
-        height=2822,
-        xbin=1,
-        ybin=1,
-        filter="L",
-        exposure=2.0,
-        temperature=-10.0,
-        set_temperature=-10.0,
-        date=datetime(2026, 11, 24, 18, 30, 0),
-        instrument="ZWO ASI294MM Pro",
-        telescope="RedCat 51",
-    )
-    values.update(kw)
-    return Frame(**values)
 
 
 def temp_files(directory: Path) -> list[str]:

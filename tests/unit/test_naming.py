@@ -9,32 +9,13 @@ from pathlib import Path
 import pytest
 
 from flatd.config import NAME_FIELDS, Output
-from flatd.ingest.frames import Frame, Kind, frame_from_header_text
+from flatd.ingest.frames import frame_from_header_text
 from flatd.output.naming import (check_output_template, is_compressed_name, master_name, mean_as_written, name_fields,
-                          numbered_name, safe_component, session_time, split_name, temperature_text)
+                                 numbered_name, safe_component, session_time, split_name, temperature_text)
+from framefactory import make_frame
 
 WHEN = datetime(2026, 11, 25, 1, 2, 3)
 REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
-
-
-def make_frame(name="flat_001.fits", **kw) -> Frame:
-    values = dict(
-        path=Path("/captures") / name,
-        kind=Kind.FLAT,
-        width=4144,
-        height=2822,
-        xbin=1,
-        ybin=1,
-        filter="L",
-        exposure=2.0,
-        temperature=-10.0,
-        set_temperature=-10.0,
-        date=datetime(2026, 11, 24, 18, 30, 0),
-        instrument="ZWO ASI294MM Pro",
-        telescope="RedCat 51",
-    )
-    values.update(kw)
-    return Frame(**values)
 
 
 # ------------------------------------------------------------------- safe_component
