@@ -353,7 +353,10 @@ def _one_shot_output(args, report_wins: bool = False) -> bool:
 
     together = same_destination(sys.stdout, sys.stderr) and not is_terminal(sys.stdout)
     report = not together or args.dry_run or report_wins
-    setup_logging(args.log_format, args.verbose, quiet_on_terminal=True, quiet=together and report)
+    # Log lines are muted on a terminal only when the report goes to that terminal too
+    # (`flatd run-once > f` at a terminal: the screen still gets every event, errors included).
+    setup_logging(args.log_format, args.verbose, quiet_on_terminal=is_terminal(sys.stdout),
+                  quiet=together and report)
     return report
 
 
@@ -393,8 +396,12 @@ def cmd_status(args) -> int:
     if state is None:
         rules = _load_rules(args.config, writes_state=False)
         state = rules.state
-    elif args.config:
-        rules = _load_rules(args.config)
+    else:
+        problem = state_problem(state, write=False)
+        if problem:  # a file is no state folder; a folder not made yet is (no ledger yet)
+            raise UsageError(problem.replace("at 'state': ", "--state: ", 1))
+        if args.config:
+            rules = _load_rules(args.config)
     return print_status(state, rules, _console())
 
 
@@ -414,8 +421,10 @@ def cmd_retry(args) -> int:
     try:
         ledger = Ledger.open(rules.state)
         try:
-            if args.job and not ledger.jobs_like(args.job):
-                print(f"flatd: no job {args.job} in the ledger", file=sys.stderr)
+            if args.job is not None and (not args.job or not ledger.jobs_like(args.job)):
+                from flatd.log import printable
+
+                print(f"flatd: no job {printable(args.job) or repr(args.job)} in the ledger", file=sys.stderr)
                 return EXIT_FAILED
             count = ledger.retry(args.job)
         finally:
@@ -530,11 +539,21 @@ def cmd_combine(args) -> int:
     plan = plan_frames(frames, rules, None, libraries, now, output_dir=output_dir, output_name=output_name, by_folder=False)
     from flatd.ingest.frames import Skipped
 
-    plan.left_out = bad + [Skipped(p, "no such file") for p in missing] + plan.left_out
+    unusable = bad + [Skipped(p, "no such file") for p in missing]
+    from flatd.notify import events as E
+    from flatd.runner import not_a_flat
+
+    for item in unusable:  # the log gets them too (`2> log > /dev/null`), as run-once's does
+        E.emit(E.FrameLeftOut(item.path, item.reason, bad=True))
+    for item in plan.left_out:
+        E.emit(E.FrameLeftOut(item.path, item.reason, quiet=not_a_flat(item.reason)))
+    plan.left_out = unusable + plan.left_out
     if args.autodisplay:
+        from flatd.log import printable
+
         for job in plan.jobs:
-            for item in job.inputs:
-                print(f"{item.frame.path}: {item.calibration.why or item.calibration.label}")
+            for item in job.inputs:  # names from the disk and headers: no escape sequences reach the terminal
+                print(printable(f"{item.frame.path}: {item.calibration.why or item.calibration.label}"))
     engine = None if args.dry_run else make_engine(rules.engine, _progress_factory())
     report = Runner(engine=engine).run(plan, dry_run=args.dry_run, now=now)
     print_report(report, dry_run=args.dry_run)
@@ -584,6 +603,8 @@ def print_report(report, dry_run: bool = False) -> None:
 
     out = _console()
     verb = "would write" if dry_run else "wrote"
+    for line in report.recovered_notes:
+        out.print(f"[yellow]recovered[/yellow] {safe(line)}")
     for line in report.pending_moves:
         out.print(f"[red]not moved yet[/red] {safe(line)}")
     for outcome in report.outcomes:

@@ -213,7 +213,7 @@ class _Partial:
     def describe(self) -> str:
         temp = format_temperature(self.temperature) if self.temperature is not None else (
             "no temperature" if self.no_temperature else None)
-        return " / ".join(_describe(self.size_key, temp, self.filter)) or "of all flats"
+        return ", ".join(_describe(self.size_key, temp, self.filter)) or "of all flats"
 
 
 def _too_small(partial: _Partial, minimum: int, skipped: list[Skipped]) -> bool:

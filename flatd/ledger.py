@@ -410,8 +410,9 @@ class Ledger:
         return [JobRow(**dict(r)) for r in self.db.execute(sql, args)]
 
     def jobs_like(self, prefix: str) -> list[JobRow]:
-        """The jobs whose id starts with `prefix`."""
-        return [JobRow(**dict(r)) for r in self.db.execute("SELECT * FROM jobs WHERE id LIKE ?", (prefix + "%",))]
+        """The jobs whose id starts with `prefix` (taken literally: `%` and `_` are no wildcards)."""
+        return [JobRow(**dict(r)) for r in self.db.execute("SELECT * FROM jobs WHERE substr(id, 1, ?) = ?",
+                                                           (len(prefix), prefix.lower()))]
 
     def inputs(self, job_id: str) -> list[InputRow]:
         return [InputRow(**dict(r)) for r in self.db.execute("SELECT * FROM job_inputs WHERE job_id=? ORDER BY path", (job_id,))]
@@ -477,8 +478,11 @@ class Ledger:
 
     def retry(self, job_id: Optional[str] = None) -> int:
         """Put failed jobs (one, or all) back to be planned again. Returns how many."""
-        if job_id:
-            rows = self.db.execute("SELECT id FROM jobs WHERE state=? AND id LIKE ?", (FAILED, job_id + "%")).fetchall()
+        if job_id == "":
+            return 0  # no job: never "all of them"
+        if job_id is not None:  # a prefix, literally (`%` and `_` are no wildcards)
+            rows = self.db.execute("SELECT id FROM jobs WHERE state=? AND substr(id, 1, ?) = ?",
+                                   (FAILED, len(job_id), job_id.lower())).fetchall()
         else:
             rows = self.db.execute("SELECT id FROM jobs WHERE state=?", (FAILED,)).fetchall()
         ids = [r["id"] for r in rows]

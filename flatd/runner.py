@@ -58,6 +58,7 @@ class RunReport:
     plan: Plan = field(default_factory=Plan)
     outcomes: list[Outcome] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
+    recovered_notes: list[str] = field(default_factory=list)  # what became of each, for the report
     problems: list[str] = field(default_factory=list)  # e.g. a capture folder that is not there
     pending_moves: list[str] = field(default_factory=list)  # inputs of earlier jobs still not moved
 
@@ -71,6 +72,7 @@ class RunReport:
         self.plan.extend(other.plan)
         self.outcomes.extend(other.outcomes)
         self.recovered.extend(other.recovered)
+        self.recovered_notes.extend(other.recovered_notes)
         self.problems.extend(other.problems)
         self.pending_moves.extend(other.pending_moves)
 
@@ -151,7 +153,10 @@ class Runner:
         if self.ledger is not None:
             known = self.ledger.job(job.id)
             if known is not None and known.state == L.FAILED:
-                return self._failed_before(job, known)
+                outcome = self._failed_before(job, known)
+                # still not done: said at every run, not only counted (a log is all cron keeps)
+                emit(E.JobFailed(job.label, outcome.reason, job=job.id, files=len(job.inputs)))
+                return outcome
             if known is not None and known.state in (L.DONE, L.MOVES_PENDING):
                 return Outcome(job, "skipped", master=Path(known.master) if known.master else None,
                                reason="already done")

@@ -55,7 +55,9 @@ def run_once(rules: Rules, dry_run: bool = False, progress=None, wait: bool = Tr
         ledger = Ledger.open(rules.state)
         try:
             runner = Runner(ledger, make_engine(rules.engine, progress))
-            report.recovered = runner.recover()
+            with E.ReportSubscriber() as seen:
+                report.recovered = runner.recover()
+            report.recovered_notes = [ev.message for ev in seen.of(E.JobRecovered)]
             report.pending_moves = runner.retry_pending_moves()
             each_capture(runner)
         finally:

@@ -109,6 +109,21 @@ def test_auto_calibration_reports_each_choice(tree, capsys):
     assert history.count("dark2s.fits") == 3 and "dark300s" not in history
 
 
+def test_auto_display_prints_no_terminal_escapes_from_file_names(tree, capsys):
+    """-ax lines name each flat: a file name with an escape sequence is printed without it."""
+    import os
+
+    files = _flats(tree, n=3, exposure=2.0)
+    hostile = os.path.join(os.path.dirname(files[0]), "f\x1b[2J\x1b]0;owned\x07.fits")
+    os.rename(files[0], hostile)
+    tree.dark("dark2s.fits", exposure=2.0)
+    assert main(["combine", "-m", "-a", str(tree.root / "calib"), "-ax", "-o", str(tree.root / "m.fits"),
+                 hostile, *files[1:]]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert out.count("dark2s.fits") >= 3
+
+
 def test_move_inputs_after_success(tree):
     files = _flats(tree, n=3)
     before = {p: open(p, "rb").read() for p in files}
@@ -174,7 +189,9 @@ def test_missing_file_is_named_once_and_fails(tree, capsys):
     files = _flats(tree, n=3)
     assert main(["combine", "-m", "-o", str(tree.root / "m.fits"), str(tree.root / "gone.fits"), *files]) == 1
     captured = capsys.readouterr()
-    assert (captured.out + captured.err).count("gone.fits") == 1
+    # once per destination: the report (stdout) and the log (stderr), never twice in one
+    assert captured.out.count("gone.fits") == 1
+    assert captured.err.count("gone.fits") == 1
     assert (tree.root / "m.fits").exists()
 
 

@@ -398,3 +398,17 @@ def test_with_follow_symlinks_the_link_moves_and_its_target_stays(tree, capsys):
     moved = tree.root / "captures" / "night1" / "originals" / "flat_R_9.fits"
     assert moved.is_symlink() and moved.resolve() == outside
     assert outside.read_bytes() == before and outside.stat().st_ino == inode and outside.stat().st_nlink == 1
+
+
+def test_the_report_names_the_jobs_a_crash_interrupted(tree, capsys):
+    """The report is all a terminal shows (log lines are muted there) and all that
+    `> f 2>/dev/null` keeps: a job finished or rolled back after a crash is in it."""
+    _flats(tree)
+    config = _rules(tree)
+    ledger = Ledger.open(tree.root / "state")
+    ledger.plan_job("dead0123beef4567", "1x1 40x50, filter R", None, tree.root / "captures" / "night1",
+                    tree.root / "captures" / "masters", "M.fits", [])  # killed before its master was written
+    ledger.close()
+    assert _run_once(config) == 0
+    out = capsys.readouterr().out
+    assert "dead0123beef4567" in out and "1x1 40x50, filter R" in out, out

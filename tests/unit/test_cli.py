@@ -89,6 +89,18 @@ def test_retry_refuses_while_a_service_holds_the_state_lock(tmp_path, capsys):
     assert _job(tmp_path).state == "failed"  # nothing changed behind the service's back
 
 
+@pytest.mark.parametrize("job", ["%", "_", "", "a%", "ab_"])
+def test_retry_takes_a_job_id_literally_never_as_a_pattern(tmp_path, capsys, job):
+    """`flatd retry "$JOB"` with an empty variable, or a `%` or `_`, puts back no job:
+    they are not the first characters of a job id (ids are lower-case hex)."""
+    from flatd.cli import main
+
+    config = _retry_setup(tmp_path)
+    assert main(["retry", "--config", str(config), job]) == 1
+    assert "no job" in capsys.readouterr().err
+    assert _job(tmp_path).state == "failed"
+
+
 def test_retry_of_an_unknown_job_exits_1_saying_so(tmp_path, capsys):
     from flatd.cli import main
 
@@ -214,6 +226,18 @@ def test_a_read_only_state_folder_is_refused_but_status_reads_it(tmp_path, capsy
         assert main(["status", "--config", str(rules)]) == 0
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_status_of_a_state_option_that_is_a_file_says_so(tmp_path, capsys):
+    """`flatd status --state F` with F a file is a usage error, not "no ledger yet"."""
+    from flatd.cli import main
+
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["status", "--state", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in err
+    assert main(["status", "--state", str(tmp_path / "not-yet")]) == 0  # made at the first run
+    assert "no ledger yet" in capsys.readouterr().out
 
 
 def test_config_check_of_an_empty_file_says_no_capture_folder(tmp_path, capsys):

@@ -266,7 +266,7 @@ def test_min_group_size_skips_small_groups_with_reason():
     assert [g.label for g in groups] == ["1x1 100x100, -10.0 °C, filter G"]
     assert sorted(s.path.name for s in skipped) == ["r0.fits", "r1.fits", "r2.fits"]
     assert {s.reason for s in skipped} == {
-        "group 1x1 100x100 / -10.0 °C / filter R has 3 flats, fewer than min_group_size 5"
+        "group 1x1 100x100, -10.0 °C, filter R has 3 flats, fewer than min_group_size 5"
     }
 
 
@@ -281,7 +281,7 @@ def test_min_group_size_at_temperature_level():
     frames = [flat(-20.0, "R"), flat(-20.0, "G")] + [flat(-10.0, "R") for _ in range(3)]
     groups, skipped = group_frames(frames, GroupOptions(min_group_size=3))
     assert [len(g) for g in groups] == [3]
-    assert {s.reason for s in skipped} == {"group 1x1 100x100 / -20.0 °C has 2 flats, fewer than min_group_size 3"}
+    assert {s.reason for s in skipped} == {"group 1x1 100x100, -20.0 °C has 2 flats, fewer than min_group_size 3"}
 
 
 def test_min_group_size_single_flat_wording_and_all_flats():

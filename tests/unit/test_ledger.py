@@ -161,3 +161,16 @@ def test_jobs_like_finds_a_job_by_the_start_of_its_id(tmp_path):
     _plan(ledger, "abc123")
     assert [j.id for j in ledger.jobs_like("abc")] == ["abc123"]
     assert ledger.jobs_like("zzz") == []
+
+
+def test_retry_and_jobs_like_take_the_prefix_literally(tmp_path):
+    """`%` and `_` are characters of a job id, never SQL wildcards; "" names no job."""
+    ledger = L.Ledger.open(tmp_path)
+    ledger.plan_job("abc123", "1x1 R", None, tmp_path, tmp_path / "m", "M.fits", [])
+    ledger.set_state("abc123", L.FAILED, "no dark")
+    for prefix in ("%", "_", "a%", "ab_", ""):
+        assert ledger.retry(prefix) == 0, prefix
+        if prefix:
+            assert ledger.jobs_like(prefix) == [], prefix
+    assert [j.id for j in ledger.jobs_like("ABC")] == ["abc123"]
+    assert ledger.retry("abc") == 1
