@@ -8,6 +8,7 @@ table per stack with the ratio of each time to Siril's time for the same kind of
     python bench/bench.py                      # 32 x 3264x2448, all tools found
     python bench/bench.py --big                # also 100 x 6252x4176, flatd only (memory bound)
     python bench/bench.py --inspect            # also flatd inspect vs ImageFileCollection on 2,000 files
+    python bench/bench.py --dry-run            # also flatd run-once --dry-run on 300 flats (planning only)
 """
 
 from __future__ import annotations
@@ -232,6 +233,31 @@ def bench_inspect(cache: Path, count: int = 2000) -> None:
           f"ImageFileCollection: {ifc_secs:.2f} s; ratio {ifc_secs / flatd_secs:.1f}x (whole processes)")
 
 
+def bench_dry_run(cache: Path, count: int = 300) -> None:
+    """run-once --dry-run plans without the engine: its time, memory and heavy imports."""
+    root = cache / f"dry-run-{count}"
+    folder = root / "captures" / "night1"
+    if not (folder / f"flat_{count - 1:04d}.fits").exists():
+        from astropy.io import fits
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            hdu = fits.PrimaryHDU(np.full((32, 48), 20000, np.uint16))
+            hdu.header.update(IMAGETYP="FLAT", FILTER="LRG"[i % 3], EXPTIME=1.5, XBINNING=1, YBINNING=1,
+                              DATE_OBS=f"2026-11-30T20:{i // 60 % 60:02d}:{i % 60:02d}")
+            hdu.header["CCD-TEMP"] = -10.0
+            hdu.writeto(folder / f"flat_{i:04d}.fits", overwrite=True)
+    rules = root / "flatd.yaml"
+    rules.write_text(f"capture:\n  - path: {root / 'captures'}\nstate: {root / 'state'}\n"
+                     "precalibration: {mode: none}\nstable: 0\n")
+    probe = ("import sys\nfrom flatd.cli import main\nrc = main(sys.argv[1:])\n"
+             "print('heavy modules loaded:', [m for m in ('numba', 'astropy') if m in sys.modules] or 'none')\n"
+             "sys.exit(rc)\n")
+    secs, rss, code, text = best_of(3, [sys.executable, "-c", probe, "run-once", "--config", str(rules), "--dry-run"])
+    loaded = next((line for line in text.splitlines() if line.startswith("heavy modules")), "?")
+    print(f"\nflatd run-once --dry-run of {count} flats: {secs:.2f} s ({rss:.0f} MB), exit {code}; {loaded}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=32)
@@ -242,6 +268,7 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=HERE / "cache")
     ap.add_argument("--big", action="store_true", help="also 100 x 6252x4176 (5.2 GB of files), flatd only")
     ap.add_argument("--inspect", action="store_true", help="also flatd inspect vs ImageFileCollection")
+    ap.add_argument("--dry-run", action="store_true", help="also run-once --dry-run on 300 flats")
     ap.add_argument("--no-peers", action="store_true", help="flatd only")
     args = ap.parse_args()
 
@@ -262,6 +289,8 @@ def main() -> int:
             print_table("100 flats of 6252x4176 uint16, memory_limit 512MiB (target: peak RSS <= 512 MiB + 250 MB)", results)
     if args.inspect:
         bench_inspect(args.cache)
+    if args.dry_run:
+        bench_dry_run(args.cache)
     return 0
 
 
