@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test install install-test bench bench-deps bench-quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,22 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
-bench: install
+# Siril (siril-cli), the peer both benchmarks measure flatd against: installed with
+# apt-get when it is missing (as root, or through sudo). Without apt-get the benchmarks
+# run without their Siril rows.
+bench-deps:
+	@if command -v siril-cli >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get install -y siril || { $$SUDO apt-get update && $$SUDO apt-get install -y siril; }; \
+	else echo "bench-deps: siril-cli not found and no apt-get: the benchmarks will skip Siril" >&2; fi
+
+bench: install bench-deps
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py
+
+bench-quality: install bench-deps
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info .pytest_cache .hypothesis

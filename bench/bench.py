@@ -9,6 +9,14 @@ table per stack with the ratio of each time to Siril's time for the same kind of
     python bench/bench.py --big                # also 100 x 6252x4176, flatd only (memory bound)
     python bench/bench.py --inspect            # also flatd inspect vs ImageFileCollection on 2,000 files
     python bench/bench.py --dry-run            # also flatd run-once --dry-run on 300 flats (planning only)
+    python bench/bench.py --new winsorized,mad # only these of the rejection algorithms (default: all registered)
+
+Besides the original four methods, each rejection algorithm of issue 9 that flatd's
+registry holds when the script runs (sigma-iterative, winsorized, linear-fit, esd, mad,
+percentile; a missing one is skipped with a note) runs with its default thresholds, with
+and without normalization, against Siril's same algorithm with the same thresholds on
+the same files (`stack ... rej {s|w|l|g|a|p} LOW HIGH -nonorm | -norm=mul`): the
+"vs Siril same" column is flatd's time over that Siril run's.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class Result:
     rss_mb: float
     ok: bool
     note: str = ""
+    key: str = ""  # rows with the same key are the same job (algorithm, thresholds, normalization)
 
 
 def generate_stack(folder: Path, count: int, width: int, height: int, seed: int = 1) -> list[Path]:
@@ -100,8 +109,13 @@ def measure(cmd: list[str], cwd: Path | None = None, env: dict | None = None) ->
     return seconds, peak_kb / 1024.0, proc.returncode, output
 
 
-def best_of(repeat: int, cmd, **kw) -> tuple[float, float, int, str]:
-    runs = [measure(cmd, **kw) for _ in range(repeat)]
+def best_of(repeat: int, cmd, enough: float | None = None, **kw) -> tuple[float, float, int, str]:
+    """The fastest of `repeat` runs; none after a run slower than `enough` seconds (when given)."""
+    runs = []
+    for _ in range(repeat):
+        runs.append(measure(cmd, **kw))
+        if enough is not None and runs[-1][0] > enough:
+            break
     return min(runs, key=lambda r: r[0])
 
 
@@ -123,7 +137,7 @@ def run_flatd(files: list[Path], out: Path, repeat: int, methods, memory_limit: 
                 cmd += ["--memory-limit", memory_limit]
             secs, rss, code, text = best_of(repeat, cmd + [str(f) for f in files])
             label = method if normalize == "none" else f"{method} +norm"
-            results.append(Result("flatd", label, secs, rss, code == 0, "" if code == 0 else text[-300:]))
+            results.append(Result("flatd", label, secs, rss, code == 0, "" if code == 0 else text[-300:], key=label))
             for p in out.glob("flatd-*.fits*"):
                 p.unlink()
     return results
@@ -156,27 +170,136 @@ def run_ccdproc(files: list[Path], out: Path, repeat: int, methods) -> list[Resu
     return results
 
 
-def run_siril(files: list[Path], out: Path, repeat: int, methods) -> list[Result]:
+def siril_isolated(folder: Path) -> tuple[dict, Path]:
+    """Environment and -i config file for siril-cli runs that change no other run's settings.
+
+    The file extension (setext) is a global preference that Siril saves in its config
+    file. Siril 1.0.6 given `-i FILE` reads and saves FILE if it exists; if it does not,
+    it saves its defaults to $XDG_CONFIG_HOME/siril/siril.config instead. With
+    XDG_CONFIG_HOME in `folder` and FILE that very path, both cases stay in `folder`.
+    """
+    xdg = folder / "xdg"
+    (xdg / "siril").mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, XDG_CONFIG_HOME=str(xdg)), xdg / "siril" / "siril.config"
+
+
+def siril_sequence(files: list[Path], out: Path) -> tuple[str, Path, dict, Path] | None:
+    """(siril-cli, the linked sequence's folder, env, config), or None without Siril."""
     siril = shutil.which("siril-cli")
     if not siril:
-        return []
+        return None
+    env, config = siril_isolated(out)
     seq = files[0].parent / "siril"
     if not (seq / "flat_.seq").exists():
         seq.mkdir(exist_ok=True)
         script = out / "link.ssf"
         script.write_text(f"requires 1.0.0\nsetext fits\ncd {files[0].parent}\nlink flat_ -out={seq}\n")
-        subprocess.run([siril, "-s", str(script)], check=True, capture_output=True)
-    version = subprocess.run([siril, "--version"], capture_output=True, text=True).stdout.strip()
+        subprocess.run([siril, "-i", str(config), "-s", str(script)], check=True, capture_output=True, env=env)
+    return siril, seq, env, config
+
+
+def siril_stack(siril_run, out: Path, repeat: int, name: str, args: str) -> tuple[float, float, bool, str]:
+    siril, seq, env, config = siril_run
+    script = out / f"stack-{name}.ssf"
+    target = out / f"siril-{name}"
+    script.write_text(f"requires 1.0.0\nsetext fits\ncd {seq}\nstack flat_ {args} -out={target}\n")
+    # Siril 1.0.6's MAD clipping takes minutes on 32 x 8 MP: one run of it is enough
+    secs, rss, code, text = best_of(repeat, [siril, "-i", str(config), "-s", str(script)], enough=30.0, env=env)
+    ok = code == 0 and "successfully" in text
+    Path(str(target) + ".fits").unlink(missing_ok=True)
+    return secs, rss, ok, "" if ok else text[-300:]
+
+
+def siril_version() -> str:
+    siril = shutil.which("siril-cli")
+    out = subprocess.run([siril, "--version"], capture_output=True, text=True).stdout.strip() if siril else ""
+    return out or "siril"
+
+
+def run_siril(files: list[Path], out: Path, repeat: int, methods) -> list[Result]:
+    siril_run = siril_sequence(files, out)
+    if siril_run is None:
+        return []
+    version = siril_version()
     results = []
     stacks = {"sigma": "rej s 2 2 -nonorm", "median": "med -nonorm"}
     for method in [m for m in methods if m in stacks]:
-        script = out / f"stack-{method}.ssf"
-        target = out / f"siril-{method}"
-        script.write_text(f"requires 1.0.0\nsetext fits\ncd {seq}\nstack flat_ {stacks[method]} -out={target}\n")
-        secs, rss, code, text = best_of(repeat, [siril, "-s", str(script)])
-        ok = code == 0 and "successfully" in text
-        results.append(Result(version or "siril", method, secs, rss, ok, "" if ok else text[-300:]))
-        Path(str(target) + ".fits").unlink(missing_ok=True)
+        secs, rss, ok, note = siril_stack(siril_run, out, repeat, method, stacks[method])
+        results.append(Result(version, method, secs, rss, ok, note, key=method))
+    return results
+
+
+# ------------------------------------------------------------- issue 9's rejection algorithms
+
+# flatd's method -> Siril's rejection letter (Siril 1.0.6: `stack seq rej LETTER LOW HIGH`)
+NEW_METHODS = {"sigma-iterative": "s", "winsorized": "w", "linear-fit": "l", "esd": "g", "mad": "a",
+               "percentile": "p"}
+
+
+def new_methods(wanted: list[str] | None) -> list[str]:
+    """The rejection algorithms to measure: those registered now (a note for each missing one)."""
+    try:
+        from flatd.stack import methods as registry
+    except ImportError:
+        print("note: flatd's registry cannot be imported: no rejection algorithm measured")
+        return []
+    names = registry.names()
+    chosen = []
+    for name in wanted if wanted is not None else list(NEW_METHODS):
+        if name not in NEW_METHODS:
+            print(f"note: {name!r} has no Siril counterpart here; skipped")
+        elif name not in names:
+            print(f"note: flatd method {name!r} is not registered (yet); skipped")
+        else:
+            chosen.append(name)
+    return chosen
+
+
+# Siril's default thresholds, for a method whose own cannot be read off its parameters
+SIRIL_DEFAULTS = {"s": (3, 3), "w": (3, 3), "l": (5, 5), "g": (0.3, 0.05), "a": (3, 3), "p": (0.2, 0.1)}
+
+
+def thresholds(name: str) -> tuple[float, float]:
+    """The method's default (low, high), as Siril takes them: for esd (fraction of
+    outliers, significance), as Siril's GESDT."""
+    from flatd.stack import methods as registry
+
+    params = registry.Method(name).params
+    if name == "esd":
+        outliers = next((v for k, v in params.items() if "outlier" in k), None)
+        significance = next((v for k, v in params.items() if "signif" in k), None)
+        if outliers is not None and significance is not None:
+            return outliers, significance
+    elif "low" in params and "high" in params:
+        return params["low"], params["high"]
+    print(f"note: {name}'s thresholds are not low/high parameters: Siril runs with its own defaults")
+    return SIRIL_DEFAULTS[NEW_METHODS[name]]
+
+
+def run_new(files: list[Path], out: Path, repeat: int, names: list[str], peers: bool) -> list[Result]:
+    """Each algorithm with and without normalization: flatd's run, then Siril's same job."""
+    results = []
+    flatd = str(BIN / "flatd")
+    siril_run = siril_sequence(files, out) if peers else None
+    version = siril_version() if siril_run else ""
+    for name in names:
+        lo, hi = thresholds(name)
+        # one untimed run, so that numba's cache holds this method's kernel, as after the first run
+        warm = out / f"warm-{name}.fits"
+        measure([flatd, "combine", "-rp", "--method", name, "-o", str(warm), *map(str, files[:5])])
+        warm.unlink(missing_ok=True)
+        for normalize, siril_norm in (("none", "-nonorm"), ("multiplicative", "-norm=mul")):
+            label = f"{name} {lo:g} {hi:g}" + (" +norm" if normalize != "none" else "")
+            target = out / f"flatd-{name}-{normalize}.fits"
+            cmd = [flatd, "combine", "-rp", "--normalize", normalize, "--method", name, "-o", str(target)]
+            secs, rss, code, text = best_of(repeat, cmd + [str(f) for f in files])
+            results.append(Result("flatd", label, secs, rss, code == 0, "" if code == 0 else text[-300:], key=label))
+            target.unlink(missing_ok=True)
+            if siril_run:
+                letter = NEW_METHODS[name]
+                secs, rss, ok, note = siril_stack(siril_run, out, repeat, f"{name}{siril_norm}",
+                                                  f"rej {letter} {lo:g} {hi:g} {siril_norm}")
+                results.append(Result(version, f"{label} (rej {letter})", secs, rss, ok, note, key=label))
     return results
 
 
@@ -184,15 +307,18 @@ def run_siril(files: list[Path], out: Path, repeat: int, methods) -> list[Result
 
 
 def print_table(title: str, results: list[Result]) -> None:
-    siril = {r.method: r.seconds for r in results if r.tool.startswith("siril") and r.ok}
+    """One row per run; "vs Siril same" is the time over Siril's run of the same job (same key)."""
+    siril = {r.key: r.seconds for r in results if r.tool.startswith("siril") and r.ok and r.key}
     print(f"\n{title}\n")
-    print("| tool | method | wall s | peak RSS MB | vs Siril sigma | vs Siril median |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| tool | method | wall s | peak RSS MB | vs Siril sigma | vs Siril median | vs Siril same |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         vs_sigma = f"{r.seconds / siril['sigma']:.2f}x" if "sigma" in siril else ""
         vs_median = f"{r.seconds / siril['median']:.2f}x" if "median" in siril else ""
+        vs_same = f"{r.seconds / siril[r.key]:.2f}x" if r.key in siril else ""
         status = "" if r.ok else f" FAILED: {r.note.strip()[:80]}"
-        print(f"| {r.tool} | {r.method}{status} | {r.seconds:.2f} | {r.rss_mb:.0f} | {vs_sigma} | {vs_median} |")
+        print(f"| {r.tool} | {r.method}{status} | {r.seconds:.2f} | {r.rss_mb:.0f} | {vs_sigma} | {vs_median} "
+              f"| {vs_same} |")
 
 
 def machine() -> str:
@@ -270,9 +396,13 @@ def main() -> int:
     ap.add_argument("--inspect", action="store_true", help="also flatd inspect vs ImageFileCollection")
     ap.add_argument("--dry-run", action="store_true", help="also run-once --dry-run on 300 flats")
     ap.add_argument("--no-peers", action="store_true", help="flatd only")
+    ap.add_argument("--new", default=None,
+                    help="rejection algorithms of issue 9 to measure against Siril's (default: every registered one; "
+                         "'' for none): " + ",".join(NEW_METHODS))
     args = ap.parse_args()
 
     methods = args.methods.split(",")
+    new = new_methods(None if args.new is None else [m for m in args.new.split(",") if m])
     print(f"machine: {machine()}")
     files = generate_stack(args.cache / f"{args.frames}x{args.width}x{args.height}", args.frames, args.width, args.height)
     with tempfile.TemporaryDirectory(prefix="flatd-bench-") as tmp:
@@ -281,6 +411,8 @@ def main() -> int:
         if not args.no_peers:
             results += run_siril(files, out, args.repeat, methods)
             results += run_ccdproc(files, out, 1, methods)
+        if new:
+            results += run_new(files, out, args.repeat, new, not args.no_peers)
         print_table(f"{args.frames} flats of {args.width}x{args.height} uint16, whole process "
                     f"(read, combine, write); best of {args.repeat}", results)
         if args.big:

@@ -103,6 +103,7 @@ def _add_combine_parser(sub) -> None:
     _add_method_options(meth.add_mutually_exclusive_group())
     meth.add_argument("--param", action="append", metavar="NAME=VALUE",
                       help="a parameter of the method, e.g. --method sigma --param sigma=2.5 (repeatable)")
+    _add_param_options(meth)
     p.add_argument("--normalize", choices=("none", "multiplicative"), help="scale flats to a common level before rejecting")
     grp = p.add_argument_group("grouping")
     grp.add_argument("-gs", "--groupsize", action="store_true", help="group by size (dimensions and binning)")
@@ -130,8 +131,23 @@ def _add_method_options(group) -> None:
         param = entry.param(entry.flag_param) if entry.flag_param else None
         kind = {"action": "store_true"} if param is None else {"type": param.kind, "metavar": param.metavar}
         group.add_argument(*entry.flags, dest=_method_dest(entry.name), help=entry.summary, **kind)
-    group.add_argument("--method", choices=methods.names(), metavar="NAME",
-                       help=f"combine method by name: {', '.join(methods.names())}")
+    group.add_argument("--method", choices=("auto",) + methods.names(), metavar="NAME",
+                       help=f"combine method by name: auto (chosen from each group's number of frames), "
+                            f"{', '.join(methods.names())}")
+
+
+def _add_param_options(group) -> None:
+    """The options that set a parameter of whichever method is chosen (--low X, --high X)."""
+    from flatd.stack import methods
+
+    for p in methods.parameters().values():
+        if p.option:
+            group.add_argument(p.option, dest=_option_dest(p.name), metavar=p.metavar,
+                               help=f"{p.description.split(';')[0]} of the chosen method (its own default if not given)")
+
+
+def _option_dest(name: str) -> str:
+    return "param_" + name.replace("-", "_")
 
 
 def _method_dest(name: str) -> str:
@@ -149,6 +165,24 @@ def _method_choice(args, configured: str) -> dict:
             chosen = {"method": entry.name, **({entry.flag_param: value} if entry.flag_param else {})}
     if args.method:
         chosen = {"method": args.method}
+    for p in methods.parameters().values():  # --low X, --high X: a parameter of the chosen method
+        text = getattr(args, _option_dest(p.name), None) if p.option else None
+        if text is None:
+            continue
+        name = chosen.get("method", configured)
+        own = methods.get(name).param(p.name) if name in methods.names() else p  # auto: the shared key
+        if own is None:
+            raise UsageError(f"{p.option} {text}: the method {name} has no parameter {p.name} "
+                             f"(methods that have: {', '.join(e.name for e in methods.entries() if e.param(p.name))})")
+        try:
+            chosen[p.name] = own.validate(text)
+        except ValueError as exc:
+            raise UsageError(f"{p.option} {text}: {exc}") from None
+    if chosen.get("method", configured) == "auto":  # resolved per group at planning
+        if args.param:
+            raise UsageError(f"--param {args.param[0]!r}: the method is auto (chosen per group); "
+                             "name one with --method NAME to give its parameters")
+        return chosen
     entry = methods.get(chosen.get("method", configured))
     for item in args.param or []:
         name, sep, text = item.partition("=")
@@ -460,6 +494,8 @@ def _combine_rules(args):
     if args.policy:
         pre["policy"] = args.policy
     comb = rules.combine.model_dump()
+    if not args.config:  # the original program's default; only the rules file's default is auto
+        comb["method"] = "sigma"
     comb.update(_method_choice(args, comb["method"]))
     if args.normalize:
         comb["normalize"] = args.normalize
@@ -612,7 +648,12 @@ def print_report(report, dry_run: bool = False) -> None:
         rule = f" (rule {safe(job.rule)})" if job.rule else ""
         group = safe(job.label)
         if outcome.state == "would-run":
-            out.print(f"[bold]group {group}[/bold]{rule}: {len(job.inputs)} flats, {safe(job.method.description)}, "
+            how = job.method.description
+            if job.auto_reason is not None:
+                from flatd.stack.auto import describe
+
+                how = describe(job.method, job.auto_reason)
+            out.print(f"[bold]group {group}[/bold]{rule}: {len(job.inputs)} flats, {safe(how)}, "
                       f"normalize {safe(job.normalize)}")
             for item in job.inputs:
                 out.print(f"  {safe(item.frame.path)}  [dim]calibration:[/dim] "
@@ -622,12 +663,14 @@ def print_report(report, dry_run: bool = False) -> None:
                 out.print(f"  -> would move the inputs to {safe(folder)}")
         elif outcome.state == "done":
             out.print(f"[green]{verb}[/green] {safe(outcome.master)}  ({len(job.inputs)} flats, {group}{rule})")
+            _print_rejection(out, outcome, safe)
             if outcome.moved:
                 out.print(f"  moved {len(outcome.moved)} inputs to {safe(outcome.moved[0][1].parent)}")
         elif outcome.state == "skipped":
             out.print(f"skipped group {group}{rule}: {safe(outcome.reason)}")
         elif outcome.state == "moves-pending":
             out.print(f"[green]{verb}[/green] {safe(outcome.master)}  ({len(job.inputs)} flats, {group}{rule})")
+            _print_rejection(out, outcome, safe)
             out.print(f"  [red]not all moved[/red]: {safe(outcome.reason)}")
         elif outcome.state in ("busy", "failed-before"):
             out.print(f"[red]not done[/red] group {group}{rule}: {safe(outcome.reason)}")
@@ -644,6 +687,31 @@ def print_report(report, dry_run: bool = False) -> None:
         out.print(f"[red]error[/red] {safe(problem)}")
     if not report.outcomes and not report.plan.failed and not report.problems and not report.pending_moves:
         out.print("no groups to combine")
+
+
+# Inputs named in the report when they lost more than combine.rejection_warn, at most.
+REPORT_FRAMES = 5
+
+
+def _print_rejection(out, outcome, safe) -> None:
+    """The rejected fractions of a master made now; a warning above combine.rejection_warn
+    and the inputs that lost most (often a bad frame)."""
+    from flatd.notify.events import percent
+
+    rej = outcome.rejection
+    if rej is None:
+        return
+    out.print(f"  rejected {percent(rej.low)} low, {percent(rej.high)} high"
+              + (f" (auto: {safe(outcome.job.method.label)})" if outcome.job.auto_reason else ""))
+    if rej.warn:
+        out.print(f"  [yellow]warning[/yellow]: {percent(rej.total)} of all values rejected, more than "
+                  f"combine.rejection_warn {percent(rej.threshold)}")
+    above = rej.frames_above()
+    for path, low, high in above[:REPORT_FRAMES]:
+        out.print(f"  [yellow]rejected most[/yellow] {safe(path.name)}: {percent(low + high)} of its values "
+                  f"({percent(low)} low, {percent(high)} high)")
+    if len(above) > REPORT_FRAMES:
+        out.print(f"  ... and {len(above) - REPORT_FRAMES} more input(s) above {percent(rej.threshold)}")
 
 
 CONFIG_COMMANDS = {"check": cmd_config_check, "show": cmd_config_show}

@@ -110,6 +110,9 @@ class Output(Section):
     directory: PathValue = Field(Path("masters"), description="relative to each capture folder, or absolute")
     name: str = Field("FLAT-{filter}-{binning}-{size}-{method}-{date}-{temperature}C.fits",
                       description="the file name of each master, with {fields} from its group")
+    rejection_map: bool = Field(False, description=(
+        "add to each master an image extension REJMAP: per pixel, how many values were rejected low "
+        "(plane 1) and high (plane 2), uint16; it costs 4 bytes a pixel of memory and of disk"))
 
     @field_validator("name")
     @classmethod
@@ -199,15 +202,21 @@ class CombineSettings(Section):
         properties = schema.setdefault("properties", {})
         for p in methods.parameters().values():
             bounds = {"exclusiveMinimum": p.gt, "minimum": p.ge, "maximum": p.le}
-            properties[p.name] = {"type": "integer" if p.kind is int else "number", "default": p.default,
+            kind = "integer" if p.kind is int else "number"
+            properties[p.name] = {"type": kind if p.default is not None else [kind, "null"], "default": p.default,
                                   "description": p.description, **{k: v for k, v in bounds.items() if v is not None}}
 
     model_config = ConfigDict(extra="allow", validate_assignment=True, json_schema_extra=_parameters_schema)
 
-    method: str = Field("sigma", description="combine method: mean, median, minmax (min/max clip), sigma "
-                                             "(sigma clip), or another method of the registry")
+    method: str = Field("auto", description="combine method: auto (chosen per group from its number of frames, "
+                                            "see flatd.stack.auto), mean, median, minmax (min/max clip), sigma "
+                                            "(sigma clip), or another method of the registry")
     normalize: Literal["none", "multiplicative"] = Field(
         "multiplicative", description="scale the flats to a common level before rejecting: none | multiplicative")
+    rejection_warn: Optional[float] = Field(
+        0.005, ge=0, le=1, allow_inf_nan=False,
+        description="warn when more than this fraction of all values of a master (0..1) was rejected, or of "
+                    "one input's values; null: never warn (0.005: Siril's 0.5 % guidance)")
 
     @classmethod
     def parameter_fields(cls) -> dict:
@@ -218,7 +227,8 @@ class CombineSettings(Section):
         from flatd.stack import methods
 
         return {p.name: FieldInfo.from_annotated_attribute(
-                    p.kind, Field(p.default, description=p.description, gt=p.gt, ge=p.ge, le=p.le))
+                    p.kind if p.default is not None else Optional[p.kind],
+                    Field(p.default, description=p.description, gt=p.gt, ge=p.ge, le=p.le))
                 for p in methods.parameters().values()}
 
     @field_validator("method", mode="before")
@@ -250,13 +260,13 @@ class CombineSettings(Section):
                            f"(parameters: {', '.join(sorted(known)) or 'none'})")
             else:
                 try:
-                    data[key] = known[key].validate(data[key])
+                    data[key] = methods.check_setting(key, data[key], data.get("method"))
                 except ValueError as exc:
                     message = str(exc)
             if message:
                 errors.append(cls._parameter_error(key, data[key], message))
         if errors:  # the field validators will not run: report an unknown method too
-            problem = cls._method_problem(data.get("method", "sigma"))
+            problem = cls._method_problem(data.get("method", "auto"))
             if problem:
                 errors.insert(0, cls._parameter_error("method", data["method"], problem))
             raise ValidationError.from_exception_data(cls.__name__, errors)
@@ -268,8 +278,8 @@ class CombineSettings(Section):
     def _method_problem(value: Any) -> Optional[str]:
         from flatd.stack import methods
 
-        if not isinstance(value, str) or value not in methods.names():
-            return f"Input should be {methods.choices_text()}"
+        if not isinstance(value, str) or (value not in methods.names() and value != "auto"):
+            return f"Input should be 'auto', {methods.choices_text()}"
         return None
 
     @staticmethod

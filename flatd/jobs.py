@@ -38,6 +38,12 @@ class Job:
     output_dir: Path
     output_name: str
     move_to: Optional[str]
+    # method: auto: why this method was chosen (None: the rules named the method)
+    auto_reason: Optional[str] = None
+    # output.rejection_map: the master gets the per-pixel rejection counts (REJMAP)
+    rejection_map: bool = False
+    # combine.rejection_warn: warn above this fraction rejected (None: never)
+    rejection_warn: Optional[float] = 0.005
 
     @property
     def label(self) -> str:

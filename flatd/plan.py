@@ -19,6 +19,7 @@ from flatd.config import Effective, Rules, effective_for
 from flatd.ingest.frames import DEFAULT_KEYWORDS, Frame, KeywordMap, Kind, Skipped
 from flatd.grouping import Group, GroupOptions, group_frames
 from flatd.jobs import Job, StackInput
+from flatd.stack.auto import AUTO, choose as choose_auto
 from flatd.stack.methods import Method
 from flatd.output.naming import master_name, name_fields, numbered_name
 
@@ -117,8 +118,13 @@ def plan_group(
     output_name: Optional[str],
     keywords: KeywordMap = DEFAULT_KEYWORDS,
 ) -> Job | FailedGroup:
-    """A Job for one group, or the reason it cannot be made."""
-    method = Method.from_settings(eff.combine)
+    """A Job for one group, or the reason it cannot be made. `method: auto` is resolved
+    here, from the group's number of frames (flatd.stack.auto)."""
+    auto_reason = None
+    if eff.combine.method == AUTO:
+        method, auto_reason = choose_auto(len(group.frames), eff.combine)
+    else:
+        method = Method.from_settings(eff.combine)
     if len(group.frames) < method.min_frames:
         return FailedGroup(
             group.label, group.frames,
@@ -136,6 +142,10 @@ def plan_group(
     except ValueError as exc:  # a template that gives no plain file name
         return FailedGroup(group.label, group.frames, f"output name: {exc}", eff.rule)
     settings = f"{method.description}|{eff.combine.normalize}|{[c.label for c in calibrations]}"
+    if auto_reason is not None:
+        settings += "|auto"
+    if eff.output.rejection_map:
+        settings += "|rejection_map"
     return Job(
         id=job_id(group.frames, settings),
         group=group,
@@ -146,6 +156,9 @@ def plan_group(
         output_dir=directory,
         output_name=name,
         move_to=eff.inputs.move_to,
+        auto_reason=auto_reason,
+        rejection_map=eff.output.rejection_map,
+        rejection_warn=eff.combine.rejection_warn,
     )
 
 

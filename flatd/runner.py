@@ -47,6 +47,7 @@ class Outcome:
     # A failure of the place, not of the flats (no space, an output folder not writable):
     # nothing is recorded against the job, the next run tries it again by itself.
     transient: bool = False
+    rejection: Optional["Rejection"] = None  # what the master's combine rejected (a master made now)
 
     @property
     def failed(self) -> bool:
@@ -77,12 +78,63 @@ class RunReport:
         self.pending_moves.extend(other.pending_moves)
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """What a master's combine rejected: the fractions of all values rejected low and
+    high, per input (path, low, high), and the rules' warning threshold (None: never)."""
+
+    low: float
+    high: float
+    frames: tuple[tuple[Path, float, float], ...]
+    threshold: Optional[float] = None
+
+    @property
+    def total(self) -> float:
+        return self.low + self.high
+
+    @property
+    def warn(self) -> bool:
+        """More rejected overall than the threshold allows."""
+        return self.threshold is not None and self.total > self.threshold
+
+    def frames_above(self) -> list[tuple[Path, float, float]]:
+        """The inputs that lost more than the threshold of their values, most first."""
+        if self.threshold is None:
+            return []
+        above = [f for f in self.frames if f[1] + f[2] > self.threshold]
+        return sorted(above, key=lambda f: -(f[1] + f[2]))
+
+    @classmethod
+    def of(cls, job: Job, result) -> Optional["Rejection"]:
+        overall = result.rejected_fractions()
+        per_frame = result.frame_fractions()
+        if overall is None or per_frame is None:
+            return None
+        return cls(overall[0], overall[1],
+                   tuple((i.frame.path, lo, hi) for i, (lo, hi) in zip(job.inputs, per_frame)),
+                   job.rejection_warn)
+
+
 class JobFailed(FlatdError):
     """A job that cannot be made; `transient` when the place is at fault, not the flats."""
 
     def __init__(self, reason: str, transient: bool = False):
         super().__init__(reason)
         self.transient = transient
+
+
+def _emit_rejection_warning(job: Job, master: Path, rejection: Optional[Rejection]) -> None:
+    """A warning when more than combine.rejection_warn of all values was rejected; a note
+    when only some inputs lost more than that (often a bad frame)."""
+    if rejection is None or rejection.threshold is None:
+        return
+    above = rejection.frames_above()
+    if rejection.warn or above:
+        worst = above[0] if above else None
+        emit(E.RejectionHigh(job.id, master, rejection.low, rejection.high, rejection.threshold,
+                             overall=rejection.warn, frames=len(above),
+                             worst=worst[0] if worst else None,
+                             worst_fraction=(worst[1] + worst[2]) if worst else None))
 
 
 def move_date(now: datetime) -> dict[str, str]:
@@ -185,15 +237,19 @@ class Runner:
             )
         started = time.monotonic()
         master = find_master(job.output_dir, job.id) if self.ledger is not None else None
+        rejection = None
         if master is not None:
             emit(E.MasterWritten(job.id, master, len(job.inputs), found=True))
         else:
             emit(E.GroupPlanned(job.id, job.label, len(job.inputs), job.method.description, job.rule or "-"))
             try:
-                master = self._make_master(job)
+                master, rejection = self._make_master(job)
             except JobFailed as exc:
                 return self._fail(job, exc)
-            emit(E.MasterWritten(job.id, master, len(job.inputs), round(time.monotonic() - started, 2)))
+            emit(E.MasterWritten(job.id, master, len(job.inputs), round(time.monotonic() - started, 2),
+                                 rejected_low=rejection.low if rejection else None,
+                                 rejected_high=rejection.high if rejection else None))
+            _emit_rejection_warning(job, master, rejection)
         if self.ledger is not None:
             self.ledger.master_written(job.id, master, job.label, len(job.inputs))
         moves = [(i.frame.path, d, input_identity(i.frame)) for i, d in zip(job.inputs, move_dirs)]
@@ -201,21 +257,25 @@ class Runner:
         if owed:
             self._state(job, L.MOVES_PENDING, "; ".join(problems))
             return Outcome(job, "moves-pending", master, moved,
-                           f"{len(owed)} input(s) not moved yet, tried again at every run: " + "; ".join(problems))
+                           f"{len(owed)} input(s) not moved yet, tried again at every run: " + "; ".join(problems),
+                           rejection=rejection)
         self._state(job, L.DONE, "; ".join(problems) or None)
         if problems:
-            return Outcome(job, "failed", master, moved, "; ".join(problems))
-        return Outcome(job, "done", master, moved)
+            return Outcome(job, "failed", master, moved, "; ".join(problems), rejection=rejection)
+        return Outcome(job, "done", master, moved, rejection=rejection)
 
-    def _make_master(self, job: Job) -> Path:
-        """Stack and write; JobFailed says why not (transient when the output is at fault)."""
+    def _make_master(self, job: Job) -> tuple[Path, Optional[Rejection]]:
+        """Stack and write; JobFailed says why not (transient when the output is at fault).
+        Returns the master's path and what its combine rejected."""
         from flatd.output.masters import NoSpace, master_header, write_master  # astropy: only when a master is made
 
         try:
             result = self.engine.stack(job)
+            rejection = Rejection.of(job, result)
             header = master_header(
                 job.frames, [i.calibration for i in job.inputs], job.method,
                 job.normalize, result.factors, extra={JOB_CARD: job.id},
+                rejected=result.frame_fractions(), auto_reason=job.auto_reason,
             )
         except OSError as exc:
             raise JobFailed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)) from None
@@ -225,7 +285,8 @@ class Runner:
             raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
         self._state(job, L.WRITING)
         try:
-            return write_master(job.output_dir, job.output_name, result.image, header)
+            return write_master(job.output_dir, job.output_name, result.image, header,
+                                rejection_map=result.rejection_map if job.rejection_map else None), rejection
         except NoSpace as exc:
             raise JobFailed(exc.strerror, transient=True) from None
         except OSError as exc:

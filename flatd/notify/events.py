@@ -86,6 +86,9 @@ class MasterWritten(Event):
     files: int
     seconds: float = 0.0
     found: bool = field(default=False, metadata={"log": False})  # made earlier (a crash), recorded now
+    # fractions of all values of the stack rejected low and high (None: not counted)
+    rejected_low: Optional[float] = None
+    rejected_high: Optional[float] = None
 
     @property
     def level(self) -> int:
@@ -95,7 +98,50 @@ class MasterWritten(Event):
     def message(self) -> str:
         if self.found:
             return f"a master of these inputs is already there: {self.path}; recorded, not made again"
+        if self.rejected_low is not None and self.rejected_high is not None:
+            return (f"wrote {self.path} (rejected {percent(self.rejected_low)} low, "
+                    f"{percent(self.rejected_high)} high)")
         return f"wrote {self.path}"
+
+
+def percent(fraction: float) -> str:
+    """A fraction as a percentage that shows small ones: 0.00123 -> '0.123 %'."""
+    value = 100.0 * float(fraction)
+    return f"{value:.3g} %" if value >= 0.01 or value == 0 else f"{value:.2g} %"
+
+
+@dataclass(frozen=True)
+class RejectionHigh(Event):
+    """A master whose combine rejected more than combine.rejection_warn of all values
+    (`overall`), or some of whose inputs lost more than that of theirs (often a bad
+    frame: `worst` lost the most)."""
+
+    name: ClassVar[str] = "rejection_high"
+    job: str
+    path: Path = field(metadata={"log": False})  # the master: its master_written line names it in full
+    low: float
+    high: float
+    threshold: float
+    overall: bool = True
+    frames: int = 0  # inputs above the threshold
+    worst: Optional[Path] = None
+    worst_fraction: Optional[float] = None
+
+    @property
+    def level(self) -> int:
+        return WARNING if self.overall else INFO
+
+    @property
+    def message(self) -> str:
+        if self.overall:
+            text = (f"{self.path.name}: {percent(self.low + self.high)} of all values rejected "
+                    f"({percent(self.low)} low, {percent(self.high)} high), more than combine.rejection_warn "
+                    f"{percent(self.threshold)}")
+        else:
+            text = f"{self.path.name}: {self.frames} input(s) lost more than {percent(self.threshold)} of their values"
+        if self.worst is not None and self.worst_fraction is not None:
+            text += f"; most from {self.worst.name} ({percent(self.worst_fraction)}): often a bad frame"
+        return text
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ def master_header(
     normalization: str,
     factors: Sequence[float] | None = None,
     extra: Mapping[str, object] | None = None,
+    rejected: Sequence[tuple[float, float]] | None = None,
+    auto_reason: str | None = None,
 ) -> fits.Header:
     """The header of a master flat (see DESIGN "Master FITS").
 
@@ -83,6 +85,13 @@ def master_header(
     `frames`; an empty `calibrations` means none. `extra` adds or replaces cards:
     KEY -> value or (value, comment). Every text value is made card-safe (ASCII).
     CHECKSUM/DATASUM are added by :func:`write_master`.
+
+    `rejected`, per input in the order of `frames`: the fractions of its values rejected
+    low and high. With it the header gets REJLOW and REJHIGH (the fractions of all values
+    of the stack, the inputs weighing alike: every input has as many values) and each
+    input's HISTORY line its own two fractions (one line per input, whatever their
+    number: no indexed cards). `auto_reason` (method: auto): COMBAUTO = T and a COMMENT
+    saying why this method was chosen.
     """
     if not frames:
         raise ValueError("a master needs at least one input frame")
@@ -91,6 +100,8 @@ def master_header(
         raise ValueError(f"{len(cals)} calibrations for {len(frames)} frames")
     if factors is not None and len(factors) != len(frames):
         raise ValueError(f"{len(factors)} normalization factors for {len(frames)} frames")
+    if rejected is not None and len(rejected) != len(frames):
+        raise ValueError(f"{len(rejected)} rejection fractions for {len(frames)} frames")
 
     header = fits.Header()
     header["IMAGETYP"] = ("Master Flat", "type of image")
@@ -120,6 +131,12 @@ def master_header(
     header["NCOMBINE"] = (len(frames), "number of frames combined")
     for key, value, comment in method.cards:
         header[key] = (_card_value(value), card_text(comment))
+    if auto_reason is not None:
+        header["COMBAUTO"] = (True, "method chosen by auto from the number of frames")
+    if rejected is not None:
+        header["REJLOW"] = (float(sum(lo for lo, _ in rejected) / len(rejected)), "fraction of all values rejected low")
+        header["REJHIGH"] = (float(sum(hi for _, hi in rejected) / len(rejected)),
+                             "fraction of all values rejected high")
     header["NORMALIZ"] = (card_text(normalization), "normalization of the inputs before combining")
     modes = {c.mode for c in cals}
     header["CALMODE"] = (modes.pop() if len(modes) == 1 else "mixed", "precalibration of the inputs")
@@ -131,10 +148,16 @@ def master_header(
     if method.description:
         for part in _wrap_card(card_text(method.description, limit=None)):
             header.add_comment(part)
+    if auto_reason is not None:
+        for part in _wrap_card(card_text(f"method auto: {auto_reason}", limit=None)):
+            header.add_comment(part)
     for index, (frame, cal) in enumerate(zip(frames, cals), start=1):
         line = f"input {index}/{len(frames)}: {frame.path.name}; {_calibration_text(cal)}"
         if factors is not None:
             line += f"; normalization factor {float(factors[index - 1]):.6g}"
+        if rejected is not None:
+            low, high = rejected[index - 1]
+            line += f"; rejected {float(low):.4e} low, {float(high):.4e} high"
         for part in _wrap_card(card_text(line, limit=None)):
             header.add_history(part)
     for key, value in (extra or {}).items():
@@ -228,27 +251,79 @@ def _write_hdu(handle, hdu: fits.PrimaryHDU) -> None:
     handle.write(b"\0" * (_padded(data.nbytes) - data.nbytes))
 
 
-def _compressed_bytes(array: np.ndarray, header: fits.Header) -> bytes:
+def _compressed_bytes(array: np.ndarray, header: fits.Header, rejection_map: np.ndarray | None = None) -> bytes:
     """The bytes of a tile-compressed master: an empty primary HDU, then the image,
-    GZIP_2 without quantization (lossless: float32 bit for bit) with CHECKSUM/DATASUM."""
+    GZIP_2 without quantization (lossless: float32 bit for bit) with CHECKSUM/DATASUM;
+    then the rejection map, if any, tile-compressed (lossless for integers)."""
     hdu = fits.CompImageHDU(array, header=header, compression_type="GZIP_2", quantize_level=0.0)
     hdu.add_checksum()
+    hdus = [fits.PrimaryHDU(), hdu]
+    if rejection_map is not None:
+        ext = fits.CompImageHDU(rejection_map, header=_rejection_map_header(), compression_type="GZIP_2")
+        ext.add_checksum()
+        hdus.append(ext)
     buffer = io.BytesIO()
-    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buffer)
+    fits.HDUList(hdus).writeto(buffer)
     return buffer.getvalue()
 
 
-def _master_payload(array: np.ndarray, header: fits.Header, compressed: bool):
+REJMAP = "REJMAP"
+
+
+def _rejection_map_header() -> fits.Header:
+    header = fits.Header()
+    header["EXTNAME"] = (REJMAP, "rejection counts per pixel")
+    header["PLANE1"] = ("low", "plane 1: values rejected low at this pixel")
+    header["PLANE2"] = ("high", "plane 2: values rejected high at this pixel")
+    return header
+
+
+def _rejection_map_hdu(rejection_map: np.ndarray) -> fits.ImageHDU:
+    """The REJMAP extension: (2, H, W) uint16, stored as FITS does unsigned 16-bit
+    (BITPIX 16, BZERO 32768), with CHECKSUM/DATASUM."""
+    rejection_map = np.asarray(rejection_map)
+    if rejection_map.ndim != 3 or rejection_map.shape[0] != 2 or rejection_map.dtype != np.uint16:
+        raise ValueError(f"a rejection map is uint16 (2, H, W), got {rejection_map.dtype} {rejection_map.shape}")
+    hdu = fits.ImageHDU(rejection_map, header=_rejection_map_header())
+    hdu.add_checksum()
+    return hdu
+
+
+def _write_extension(handle, hdu: fits.ImageHDU) -> None:
+    """An unsigned 16-bit extension, converted a few rows at a time (x - 32768 as
+    big-endian int16: the BZERO convention)."""
+    handle.write(hdu.header.tostring().encode("ascii"))
+    data = hdu.data
+    flat = data.reshape(-1, data.shape[-1])
+    for r0 in range(0, flat.shape[0], WRITE_ROWS):
+        chunk = flat[r0:r0 + WRITE_ROWS] ^ np.uint16(0x8000)
+        handle.write(chunk.view(np.int16).astype(">i2").tobytes())
+    handle.write(b"\0" * (_padded(data.nbytes) - data.nbytes))
+
+
+def _master_payload(array: np.ndarray, header: fits.Header, compressed: bool,
+                    rejection_map: np.ndarray | None = None):
     """(bytes needed, writer(handle)) for a plain or a tile-compressed master."""
     if compressed:
-        payload = _compressed_bytes(array, header)
+        payload = _compressed_bytes(array, header, rejection_map)
         return len(payload), lambda handle: handle.write(payload)
     hdu = fits.PrimaryHDU(array, header=header)
+    if rejection_map is not None:
+        hdu.header["EXTEND"] = (True, "the rejection map follows")
     hdu.add_checksum()
-    return master_bytes(hdu), lambda handle: _write_hdu(handle, hdu)
+    ext = _rejection_map_hdu(rejection_map) if rejection_map is not None else None
+    needed = master_bytes(hdu) + (len(ext.header.tostring()) + _padded(ext.data.nbytes) if ext is not None else 0)
+
+    def write(handle) -> None:
+        _write_hdu(handle, hdu)
+        if ext is not None:
+            _write_extension(handle, ext)
+
+    return needed, write
 
 
-def write_master(directory: Path, name: str, data: np.ndarray, header: fits.Header) -> Path:
+def write_master(directory: Path, name: str, data: np.ndarray, header: fits.Header,
+                 rejection_map: np.ndarray | None = None) -> Path:
     """Write a master atomically and without overwriting; return its final path.
 
     32-bit float primary HDU with CHECKSUM/DATASUM; for a name ending in .fits.fz (any
@@ -259,6 +334,9 @@ def write_master(directory: Path, name: str, data: np.ndarray, header: fits.Head
     watchers ignore), flushed and fsynced, then linked to `name`, or name-2, name-3 ...
     when taken, and the folder is fsynced. On any failure the temp file is removed and
     nothing stands under a final name. `directory` is created when missing.
+    `rejection_map` (uint16 (2, H, W): values rejected low, high per pixel) is written
+    after the image as an IMAGE extension named REJMAP, in the same file and the same
+    atomic write (its bytes are counted in the free-space check).
     """
     check_file_name(name)
     directory = Path(directory)
@@ -269,7 +347,8 @@ def write_master(directory: Path, name: str, data: np.ndarray, header: fits.Head
     clean = header.copy()
     for key in ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM"):
         clean.remove(key, ignore_missing=True, remove_all=True)
-    needed, write = _master_payload(array.astype(np.float32, copy=False), clean, is_compressed_name(name))
+    needed, write = _master_payload(array.astype(np.float32, copy=False), clean, is_compressed_name(name),
+                                    rejection_map)
     check_free_space(directory, needed)
 
     temp, fd = create_temp(directory, safe_component(name, "master"))

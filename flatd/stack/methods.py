@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 # Keys of the rules file's combine section that are not method parameters.
-RESERVED = ("method", "normalize")
+RESERVED = ("method", "normalize", "rejection_warn")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
 
@@ -31,7 +31,11 @@ class Param:
     """One parameter of a method: a whole or real number with bounds.
 
     `card` and `comment` name the FITS card the master header gets for it (none if
-    `card` is None); `metavar` is shown by the command-line help.
+    `card` is None); `metavar` is shown by the command-line help; `option` is a long
+    option of `flatd combine` that sets it for whichever method is chosen (--low).
+
+    Methods may share a parameter name with their own defaults and bounds (low, high):
+    the rules file then has one key for it, null by default (each method's own).
     """
 
     name: str
@@ -44,9 +48,14 @@ class Param:
     card: Optional[str] = None
     comment: str = ""
     metavar: str = "VALUE"
+    option: Optional[str] = None
 
     def validate(self, value: Any) -> Any:
-        """The value as self.kind, or ValueError saying what is wrong (pydantic's wording)."""
+        """The value as self.kind, or ValueError saying what is wrong (pydantic's wording).
+        None is accepted only by a parameter whose default is None (a shared key of the
+        rules file: "each method's own")."""
+        if value is None and self.default is None:
+            return None
         number = _number(value, self.kind is int)
         if self.kind is int and isinstance(number, float):
             if not number.is_integer():
@@ -142,7 +151,7 @@ def register(entry: Entry) -> Entry:
     """Add a method; ValueError when its name, a parameter or a flag clashes."""
     if not _NAME.match(entry.name):
         raise ValueError(f"method name {entry.name!r}: lower-case letters, digits, '-' and '_', 40 at most")
-    if entry.name in _REGISTRY:
+    if entry.name in _REGISTRY or entry.name == "auto":  # auto: chosen at planning (flatd.stack.auto)
         raise ValueError(f"combine method {entry.name!r} is registered already")
     shared = parameters()
     for p in entry.params:
@@ -150,9 +159,12 @@ def register(entry: Entry) -> Entry:
             raise ValueError(f"method {entry.name}: {p.name!r} cannot be a parameter name")
         if p.kind not in (int, float):
             raise ValueError(f"method {entry.name}: parameter {p.name!r} must be an int or a float")
-        if p.name in shared and shared[p.name] != p:
-            raise ValueError(f"method {entry.name}: parameter {p.name!r} differs from the one of the same name "
-                             "another method has (the rules file has one key for both)")
+        if p.default is None:
+            raise ValueError(f"method {entry.name}: parameter {p.name!r} needs a default")
+        other = shared.get(p.name)
+        if other is not None and (other.kind is not p.kind or other.option != p.option):
+            raise ValueError(f"method {entry.name}: parameter {p.name!r} differs in kind or option from the one "
+                             "of the same name another method has (the rules file has one key for both)")
         p.validate(p.default)
     if entry.flag_param is not None and entry.param(entry.flag_param) is None:
         raise ValueError(f"method {entry.name}: flag_param {entry.flag_param!r} is not one of its parameters")
@@ -184,8 +196,40 @@ def entries() -> tuple[Entry, ...]:
 
 
 def parameters() -> dict[str, Param]:
-    """Every parameter of every method, by name (methods that share one share its key)."""
-    return {p.name: p for entry in _REGISTRY.values() for p in entry.params}
+    """Every parameter of every method, by name: the rules file's keys. Methods that share
+    a name share its key; where their Params differ (low, high), the key is a Param with
+    default None ("each method's own") and the loosest of their bounds."""
+    specs: dict[str, list[Param]] = {}
+    for entry in _REGISTRY.values():
+        for p in entry.params:
+            specs.setdefault(p.name, [])
+            if p not in specs[p.name]:
+                specs[p.name].append(p)
+    return {name: ps[0] if len(ps) == 1 else _merged(ps) for name, ps in specs.items()}
+
+
+def _merged(ps: list[Param]) -> Param:
+    def loosest(values, pick):
+        return None if any(v is None for v in values) else pick(values)
+
+    own = "; ".join(f"{m.name}: {m.param(ps[0].name).default}" for m in _REGISTRY.values()
+                    if m.param(ps[0].name) is not None)
+    return Param(ps[0].name, ps[0].kind, None,
+                 f"{ps[0].description.split(':')[0]}; null: each method's own default ({own})",
+                 gt=loosest([p.gt for p in ps], min), ge=loosest([p.ge for p in ps], min),
+                 le=loosest([p.le for p in ps], max), metavar=ps[0].metavar, option=ps[0].option)
+
+
+def check_setting(name: str, value: Any, method: Any = None) -> Any:
+    """A value of the rules file's combine key `name`, validated against the parameter of
+    `method` (a method name) when that method has one, else against the key's Param;
+    ValueError as Param.validate. None (null) stands for the method's own default where
+    the key is shared by methods of different defaults."""
+    key = parameters()[name]
+    if value is None and key.default is None:
+        return None
+    own = _REGISTRY[method].param(name) if isinstance(method, str) and method in _REGISTRY else None
+    return (own or key).validate(value)
 
 
 def choices_text() -> str:
@@ -280,6 +324,7 @@ def _make_method(name: str, values: dict) -> Method:
 def _validated(entry: Entry, values: Mapping[str, Any]) -> dict[str, Any]:
     """The entry's parameter values (defaults filled in); ValueError names the parameter."""
     known = parameters()
+    values = {k: v for k, v in values.items() if not (v is None and k in known and known[k].default is None)}
     for key, value in values.items():
         spec = entry.param(key) or known.get(key)
         if spec is None:
@@ -312,3 +357,70 @@ register(Entry("sigma", "drop values with z-score above threshold, then mean", p
                label=lambda v: f"SigmaClip{format_z(v['sigma'])}",
                describe=lambda v: f"sigma clip z={format_z(v['sigma'])}",
                reject="sigma", estimator="mean", flags=("-s", "--sigma"), flag_param="sigma"))
+
+
+# --------------------------------------------------------------------------- robust rejections (issue 9)
+# Each rejects per pixel column of the normalized stack with a low and a high threshold,
+# then takes the mean of what is kept. `low`/`high` are one key of the rules file and one
+# option of `flatd combine` (--low, --high) for all of them, with each method's own
+# defaults and bounds. The formulas are in flatd.stack.combine and the README.
+
+
+def _clip(name: str, side: str, default: float, what: str, le: float = 100.0, card: Optional[str] = None) -> Param:
+    return Param(name, float, default, f"{side} threshold: {what}", gt=0, le=le,
+                 card=card or ("CLIPLOW" if name == "low" else "CLIPHIGH"),
+                 comment=f"{side} rejection threshold", metavar="X", option="--" + name)
+
+
+def _kappa(default_low: float, default_high: float, what: str) -> tuple[Param, Param]:
+    return (_clip("low", "low", default_low, f"{what}, below the centre"),
+            _clip("high", "high", default_high, f"{what}, above the centre"))
+
+
+def _pair(v: Mapping[str, Any], a: str = "low", b: str = "high") -> str:
+    return f"{format_z(v[a])}-{format_z(v[b])}"
+
+
+def _robust(name: str, summary: str, label: str, params: tuple[Param, ...], describe: str,
+            pair: tuple[str, str] = ("low", "high")) -> Entry:
+    return register(Entry(
+        name, summary, params=params, label=lambda v: f"{label}{_pair(v, *pair)}",
+        describe=lambda v: f"{describe} " + ", ".join(f"{p.name}={v[p.name]:g}" for p in params),
+        reject=name, estimator="mean", min_frames=lambda v: 3))
+
+
+_robust("sigma-iterative",
+        "kappa-sigma clip about the median, repeated until nothing more is rejected, then mean "
+        "(Siril's sigma clipping; defaults low 3, high 3 as Siril's)",
+        "SigmaIterative", _kappa(3.0, 3.0, "kappa in standard deviations"), "iterative sigma clip")
+_robust("winsorized",
+        "winsorized sigma clipping: Huber's winsorized sigma, reject about the median, repeat; then mean "
+        "(Siril, PixInsight; defaults low 3, high 3 as Siril's)",
+        "WinsorizedSigma", _kappa(3.0, 3.0, "kappa in winsorized standard deviations"), "winsorized sigma clip")
+_robust("linear-fit",
+        "linear fit clipping: a line through the sorted column, reject by mean absolute deviation from it, "
+        "repeat; then mean (Siril, PixInsight; defaults low 5, high 5 as Siril's)",
+        "LinearFit", _kappa(5.0, 5.0, "kappa in mean absolute deviations from the line"), "linear fit clip")
+_robust("esd",
+        "generalized extreme Studentized deviate test (Rosner 1983), then mean "
+        "(Siril's GESDT, PixInsight's ESD; defaults outliers 0.3, significance 0.05)",
+        "ESD",
+        (Param("esd_outliers", float, 0.3, "esd: the largest fraction of a column that may be outliers",
+               gt=0, le=1, card="ESDOUTL", comment="ESD max outlier fraction", metavar="F"),
+         Param("esd_significance", float, 0.05, "esd: significance (alpha) of the test",
+               gt=0, le=1, card="ESDALPHA", comment="ESD significance", metavar="ALPHA"),
+         Param("esd_low", float, 1.0, "esd: low relaxation: deviations below the mean are divided by it "
+               "(PixInsight's; 1: none, as Siril)", ge=1, le=100, card="ESDRELAX",
+               comment="ESD low relaxation", metavar="R")),
+        "ESD test", pair=("esd_outliers", "esd_significance"))
+_robust("mad",
+        "k x MAD clipping about the median (sigma = 1.4826 MAD), repeated until nothing more is "
+        "rejected, then mean (Siril's MAD clipping; defaults low 3, high 3 as Siril's)",
+        "MADClip", _kappa(3.0, 3.0, "kappa in 1.4826 x MAD"), "MAD clip")
+_robust("percentile",
+        "percentile clipping: reject below median x (1 - low) and above median x (1 + high), one pass, "
+        "then mean (Siril's; defaults low 0.2, high 0.1)",
+        "Percentile",
+        (_clip("low", "low", 0.2, "fraction of the median, below it", le=1.0),
+         _clip("high", "high", 0.1, "fraction of the median, above it", le=100.0)),
+        "percentile clip")

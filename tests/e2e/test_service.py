@@ -334,12 +334,12 @@ def test_stop_abandons_a_long_job_at_a_band_and_rolls_it_back(tmp_path, monkeypa
     real = stacker.stack_frames
     bands = []
 
-    def slow_stack(inputs_, method, normalize, memory_limit, workers, progress):
+    def slow_stack(inputs_, method, normalize, memory_limit, workers, progress, **options):
         for band in range(600):  # a minute of "stacking" unless cut short
             time.sleep(0.1)
             bands.append(band)
             progress(band + 1, 600)
-        return real(inputs_, method, normalize, memory_limit, workers, progress)
+        return real(inputs_, method, normalize, memory_limit, workers, progress, **options)
 
     monkeypatch.setattr(stacker, "stack_frames", slow_stack)
     monkeypatch.setattr(service_module, "STOP_GRACE", 0.5)

@@ -324,3 +324,44 @@ def test_output_that_is_no_file_name_is_a_usage_error(tree, capsys, output, mess
     assert message in capsys.readouterr().err
     assert snapshot(tree.root) == before
 
+
+
+# --------------------------------------------------------------------------- issue 9: the default, auto, rejection
+
+
+def test_without_a_method_option_or_rules_file_the_method_stays_sigma(tree, capsys):
+    files = _flats(tree, n=15)
+    out = tree.root / "m.fits"
+    assert main(["combine", "-p", str(BIAS_LEVEL), "-o", str(out), *files]) == 0
+    header = fits.getheader(out)
+    assert header["COMBMETH"] == "SigmaClip2.0" and header["CLIPSIG"] == 2.0
+    assert "COMBAUTO" not in header
+    assert 0 < header["REJLOW"] + header["REJHIGH"] < 0.2  # rejection is reported by combine too
+    assert "rejected " in capsys.readouterr().out
+
+
+def test_a_rules_file_without_a_method_means_auto(tree, capsys):
+    files = _flats(tree, n=15)
+    config = tree.rules("combine: {normalize: multiplicative}\n"
+                        "grouping: {size: false, filter: false, temperature: null, min_group_size: 1}\n"
+                        "inputs: {move_to: null}\n")
+    out = tree.root / "m.fits"
+    assert main(["combine", "--config", str(config), "-p", str(BIAS_LEVEL), "--dry-run", "-o", str(out), *files]) == 0
+    assert "auto: winsorized low 3.0 high 3.0 (15 frames; " in capsys.readouterr().out.replace("\n", " ")
+    assert main(["combine", "--config", str(config), "-p", str(BIAS_LEVEL), "-o", str(out), *files]) == 0
+    header = fits.getheader(out)
+    assert header["COMBAUTO"] is True and header["COMBMETH"].startswith("WinsorizedSigma")
+    # an option still names the method
+    assert main(["combine", "--config", str(config), "-n", "-p", str(BIAS_LEVEL), "-o", str(tree.root / "n.fits"),
+                 *files]) == 0
+    assert fits.getheader(tree.root / "n.fits")["COMBMETH"] == "Median"
+
+
+def test_method_auto_on_the_command_line(tree, capsys):
+    files = _flats(tree, n=5)
+    out = tree.root / "m.fits"
+    assert main(["combine", "--method", "auto", "-p", str(BIAS_LEVEL), "-o", str(out), *files]) == 0
+    header = fits.getheader(out)
+    assert header["COMBAUTO"] is True and header["COMBMETH"] == "Median"
+    assert main(["combine", "--method", "auto", "--param", "low=2", "-o", str(out), *files]) == 2
+    assert "the method is auto" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from astropy.io import fits
 
 from flatd.cli import main
@@ -281,3 +282,107 @@ def test_rich_markup_in_file_names_is_printed_as_text(tree, capsys):
     assert "wrote " in out and "left out" in out and "flat[/bad].fits" in out
     assert main(["status", "--config", str(config)]) == 0
     assert "Last masters made" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- rejection reported (issue 9)
+
+REJECTION_RULES = """
+capture:
+  - path: {root}/captures
+output:
+  directory: masters
+  rejection_map: true
+inputs:
+  move_to: null
+grouping:
+  min_group_size: 3
+combine:
+  method: sigma
+  sigma: 2.0
+  rejection_warn: 0.005
+stable: 0
+state: {root}/state
+"""
+
+
+def _plain_sigma_counts(paths, z):
+    """Counts of values rejected low and high, per frame and per pixel, by a plain
+    reference: the frames as read, normalized by flatd's level, then the original's
+    one-pass sigma clip per pixel column in float64."""
+    from flatd.stack.combine import normalization_factors
+    from flatd.stack.levels import frame_level
+
+    stack = np.array([fits.getdata(p).astype(np.float32) for p in paths])
+    factors = normalization_factors([frame_level(im) for im in stack])
+    stack = stack * factors[:, None, None]  # float32, as the engine multiplies
+    x = stack.astype(np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    out = np.abs(x - mean) > z * std
+    low, high = out & (x < mean), out & (x > mean)
+    return (np.stack([low.sum(axis=(1, 2)), high.sum(axis=(1, 2))], axis=1),
+            np.stack([low.sum(axis=0), high.sum(axis=0)]).astype(np.uint16))
+
+
+def test_master_reports_its_rejections_in_the_header_the_map_and_the_report(tree, capsys):
+    import re
+
+    paths = [tree.flat(f"flat_R_{i:03d}.fits", level=20000 * (1 + 0.03 * i), cosmic=(i == 2)) for i in range(8)]
+    bad = tree.flat("flat_R_bad.fits", level=20000)
+    data = fits.getdata(bad).astype(np.int64)
+    data[:, :10] = 60000  # a bad frame: a quarter of it saturated
+    fits.writeto(bad, data.astype(np.uint16), fits.getheader(bad), overwrite=True)
+    paths.append(bad)
+    paths.sort()
+    frames, pixels = _plain_sigma_counts(paths, 2.0)
+    config = tree.rules(REJECTION_RULES.format(root=tree.root))
+    assert main(["run-once", "--config", str(config)]) == 0
+    (master,) = _masters(tree.root)
+    n, size = len(paths), pixels.shape[1] * pixels.shape[2]
+    with fits.open(master, checksum=True) as hdul:
+        header = hdul[0].header
+        assert header["REJLOW"] == pytest.approx(frames[:, 0].sum() / (n * size), rel=1e-12)
+        assert header["REJHIGH"] == pytest.approx(frames[:, 1].sum() / (n * size), rel=1e-12)
+        history = " ".join(str(h).strip() for h in header["HISTORY"])
+        for k, path in enumerate(paths):
+            found = re.search(rf"{path.name}; .*?rejected (\S+) low, (\S+) high", history)
+            assert found, path.name
+            assert float(found.group(1)) == pytest.approx(frames[k, 0] / size, rel=1e-3, abs=1e-12)
+            assert float(found.group(2)) == pytest.approx(frames[k, 1] / size, rel=1e-3, abs=1e-12)
+        np.testing.assert_array_equal(hdul["REJMAP"].data, pixels)
+        assert "COMBAUTO" not in header
+    report = capsys.readouterr().out
+    total = frames.sum() / (n * size)
+    assert total > 0.005  # one-pass sigma 2 rejects ~4.5 % of Gaussian values: the warning is due
+    assert "rejected " in report and "warning" in report and "combine.rejection_warn 0.5 %" in report
+    assert "rejected most flat_R_bad.fits" in report.replace("\n", " ")
+
+
+def test_auto_master_says_so_and_the_dry_run_says_why(tree, capsys):
+    for i in range(6):
+        tree.flat(f"flat_R_{i:03d}.fits", level=20000 * (1 + 0.03 * i))
+    for i in range(2):
+        tree.bias(f"bias_{i}.fits")
+    config = tree.rules(RULES.format(root=tree.root).replace("  method: sigma\n  sigma: 3.0\n", "  method: auto\n"))
+    assert main(["run-once", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "auto: percentile low 0.2 high 0.1 (6 frames; 6 to 9 frames: " in out
+    assert main(["run-once", "--config", str(config)]) == 0
+    (master,) = _masters(tree.root)
+    header = fits.getheader(master)
+    assert header["COMBAUTO"] is True and header["COMBMETH"].startswith("Percentile")
+    assert "method auto: 6 frames" in " ".join(str(c) for c in header["COMMENT"])
+    assert "REJLOW" in header and "REJMAP" not in [h.name for h in fits.open(master)]
+
+
+def test_rejection_warn_null_never_warns(tree, capsys):
+    for i in range(8):  # sigma 2 rejects nothing in 5 frames (|z| <= 4 / sqrt(5))
+        tree.flat(f"flat_R_{i:03d}.fits", level=20000 * (1 + 0.03 * i))
+    text = REJECTION_RULES.format(root=tree.root).replace("rejection_warn: 0.005", "rejection_warn: null")
+    config = tree.rules(text.replace("rejection_map: true", "rejection_map: false"))
+    assert main(["run-once", "--config", str(config)]) == 0
+    captured = capsys.readouterr()
+    assert "rejected " in captured.out and "warning" not in captured.out and "rejected most" not in captured.out
+    assert "rejection_high" not in captured.err and "more than combine.rejection_warn" not in captured.err
+    (master,) = _masters(tree.root)
+    with fits.open(master) as hdul:
+        assert len(hdul) == 1 and hdul[0].header["REJLOW"] > 0

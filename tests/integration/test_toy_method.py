@@ -128,6 +128,6 @@ def test_unregistered_method_is_refused(tree, capsys):
     config = tree.rules(RULES.format(root=tree.root, trim=1))
     assert main(["run-once", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "combine.method': Input should be 'mean', 'median', 'minmax' or 'sigma'" in err
+    assert "combine.method': Input should be 'auto', 'mean', 'median', 'minmax', 'sigma'" in err
     assert "combine.trim': unknown key" in err
     assert main(["combine", "--method", "trimmed", "x.fits"]) == 2

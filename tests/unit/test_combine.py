@@ -323,7 +323,9 @@ def test_method_labels_and_descriptions():
 
 
 def test_method_from_settings():
-    assert Method.from_settings(CombineSettings()) == Method("sigma", sigma=2.0, minmax=2)
+    assert Method.from_settings(CombineSettings(method="sigma")) == Method("sigma", sigma=2.0, minmax=2)
+    with pytest.raises(ValueError, match="'auto'"):  # the default: resolved per group (flatd.stack.auto)
+        Method.from_settings(CombineSettings())
     m = Method.from_settings(CombineSettings(method="minmax", minmax=3))
     assert (m.name, m.minmax, m.label) == ("minmax", 3, "MinMaxClip3")
 
@@ -379,7 +381,10 @@ def test_combiner_calibrates_clips_normalizes():
     comb = Combiner(images, [dark, 50.0, None], normalize="multiplicative")
     out = comb.combine(Method("mean"))
     cal = [np.clip(images[0] - dark, 0, 65535), np.clip(images[1] - np.float32(50), 0, 65535), images[2]]
-    levels = [frame_level(c[level_rows(20)]) for c in cal]
+    # the level is the robust one of flatd.stack.levels: 160 pixels, all in the sample
+    from flatd.stack.levels import robust_level
+
+    levels = [robust_level(c) for c in cal]
     assert comb.levels == levels
     factors = normalization_factors(levels)
     assert comb.factors == [float(f) for f in factors]

@@ -27,6 +27,11 @@ from flatd.config import (
     rule_matches,
 )
 from flatd.ingest.frames import Frame, Kind
+from flatd.stack import methods as _methods
+
+# auto, then every registered method: 'auto', 'mean', 'median', 'minmax', 'sigma', ...
+METHOD_CHOICES = "'auto', " + _methods.choices_text()
+assert METHOD_CHOICES.startswith("'auto', 'mean', 'median', 'minmax', 'sigma'")
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "flatd.example.yaml"
 
@@ -124,7 +129,7 @@ def test_empty_file_gives_the_defaults():
         rules = parse(text)
         assert rules.capture == [] and rules.rules == []
         assert rules.precalibration.mode == "none"
-        assert rules.combine.method == "sigma"
+        assert rules.combine.method == "auto"  # issue 9: the rules file default
         assert rules.settle == 600.0
     assert load_rules(None) == Rules()
 
@@ -185,7 +190,7 @@ def test_bad_sizes(value):
         ("grouping:\n  min_group_size: 0\n",
          "/etc/flatd/flatd.yaml:2: at 'grouping.min_group_size': Input should be greater than or equal to 1"),
         ("combine:\n  method: average\n",
-         "/etc/flatd/flatd.yaml:2: at 'combine.method': Input should be 'mean', 'median', 'minmax' or 'sigma'"),
+         f"/etc/flatd/flatd.yaml:2: at 'combine.method': Input should be {METHOD_CHOICES}"),
         ("combine:\n  sigma: -1\n", "/etc/flatd/flatd.yaml:2: at 'combine.sigma': Input should be greater than 0"),
         ("settle: soon\n",
          "/etc/flatd/flatd.yaml:1: at 'settle': 'soon' is not a duration such as 90, 90s, 10m or 1h"),
@@ -257,7 +262,7 @@ def test_several_errors_are_all_reported_in_line_order():
         "/etc/flatd/flatd.yaml:6: at 'grouping.colour': unknown key",
         "/etc/flatd/flatd.yaml:9: at 'combine.sigma': Input should be a valid number, unable to parse string as a number",
         "/etc/flatd/flatd.yaml:10: at 'settle': 'later' is not a duration such as 90, 90s, 10m or 1h",
-        "/etc/flatd/flatd.yaml:13: at 'rules[0].combine.method': Input should be 'mean', 'median', 'minmax' or 'sigma'",
+        f"/etc/flatd/flatd.yaml:13: at 'rules[0].combine.method': Input should be {METHOD_CHOICES}",
     ]
 
 
@@ -728,3 +733,60 @@ def test_the_stated_default_reader():
     assert _stated_default("Default: null (no sweep)") == (True, None)
     assert _stated_default('Default: "FLAT-{filter}.fits"') == (True, "FLAT-{filter}.fits")
     assert _stated_default("no statement here, default is lower case") == (False, None)
+
+
+# --------------------------------------------------------------------------- issue 9: auto, rejection_warn, rejection_map
+
+
+def test_auto_is_the_default_method_and_a_valid_value():
+    assert parse("").combine.method == "auto"
+    assert parse("combine: {method: auto}").combine.method == "auto"
+    assert parse("combine: {method: sigma}").combine.method == "sigma"
+    rules = parse("rules:\n  - match: {filter: Ha}\n    combine: {method: auto}\n")
+    assert rules.rules[0].combine == {"method": "auto"}
+
+
+def test_rejection_warn_and_map_defaults():
+    rules = parse("")
+    assert rules.combine.rejection_warn == 0.005
+    assert rules.output.rejection_map is False
+    assert parse("combine: {rejection_warn: null}").combine.rejection_warn is None
+    assert parse("combine: {rejection_warn: 0}").combine.rejection_warn == 0
+    assert parse("combine: {rejection_warn: 1}").combine.rejection_warn == 1
+    assert parse("combine: {rejection_warn: '0.02'}").combine.rejection_warn == 0.02
+    assert parse("output: {rejection_map: true}").output.rejection_map is True
+
+
+def test_rejection_warn_is_a_field_not_a_method_parameter():
+    from flatd.config import CombineSettings
+    from flatd.stack import methods
+
+    assert "rejection_warn" in CombineSettings.model_fields
+    assert "rejection_warn" not in methods.parameters()
+    assert "rejection_warn" in methods.RESERVED  # no method may take the name
+    settings = parse("combine: {rejection_warn: 0.01}").combine
+    assert "rejection_warn" not in (settings.model_extra or {})
+
+
+@pytest.mark.parametrize("text, where, says", [
+    ("combine: {rejection_warn: 2}", "combine.rejection_warn", "less than or equal to 1"),
+    ("combine: {rejection_warn: -0.1}", "combine.rejection_warn", "greater than or equal to 0"),
+    ("combine: {rejection_warn: .nan}", "combine.rejection_warn", "finite number"),
+    ("combine: {rejection_warn: .inf}", "combine.rejection_warn", ""),
+    ("combine: {rejection_warn: lots}", "combine.rejection_warn", "valid number"),
+    ("combine: {rejection_warn: [0.1]}", "combine.rejection_warn", "valid number"),
+    ("combine: {rejection_warn: {a: 1}}", "combine.rejection_warn", "valid number"),
+    ("output: {rejection_map: maybe}", "output.rejection_map", "valid boolean"),
+    ("output: {rejection_map: 2}", "output.rejection_map", "valid boolean"),
+    ("output: {rejection_map: [true]}", "output.rejection_map", "valid boolean"),
+    ("combine: {method: AUTO}", "combine.method", "'auto'"),
+    ("combine: {method: [auto]}", "combine.method", "'auto'"),
+    ("combine: {method: null}", "combine.method", "'auto'"),
+    ("rules:\n  - match: {filter: Ha}\n    combine: {rejection_warn: 7}\n", "rules[0].combine.rejection_warn",
+     "less than or equal to 1"),
+    ("rules:\n  - match: {filter: Ha}\n    output: {rejection_map: sometimes}\n", "rules[0].output.rejection_map",
+     "valid boolean"),
+])
+def test_hostile_values_of_the_new_keys(text, where, says):
+    (line,) = problems(text)
+    assert f"at '{where}'" in line and says in line, line

@@ -314,3 +314,113 @@ def test_engine_kind_in_the_rules_file():
     assert parse_rules("engine: {kind: local}").engine.kind == "local"
     with pytest.raises(ConfigError, match="engine.kind"):
         parse_rules("engine: {kind: ../../bin/sh}")
+
+
+# --------------------------------------------------------------------------- rejection counted (issue 9)
+
+
+def normalized_stack(inputs, normalize="multiplicative"):
+    """The calibrated, normalized whole stack, as the reference Combiner makes it."""
+    from flatd.stack.combine import normalization_factors, normalize as apply
+
+    _, comb = reference(inputs, Method("mean"), normalize)
+    stack = comb.calibrated()
+    if normalize == "multiplicative":
+        apply(stack, normalization_factors(comb.levels))
+    return stack
+
+
+def plain_sigma_codes(stack, z):
+    """The original's one-pass sigma clip, per column, in float64: 0 rejected below the
+    mean, 2 above, 1 kept (z >= 1: no column is emptied, so no min/max fallback)."""
+    x = stack.astype(np.float64)
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    out = np.abs(x - mean) > z * std
+    codes = np.ones(x.shape, np.uint8)
+    codes[out & (x < mean)] = 0
+    codes[out & (x > mean)] = 2
+    return codes
+
+
+@pytest.mark.parametrize("cal", ["none", "dark"])
+def test_rejections_are_counted_per_frame_and_per_pixel(files, cal):
+    flats = files["flats"]
+    inputs = [StackInput(f, c) for f, c in zip(flats, calibrations(cal, files, len(flats)))]
+    codes = plain_sigma_codes(normalized_stack(inputs), 1.5)
+    want_frames = np.stack([(codes == 0).sum(axis=(1, 2)), (codes == 2).sum(axis=(1, 2))], axis=1)
+    want_map = np.stack([(codes == 0).sum(axis=0), (codes == 2).sum(axis=0)]).astype(np.uint16)
+    assert want_frames.sum() > 0
+    n_cal = 1 if cal == "dark" else 0
+    for rows, workers in ((5, 1), (3, 2), (7, 3)):
+        limit = limit_for(rows, len(flats), n_cal, workers) + 2 * H * W * 4 + rows * W * 4 * workers
+        result = stack_frames(inputs, Method("sigma", sigma=1.5), memory_limit=limit, workers=workers,
+                              rejection_map=True)
+        assert result.rejected.dtype == np.int64 and result.rejected.shape == (len(flats), 2)
+        np.testing.assert_array_equal(result.rejected, want_frames)
+        assert result.rejection_map.dtype == np.uint16 and result.rejection_map.shape == (2, H, W)
+        np.testing.assert_array_equal(result.rejection_map, want_map)
+        low, high = result.rejected_fractions()
+        assert low == want_frames[:, 0].sum() / (len(flats) * H * W)
+        assert high == want_frames[:, 1].sum() / (len(flats) * H * W)
+        assert result.frame_fractions()[2] == (want_frames[2, 0] / (H * W), want_frames[2, 1] / (H * W))
+    plain = stack_frames(inputs, Method("sigma", sigma=1.5))  # no map asked: counted all the same
+    assert plain.rejection_map is None
+    np.testing.assert_array_equal(plain.rejected, want_frames)
+
+
+def test_a_method_without_rejection_rejects_nothing(files):
+    inputs = [StackInput(f) for f in files["flats"]]
+    result = stack_frames(inputs, Method("median"), rejection_map=True)
+    assert not result.rejected.any() and not result.rejection_map.any()
+    assert result.rejected_fractions() == (0.0, 0.0)
+
+
+def test_plan_bands_counts_the_rejection_map():
+    n, w, h = 10, 1000, 400
+    per_row = w * (4 * n + 2 + 8)
+    limit = h * w * 4 + S.RESERVE_BYTES + 8 * per_row
+    rows, _ = plan_bands(n, 0, w, h, limit, 1, 2)
+    assert rows == 8
+    # the map: H*W*4 more, fixed, and 4 bytes a pixel of each band
+    rows, _ = plan_bands(n, 0, w, h, limit + h * w * 4 + 8 * w * 4, 1, 2, rejection_map=True)
+    assert rows == 8
+    rows, _ = plan_bands(n, 0, w, h, limit + h * w * 4 + 8 * w * 4 - 1, 1, 2, rejection_map=True)
+    assert rows == 7
+    with pytest.raises(StackError, match="with a rejection map"):
+        plan_bands(n, 0, w, h, limit, 1, 2, rejection_map=True)
+
+
+def test_level_plan_stays_in_the_limit():
+    from flatd.stack import levels as LV
+
+    # the default: the levels' own step, every worker
+    step, workers = S.level_plan(3264, 2448, 512 * 2**20, 2, 2)
+    assert (step, workers) == (LV.grid_step(2448, 3264), 2)
+    # a tight limit: fewer workers, then a coarser grid, never beyond the limit
+    for limit in (6 * 2**20, 8 * 2**20, 16 * 2**20):
+        step, workers = S.level_plan(3264, 2448, limit, 4, 2)
+        rows, cols = LV.sample_shape(2448, 3264, step)
+        need = rows * cols * 4 + workers * S.level_bytes(3264, 2448, step, 2)
+        assert need <= limit - S.RESERVE_BYTES // 2, (limit, step, workers)
+        assert step >= LV.grid_step(2448, 3264)
+
+
+def test_memory_stays_under_the_limit_with_a_rejection_map(tmp_path):
+    n, h, w = 40, 1000, 1000
+    rng = np.random.default_rng(10)
+    base = rng.normal(20000, 100, size=(h, w))
+    for i in range(n):
+        write(tmp_path / f"flat{i:02d}.fits", (base * (1 + 0.01 * i)).astype(np.uint16))
+    write(tmp_path / "dark.fits", np.full((h, w), 200, np.uint16))
+    limit = 20 * 2**20
+    measured = 'result = stack_frames(inputs, Method("sigma"), memory_limit=limit, workers=2)'
+    assert MEMORY_SCRIPT.count(measured) == 1
+    script = MEMORY_SCRIPT.replace(measured, measured[:-1] + ", rejection_map=True)")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(limit)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 1 <= stats["band_rows"] < h
+    assert stats["peak"] <= limit + 2 * 2**20, stats
+    assert stats["rss_growth"] <= limit + 16 * 2**20, stats

@@ -87,3 +87,35 @@ def test_the_report_subscriber_gathers_a_one_shot_run():
     summary = report.summary()
     assert (summary.masters, summary.failed, summary.left_out) == (1, 1, 1)
     assert summary.message == "run-once: 1 master(s) written, 1 group(s) failed, 1 file(s) left out"
+
+
+# --------------------------------------------------------------------------- rejection reported (issue 9)
+
+
+def test_master_written_says_what_was_rejected():
+    from pathlib import Path
+
+    from flatd.notify import events as E
+
+    ev = E.MasterWritten("j1", Path("/m/master.fits"), 20, 1.5, rejected_low=0.0012, rejected_high=0.00003)
+    assert ev.message == "wrote /m/master.fits (rejected 0.12 % low, 0.003 % high)"
+    assert ev.fields()["rejected_low"] == 0.0012 and ev.level == E.INFO
+    assert E.MasterWritten("j1", Path("/m/master.fits"), 20).message == "wrote /m/master.fits"
+    assert E.percent(0) == "0 %" and E.percent(0.005) == "0.5 %" and E.percent(0.25) == "25 %"
+
+
+def test_rejection_high_warns_overall_and_notes_frames():
+    from pathlib import Path
+
+    from flatd.notify import events as E
+
+    ev = E.RejectionHigh("j1", Path("/m/master.fits"), 0.004, 0.003, 0.005, overall=True, frames=2,
+                         worst=Path("/c/flat_07.fits"), worst_fraction=0.031)
+    assert ev.name == "rejection_high" and ev.level == E.WARNING
+    assert ev.message == ("master.fits: 0.7 % of all values rejected (0.4 % low, 0.3 % high), more than "
+                          "combine.rejection_warn 0.5 %; most from flat_07.fits (3.1 %): often a bad frame")
+    assert "path" not in ev.fields() and ev.fields()["worst"] == Path("/c/flat_07.fits")
+    frames_only = E.RejectionHigh("j1", Path("/m/master.fits"), 0.001, 0.001, 0.005, overall=False, frames=1,
+                                  worst=Path("/c/flat_07.fits"), worst_fraction=0.02)
+    assert frames_only.level == E.INFO
+    assert frames_only.message.startswith("master.fits: 1 input(s) lost more than 0.5 % of their values")

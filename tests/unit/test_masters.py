@@ -360,3 +360,119 @@ def test_exptime_is_rounded_to_the_inputs_precision():
     header = master_header([make_frame(exposure=1.25), make_frame(exposure=1.5)], [], MEAN, "none")
     assert header["EXPTIME"] == 1.38  # (1.25 + 1.5) / 2 = 1.375, to 2 decimals
 
+
+
+# ------------------------------------------------------------------- rejection reported, auto (issue 9)
+
+
+def _lines(cards) -> list[str]:
+    """HISTORY/COMMENT cards with their wrapped continuations (two spaces) joined."""
+    lines: list[str] = []
+    for card in (str(c) for c in cards):
+        if card.startswith("  ") and lines:
+            lines[-1] += " " + card.strip()
+        else:
+            lines.append(card)
+    return lines
+
+
+def _text(cards) -> str:
+    return " ".join(_lines(cards))
+
+
+def _fits_legal(header: fits.Header) -> None:
+    """Every card 80 characters of printable ASCII, keywords at most 8, and astropy's verify."""
+    text = header.tostring()
+    assert len(text) % 80 == 0
+    for k in range(0, len(text), 80):
+        card = text[k:k + 80]
+        assert all(32 <= ord(ch) < 127 for ch in card), card
+    for card in header.cards:
+        assert len(card.keyword) <= 8, card.keyword
+    hdu = fits.PrimaryHDU(np.zeros((2, 2), np.float32), header=header)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hdu.verify("exception")
+
+
+def test_rejection_fractions_in_the_header():
+    frames = [make_frame(f"f{i}.fits") for i in range(3)]
+    rejected = [(0.001, 0.002), (0.0, 0.0), (0.05, 0.125)]
+    header = master_header(frames, [], MEAN, "multiplicative", factors=[1.0, 1.0, 1.0], rejected=rejected)
+    assert header["REJLOW"] == pytest.approx((0.001 + 0.0 + 0.05) / 3, rel=1e-15)
+    assert header["REJHIGH"] == pytest.approx((0.002 + 0.0 + 0.125) / 3, rel=1e-15)
+    history = _lines(header["HISTORY"])
+    assert "rejected 1.0000e-03 low, 2.0000e-03 high" in history[0]
+    assert "rejected 5.0000e-02 low, 1.2500e-01 high" in " ".join(history)
+    assert "COMBAUTO" not in header
+    plain = master_header(frames, [], MEAN, "none")
+    assert "REJLOW" not in plain and "rejected" not in _text(plain["HISTORY"])
+    with pytest.raises(ValueError, match="2 rejection fractions for 3 frames"):
+        master_header(frames, [], MEAN, "none", rejected=rejected[:2])
+
+
+def test_auto_in_the_header():
+    frames = [make_frame(f"f{i}.fits") for i in range(15)]
+    reason = "15 frames; 10 to 19 frames: winsorized sigma clipping, a robust spread"
+    header = master_header(frames, [], Method("median"), "multiplicative", auto_reason=reason)
+    assert header["COMBAUTO"] is True
+    assert header["COMBMETH"] == "Median"
+    comments = _text(header["COMMENT"])
+    assert "method auto: 15 frames; 10 to 19 frames: winsorized sigma clipping, a robust spread" in comments
+    _fits_legal(header)
+
+
+def test_header_of_500_inputs_with_rejections_is_fits_legal():
+    frames = [make_frame(f"flat_{i:04d}_with_a_rather_long_name_from_the_capture_program.fits") for i in range(500)]
+    cals = [Calibration(mode="pedestal", pedestal=100.0)] * 500
+    rejected = [(i / 1e5, (500 - i) / 1e5) for i in range(500)]
+    header = master_header(frames, cals, MEAN, "multiplicative", factors=[1.0] * 500, rejected=rejected,
+                           auto_reason="x " * 100)
+    _fits_legal(header)
+    history = _text(header["HISTORY"])
+    for i in (0, 250, 499):
+        assert f"input {i + 1}/500: flat_{i:04d}" in history
+    assert history.count("rejected ") == 500
+
+
+@pytest.mark.parametrize("name", ["m.fits", "m.fits.fz"])
+def test_rejection_map_is_an_image_extension(tmp_path, name):
+    rng = np.random.default_rng(7)
+    image = rng.random((23, 31)).astype(np.float32)
+    rejmap = rng.integers(0, 9, size=(2, 23, 31)).astype(np.uint16)
+    rejmap[0, 0, 0], rejmap[1, 22, 30] = 65535, 40000  # the whole uint16 range survives
+    header = master_header([make_frame()], [], MEAN, "none", rejected=[(0.01, 0.02)])
+    path = write_master(tmp_path, name, image, header, rejection_map=rejmap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with fits.open(path, checksum=True) as hdul:
+            hdul.verify("exception")
+            ext = hdul["REJMAP"]
+            assert ext.data.dtype == np.uint16 and np.array_equal(ext.data, rejmap)
+            assert (ext.header["PLANE1"], ext.header["PLANE2"]) == ("low", "high")
+            primary = hdul[1] if name.endswith(".fz") else hdul[0]
+            assert np.array_equal(primary.data, image) and primary.header["REJLOW"] == 0.01
+            assert ext.header["DATASUM"]
+    assert temp_files(tmp_path) == []
+    # a master is still recognised as a master
+    assert read_frame(path).kind == Kind.MASTER
+
+
+def test_rejection_map_counts_in_the_free_space_check(tmp_path, monkeypatch):
+    image = np.ones((64, 64), np.float32)
+    rejmap = np.zeros((2, 64, 64), np.uint16)
+    plain = len(fits.PrimaryHDU(image).header.tostring()) + 64 * 64 * 4
+    need_map = -(-(64 * 64 * 4) // 2880) * 2880
+    # room for the image alone, not for the map
+    monkeypatch.setattr(masters, "free_bytes", lambda directory: plain + 2880 * 2 + 100)
+    write_master(tmp_path, "ok.fits", image, fits.Header())
+    with pytest.raises(masters.NoSpace, match="no space left on"):
+        write_master(tmp_path, "m.fits", image, fits.Header(), rejection_map=rejmap)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.fits"]
+    assert need_map > 2880
+
+
+def test_rejection_map_of_the_wrong_shape_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="rejection map"):
+        write_master(tmp_path, "m.fits", np.ones((4, 4)), fits.Header(), rejection_map=np.zeros((4, 4), np.uint16))
+    assert list(tmp_path.iterdir()) == []

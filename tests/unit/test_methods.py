@@ -32,8 +32,10 @@ def toy():
 
 
 def test_builtin_methods_in_order():
-    assert methods.names()[:4] == ("mean", "median", "minmax", "sigma")
-    assert methods.choices_text().startswith("'mean', 'median', 'minmax' or 'sigma'")
+    assert methods.names() == ("mean", "median", "minmax", "sigma", "sigma-iterative", "winsorized", "linear-fit",
+                               "esd", "mad", "percentile")
+    assert methods.choices_text() == ("'mean', 'median', 'minmax', 'sigma', 'sigma-iterative', 'winsorized', "
+                                      "'linear-fit', 'esd', 'mad' or 'percentile'")
 
 
 def test_labels_descriptions_min_frames():
@@ -100,7 +102,7 @@ def test_method_equality_hash_pickle_repr():
 
 
 def test_from_settings():
-    assert Method.from_settings(CombineSettings()) == Method("sigma", sigma=2.0)
+    assert Method.from_settings(CombineSettings(method="sigma")) == Method("sigma", sigma=2.0)
     assert Method.from_settings(CombineSettings(method="minmax", minmax=4)) == Method("minmax", minmax=4)
     plain = SimpleNamespace(method="sigma", sigma=2.5, minmax=3)  # anything with the attributes
     assert Method.from_settings(plain).label == "SigmaClip2.5"
@@ -205,7 +207,8 @@ def _entry(name="toy-x", **kw):
     (_entry("sigma"), "registered already"),
     (_entry("Bad Name"), "lower-case letters"),
     (_entry("x" * 41), "40 at most"),
-    (_entry(params=(Param("sigma", float, 3.0, "another sigma", gt=0),)), "differs from the one of the same name"),
+    (_entry(params=(Param("sigma", int, 3, "another sigma", gt=0),)), "differs in kind or option"),
+    (_entry(params=(Param("low", float, 3.0, "another low", gt=0),)), "differs in kind or option"),  # no --low
     (_entry(params=(Param("method", int, 1, "m"),)), "cannot be a parameter name"),
     (_entry(params=(Param("normalize", int, 1, "m"),)), "cannot be a parameter name"),
     (_entry(params=(Param("k", int, 0, "k", ge=1),)), "greater than or equal to 1"),  # a bad default
@@ -247,12 +250,14 @@ def test_rules_parameters_from_the_registry(toy):
 
 def test_rules_refuse_parameters_no_method_has(toy):
     assert _problems("combine:\n  widht: 2\n") == [
-        "combine.widht: unknown key: no combine method has a parameter 'widht' (parameters: minmax, sigma, width)"]
+        "combine.widht: unknown key: no combine method has a parameter 'widht' (parameters: esd_low, esd_outliers, "
+        "esd_significance, high, low, minmax, sigma, width)"]
     methods.unregister("toy-clip")
     try:
         assert _problems("combine:\n  width: 2\n")[0].startswith("combine.width: unknown key")
         assert _problems("combine:\n  method: toy-clip\n") == [
-            "combine.method: Input should be 'mean', 'median', 'minmax' or 'sigma'"]
+            "combine.method: Input should be 'auto', 'mean', 'median', 'minmax', 'sigma', 'sigma-iterative', "
+            "'winsorized', 'linear-fit', 'esd', 'mad' or 'percentile'"]
     finally:
         methods.register(toy)
 
@@ -273,3 +278,69 @@ def test_rules_schema_lists_the_parameters(toy):
 
 def test_format_z():
     assert [methods.format_z(z) for z in (2, 2.5, 0.1, 1e-7, math.inf)] == ["2.0", "2.5", "0.1", "1e-07", "inf"]
+
+
+# --------------------------------------------------------------------------- shared parameters: low, high
+
+
+def test_robust_methods_labels_and_cards():
+    cases = [(Method("sigma-iterative"), "SigmaIterative3.0-3.0"), (Method("winsorized", low=4, high=2.5),
+             "WinsorizedSigma4.0-2.5"), (Method("linear-fit"), "LinearFit5.0-5.0"), (Method("esd"), "ESD0.3-0.05"),
+             (Method("mad"), "MADClip3.0-3.0"), (Method("percentile"), "Percentile0.2-0.1")]
+    for method, label in cases:
+        assert method.label == label and method.min_frames == 3
+        assert all(len(k) <= 8 and k.isupper() for k, _, _ in method.cards)
+    assert Method("winsorized", low=4, high=2.5).cards[1:] == (
+        ("CLIPLOW", 4.0, "low rejection threshold"),
+        ("CLIPHIGH", 2.5, "high rejection threshold"))
+    assert [k for k, _, _ in Method("esd").cards] == ["COMBMETH", "ESDOUTL", "ESDALPHA", "ESDRELAX"]
+
+
+def test_low_high_are_each_methods_own():
+    assert (Method("winsorized").low, Method("linear-fit").low, Method("percentile").low) == (3.0, 5.0, 0.2)
+    assert Method("percentile", low=None, high=None).params == {"low": 0.2, "high": 0.1}  # None: the own default
+    with pytest.raises(ValueError, match="percentile low=2: Input should be less than or equal to 1"):
+        Method("percentile", low=2)
+    assert Method("winsorized", low=20).low == 20.0
+    assert Method("sigma", low=4).params == {"sigma": 2.0}  # another method's key: checked, ignored
+    with pytest.raises(ValueError, match="valid number"):
+        Method("sigma", sigma=None)  # None stands for a default only where the key is shared
+    key = methods.parameters()["low"]
+    assert key.default is None and key.option == "--low" and key.le == 100
+
+
+def test_rules_low_high_apply_to_the_chosen_method():
+    rules = parse_rules("combine:\n  method: percentile\n")
+    assert (rules.combine.low, rules.combine.high) == (None, None)
+    assert Method.from_settings(rules.combine) == Method("percentile", low=0.2, high=0.1)
+    rules = parse_rules("combine:\n  method: winsorized\n  low: 4\n  high: 2.5\n")
+    assert Method.from_settings(rules.combine).label == "WinsorizedSigma4.0-2.5"
+    assert Method.from_settings(parse_rules("combine:\n  method: linear-fit\n  high: 3\n").combine).label == \
+        "LinearFit5.0-3.0"
+    assert _problems("combine:\n  method: percentile\n  low: 2\n") == [
+        "combine.low: Input should be less than or equal to 1"]
+    assert _problems("combine:\n  method: winsorized\n  low: -1\n") == ["combine.low: Input should be greater than 0"]
+    assert parse_rules("combine:\n  method: sigma\n  low: 50\n").combine.low == 50  # not sigma's: loosest bounds
+    schema = CombineSettings.model_json_schema()["properties"]
+    assert schema["low"]["default"] is None and schema["low"]["type"] == ["number", "null"]
+    assert schema["esd_outliers"]["default"] == 0.3
+
+
+def test_combine_options_low_high():
+    from flatd import cli
+    from flatd.cli import UsageError
+
+    parser = cli.build_parser()
+
+    def choice(*argv, configured="sigma"):
+        return cli._method_choice(parser.parse_args(["combine", *argv, "x.fits"]), configured)
+
+    assert choice("--method", "winsorized", "--low", "4", "--high", "2.5") == {
+        "method": "winsorized", "low": 4.0, "high": 2.5}
+    assert choice("--method", "percentile", "--high", "0.05") == {"method": "percentile", "high": 0.05}
+    with pytest.raises(UsageError, match="--low 2: Input should be less than or equal to 1"):
+        choice("--method", "percentile", "--low", "2")
+    with pytest.raises(UsageError, match="the method sigma has no parameter low"):
+        choice("-s", "2.5", "--low", "3")
+    with pytest.raises(UsageError, match="given twice"):
+        choice("--method", "mad", "--low", "3", "--param", "low=2")

@@ -78,7 +78,8 @@ def test_same_planned_name_gets_a_number():
 
 
 def test_a_rule_changes_the_method_for_the_flats_it_matches():
-    text = 'rules:\n  - name: rig2\n    match: {instrument: "QHY*"}\n    combine: {method: median}\n'
+    text = ('combine: {method: sigma}\n'  # the default is auto (which takes the median for 2 frames)
+            'rules:\n  - name: rig2\n    match: {instrument: "QHY*"}\n    combine: {method: median}\n')
     frames = [frame(f"z{i}.fits") for i in range(2)] + [frame(f"q{i}.fits", instrument="QHY268M") for i in range(2)]
     jobs = {j.rule: j for j in plan(frames, text).jobs}
     assert jobs["rig2"].method.name == "median" and jobs[None].method.name == "sigma"
@@ -87,3 +88,53 @@ def test_a_rule_changes_the_method_for_the_flats_it_matches():
 def test_output_folders_inside_capture_folders_are_known():
     assert Path("/cap/masters") in output_folders(rules())
     assert Path("/srv/m") in output_folders(rules("output: {directory: /srv/m}"))
+
+
+# --------------------------------------------------------------------------- method: auto (issue 9)
+
+
+def test_auto_is_resolved_per_group_from_its_number_of_frames():
+    from flatd.stack import auto
+
+    frames = ([frame(f"r{i}.fits") for i in range(3)] + [frame(f"g{i}.fits", filt="G") for i in range(15)]
+              + [frame(f"b{i}.fits", filt="B") for i in range(40)])
+    p = plan(frames)  # the rules file's default is auto
+    assert not p.failed and len(p.jobs) == 3
+    by_size = {len(j.inputs): j for j in p.jobs}
+    for n, job in by_size.items():
+        want, reason = auto.choose(n)
+        assert job.method == want and job.auto_reason == reason
+        assert job.method.label in job.output_name  # {method} names the chosen method
+    assert by_size[3].method.name == "median"
+    assert by_size[15].method.name == "winsorized" and "15 frames" in by_size[15].auto_reason
+
+
+def test_a_named_method_has_no_auto_reason_and_keeps_its_job_id():
+    frames = [frame(f"r{i}.fits") for i in range(3)]
+    (job,) = plan(frames, "combine: {method: sigma}").jobs
+    assert job.auto_reason is None
+    (auto_job,) = plan(frames).jobs
+    assert auto_job.auto_reason is not None and auto_job.id != job.id
+    # a named median and an auto median are different products (the header says auto)
+    (median,) = plan(frames, "combine: {method: median}").jobs
+    assert auto_job.method == median.method and auto_job.id != median.id
+
+
+def test_auto_takes_the_rules_files_thresholds():
+    frames = [frame(f"r{i}.fits") for i in range(15)]
+    (job,) = plan(frames, "combine: {method: auto, low: 2.5, high: 4}").jobs
+    assert (job.method.name, job.method.params["low"], job.method.params["high"]) == ("winsorized", 2.5, 4.0)
+    assert "from the rules file" in job.auto_reason
+
+
+def test_a_rule_may_ask_for_auto_and_its_settings_reach_the_job():
+    frames = [frame(f"r{i}.fits") for i in range(8)] + [frame(f"h{i}.fits", filt="Ha") for i in range(8)]
+    text = ("combine: {method: sigma, rejection_warn: 0.01}\noutput: {rejection_map: true}\n"
+            "rules:\n  - match: {filter: Ha}\n    combine: {method: auto, rejection_warn: null}\n")
+    jobs = {j.frames[0].filter: j for j in plan(frames, text).jobs}
+    assert jobs["R"].method.name == "sigma" and jobs["R"].auto_reason is None
+    assert jobs["Ha"].method.name == "percentile" and jobs["Ha"].auto_reason
+    assert (jobs["R"].rejection_warn, jobs["Ha"].rejection_warn) == (0.01, None)
+    assert jobs["R"].rejection_map and jobs["Ha"].rejection_map
+    plain = plan(frames[:8]).jobs[0]
+    assert plain.rejection_map is False and plain.rejection_warn == 0.005

@@ -34,6 +34,25 @@ class StackResult:
     levels: list[float]  # per input, after calibration, before normalization
     factors: list[float]  # normalization factors applied (all 1.0 for "none")
     band_rows: int
+    # per input, the values rejected low ([:, 0]) and high ([:, 1]): int64 (N, 2); None if not counted
+    rejected: Optional["np.ndarray"] = None
+    # per pixel, how many values were rejected low ([0]) and high ([1]): uint16 (2, H, W); None unless asked
+    rejection_map: Optional["np.ndarray"] = None
+
+    def rejected_fractions(self) -> Optional[tuple[float, float]]:
+        """The fractions of all values (N x H x W) rejected low and high; None if not counted."""
+        if self.rejected is None:
+            return None
+        total = len(self.levels) * self.image.size
+        low, high = (int(x) for x in self.rejected.sum(axis=0))
+        return (low / total, high / total) if total else (0.0, 0.0)
+
+    def frame_fractions(self) -> Optional[list[tuple[float, float]]]:
+        """Per input, the fractions of its values rejected low and high; None if not counted."""
+        if self.rejected is None:
+            return None
+        size = self.image.size or 1
+        return [(int(lo) / size, int(hi) / size) for lo, hi in self.rejected]
 
 
 class Engine(Protocol):

@@ -2,13 +2,16 @@
 
 Two passes over the files:
 
-1. (levels) every input's level is measured on the rows that ``combine.level_rows``
-   picks, after its calibration; with multiplicative normalization the factors follow.
+1. (levels) every input's level is measured on the sample grid of
+   :mod:`flatd.stack.levels` (a dense grid over the whole frame, read a few rows at a
+   time), after its calibration, by its robust estimator; with multiplicative
+   normalization the factors follow.
 2. (bands) the image is cut into bands of rows; a worker thread fills a float32
    (N, rows, W) stack from each file's band (BZERO/BSCALE, minus the dark, bias or
    pedestal, clipped to [0, 65535] when something was subtracted, times the factor),
-   combines it, and writes the rows into the output image. `workers` bands are in
-   flight at once; the band height follows from the memory limit.
+   combines it, counting the values each frame had rejected low and high (and, with
+   `rejection_map`, per pixel), and writes the rows into the output image. `workers`
+   bands are in flight at once; the band height follows from the memory limit.
 
 Pixels are read by :mod:`flatd.stack.pixels`.
 """
@@ -24,7 +27,8 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 
-from flatd.stack.combine import check_level, combine_rows_into, default_workers, frame_level, level_rows, normalization_factors
+from flatd.stack import levels as LV
+from flatd.stack.combine import check_level, combine_rows_into, default_workers, normalization_factors
 from flatd.stack.engines import ProgressFactory, StackResult
 from flatd.errors import StackError
 from flatd.ingest.frames import Frame
@@ -37,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from flatd.jobs import Job
 
 DEFAULT_MEMORY_LIMIT = 512 * 2**20
-# Memory not in any accounted buffer (level samples, numba scratch, Python objects).
+# Memory not in any accounted buffer (numba scratch, Python objects; level samples of small frames).
 RESERVE_BYTES = 4 * 2**20
 # Band height cap: beyond this, bigger bands only cost cache and parallelism.
 MAX_BAND_ROWS = 32
@@ -53,7 +57,7 @@ class LocalEngine:
     def stack(self, job: "Job") -> StackResult:
         progress = self.progress(job.label, job.frames[0].height) if self.progress else None
         return stack_frames(job.inputs, job.method, job.normalize, self.settings.memory_limit,
-                            self.settings.workers, progress)
+                            self.settings.workers, progress, rejection_map=getattr(job, "rejection_map", False))
 
 
 # --------------------------------------------------------------------------- stacking
@@ -94,31 +98,67 @@ def _validate(inputs: Sequence[StackInput], method: Method) -> None:
 
 
 def plan_bands(n: int, n_cal: int, width: int, height: int, memory_limit: int, workers: int,
-               max_itemsize: int = 8) -> tuple[int, int]:
+               max_itemsize: int = 8, rejection_map: bool = False) -> tuple[int, int]:
     """(band_rows, workers) so that the buffers fit in `memory_limit`.
 
     Per worker and per row of band: the float32 stack N*W*4, each calibration band
-    W*4, the raw read buffer W*itemsize and a conversion temporary W*8. Fixed: the
-    output image H*W*4 and a small reserve.
+    W*4, the raw read buffer W*itemsize and a conversion temporary W*8 (with
+    `rejection_map`, the band's (2, rows, W) uint16 counts W*4). Fixed: the output
+    image H*W*4, with `rejection_map` the (2, H, W) uint16 map H*W*4 more, and a small
+    reserve. (The level phase runs before any of these exist and is planned
+    apart: level_plan.)
     """
-    per_row = width * (4 * (n + n_cal) + max_itemsize + 8)
-    budget = memory_limit - height * width * 4 - RESERVE_BYTES
+    per_row = width * (4 * (n + n_cal) + max_itemsize + 8 + (4 if rejection_map else 0))
+    fixed = height * width * 4 * (2 if rejection_map else 1)
+    budget = memory_limit - fixed - RESERVE_BYTES
     workers = max(1, min(workers, height))
     rows = budget // (per_row * workers) if budget > 0 else 0
     if rows < 1:
         workers = 1
         rows = budget // per_row if budget > 0 else 0
     if rows < 1:
-        need = height * width * 4 + RESERVE_BYTES + per_row
+        need = fixed + RESERVE_BYTES + per_row
         raise StackError(
             f"memory limit {memory_limit / 2**20:.1f} MiB is too small to stack {n} frames of "
-            f"{width}x{height}: at least {need / 2**20:.1f} MiB are needed"
+            f"{width}x{height}" + (" with a rejection map" if rejection_map else "")
+            + f": at least {need / 2**20:.1f} MiB are needed"
         )
     rows = min(rows, MAX_BAND_ROWS, height)
     # enough bands that every worker has work
     if workers > 1 and height // rows < 2 * workers:
         rows = max(1, -(-height // (2 * workers)))
     return int(rows), int(workers)
+
+
+# Rows of the level sample read at a time, per worker.
+LEVEL_CHUNK_ROWS = 8
+
+
+def level_bytes(width: int, height: int, step: int, max_itemsize: int = 8) -> int:
+    """Memory one worker needs to measure one frame's level on the grid of `step`: the
+    grid, robust_level's work arrays, and the row chunk it is read through."""
+    return LV.sample_bytes(height, width, step) + LEVEL_CHUNK_ROWS * width * (max_itemsize + 4)
+
+
+def level_plan(width: int, height: int, memory_limit: int, workers: int, max_itemsize: int = 8) -> tuple[int, int]:
+    """(grid step, workers) for the level phase: the step of flatd.stack.levels (at least
+    LEVEL_SAMPLE pixels) unless the memory limit asks for a coarser grid. Held at once:
+    one calibration grid, and per worker level_bytes. Nothing else is allocated then, so
+    the budget is the whole limit but half the reserve (the level sample was the
+    reserve's to hold before it was planned: samples of small frames still fit there)."""
+    budget = memory_limit - RESERVE_BYTES // 2
+    step = LV.grid_step(height, width)
+    workers = max(1, workers)
+
+    def need(step: int, workers: int) -> int:
+        rows, cols = LV.sample_shape(height, width, step)
+        return rows * cols * 4 + workers * level_bytes(width, height, step, max_itemsize)
+
+    while need(step, workers) > budget and workers > 1:
+        workers -= 1
+    while need(step, workers) > budget and step < max(height, width):
+        step += 1
+    return step, workers
 
 
 class _Sources:
@@ -167,12 +207,15 @@ def stack_frames(
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
     workers: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    rejection_map: bool = False,
 ) -> StackResult:
     """Calibrate, normalize and combine `inputs` band by band within `memory_limit`.
 
     Equals flatd.stack.combine.Combiner on the whole stack (to float rounding). Levels are
     measured for every input (they cost little); with "multiplicative" normalization a
-    level <= 0 is an error naming the file.
+    level <= 0 is an error naming the file. The result holds, per input, the values
+    rejected low and high (`rejected`, int64 (N, 2)), and with `rejection_map` the
+    per-pixel counts (uint16 (2, H, W): low, high), counted in the memory limit.
     """
     if normalize not in ("none", "multiplicative"):
         raise StackError(f"normalize is 'none' or 'multiplicative', got {normalize!r}")
@@ -190,11 +233,14 @@ def stack_frames(
             for item in inputs
         ]
         itemsizes = [s.itemsize for s in sources.flats] + [s.itemsize for s in sources.cals.values()]
-        band_rows, workers = plan_bands(n, len(sources.cals), width, height, int(memory_limit), workers,
-                                        max(itemsizes))
+        band_rows, band_workers = plan_bands(n, len(sources.cals), width, height, int(memory_limit), workers,
+                                             max(itemsizes), rejection_map)
+        step, level_workers = level_plan(width, height, int(memory_limit), band_workers, max(itemsizes))
+        workers = band_workers
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flatd-stack") if workers > 1 else None
         try:
-            levels = _measure_levels(inputs, sources, cal_keys, height, pool)
+            # fewer workers than the bands (a tight memory limit): one frame at a time
+            levels = _measure_levels(inputs, sources, cal_keys, step, pool if level_workers >= workers else None)
             if normalize == "multiplicative":
                 for item, level in zip(inputs, levels):
                     problem = check_level(level)
@@ -206,14 +252,17 @@ def stack_frames(
             else:
                 factors = np.ones(n, dtype=np.float32)
             image = np.empty((height, width), dtype=np.float32)
-            _combine_bands(inputs, sources, cal_keys, factors, method, image, band_rows, pool, progress)
+            rejmap = np.zeros((2, height, width), dtype=np.uint16) if rejection_map else None
+            rejected = _combine_bands(inputs, sources, cal_keys, factors, method, image, band_rows, pool, progress,
+                                      rejmap)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
         sources.close()
     return StackResult(image=image, levels=[float(x) for x in levels],
-                       factors=[float(f) for f in factors], band_rows=band_rows)
+                       factors=[float(f) for f in factors], band_rows=band_rows,
+                       rejected=rejected, rejection_map=rejmap)
 
 
 def _calibration_args(item: StackInput):
@@ -245,20 +294,21 @@ def _run(pool: Optional[ThreadPoolExecutor], fn, jobs, on_done=None) -> list:
     return results
 
 
-def _measure_levels(inputs, sources: _Sources, cal_keys, height: int, pool) -> list[float]:
-    """Each input's level on the sampled rows, after its calibration. Inputs are taken
-    calibration file by calibration file, so one calibration sample is held at a time."""
-    sample = level_rows(height)
+def _measure_levels(inputs, sources: _Sources, cal_keys, step: int, pool) -> list[float]:
+    """Each input's robust level (flatd.stack.levels) on the sample grid of `step`,
+    after its calibration. Inputs are taken calibration file by calibration file, so one
+    calibration grid is held at a time; the pool's workers measure frames at once."""
     levels = [0.0] * len(inputs)
     by_cal: dict[Optional[Path], list[int]] = {}
     for i, key in enumerate(cal_keys):
         by_cal.setdefault(key, []).append(i)
     for key, indices in by_cal.items():
-        cal = sources.cals[key].sample_rows(sample) if key is not None else None
+        cal = sources.cals[key].sample_grid(step, chunk_rows=LEVEL_CHUNK_ROWS) if key is not None else None
 
         def level_of(i: int, cal=cal) -> float:
-            rows = sources.flats[i].sample_rows(sample, pedestal=_calibration_args(inputs[i]), cal=cal)
-            return frame_level(rows)
+            sample = sources.flats[i].sample_grid(step, pedestal=_calibration_args(inputs[i]), cal=cal,
+                                                  chunk_rows=LEVEL_CHUNK_ROWS)
+            return LV.robust_level(sample)
 
         for i, level in zip(indices, _run(pool, level_of, indices)):
             levels[i] = level
@@ -267,7 +317,9 @@ def _measure_levels(inputs, sources: _Sources, cal_keys, height: int, pool) -> l
 
 
 def _combine_bands(inputs, sources: _Sources, cal_keys, factors, method: Method, image: np.ndarray,
-                   band_rows: int, pool, progress) -> None:
+                   band_rows: int, pool, progress, rejmap: Optional[np.ndarray] = None) -> np.ndarray:
+    """Every band into `image` (and `rejmap`); returns the values each input had
+    rejected low and high, int64 (N, 2), summed over the bands and the threads."""
     n = len(inputs)
     height, width = image.shape
     local = threading.local()
@@ -276,11 +328,18 @@ def _combine_bands(inputs, sources: _Sources, cal_keys, factors, method: Method,
     cal_index = {key: k for k, key in enumerate(sources.cals)}
     cal_list = list(sources.cals.values())
 
+    totals: list[np.ndarray] = []  # one (N, 2) count per thread, summed at the end
+    totals_lock = threading.Lock()
+
     def buffers():
         if not hasattr(local, "stack"):
             local.stack = np.empty(n * band_rows * width, dtype=np.float32)
             local.cals = np.empty(len(cal_list) * band_rows * width, dtype=np.float32)
             local.raw = np.empty(max_raw, dtype=np.uint8)
+            local.counts = np.zeros((n, 2), dtype=np.int64)
+            local.pixels = np.empty(2 * band_rows * width, dtype=np.uint16) if rejmap is not None else None
+            with totals_lock:
+                totals.append(local.counts)
         return local.stack, local.cals, local.raw
 
     def band(r0: int) -> int:
@@ -296,7 +355,11 @@ def _combine_bands(inputs, sources: _Sources, cal_keys, factors, method: Method,
             src.read_into(r0, r1, stack[i], pedestal=pedestals[i],
                           cal=cals[cal_index[key]] if key is not None else None,
                           factor=float(factors[i]), scratch=raw)
-        combine_rows_into(stack, method, image[r0:r1])
+        # counted into this thread's (N, 2) totals; the map through a contiguous band buffer
+        pixels = local.pixels[: 2 * rows * width].reshape(2, rows, width) if rejmap is not None else None
+        combine_rows_into(stack, method, image[r0:r1], frame_counts=local.counts, pixel_counts=pixels)
+        if pixels is not None:
+            rejmap[:, r0:r1] = pixels
         return rows
 
     done = [0]
@@ -307,3 +370,7 @@ def _combine_bands(inputs, sources: _Sources, cal_keys, factors, method: Method,
             progress(done[0], height)
 
     _run(pool, band, range(0, height, band_rows), report)
+    rejected = np.zeros((n, 2), dtype=np.int64)
+    for counts in totals:
+        rejected += counts
+    return rejected
