@@ -1276,8 +1276,12 @@ class Combiner:
 
     def combine(self, method: Method) -> np.ndarray:
         stack = self.calibrated()
-        from flatd.stack.levels import frame_level as robust_frame_level  # the engine's estimator
-        self.levels = [robust_frame_level(stack[i]) for i in range(stack.shape[0])]
+        from flatd.stack import levels as LV  # the engine's estimator, on the same grid
+
+        n, height, width = stack.shape
+        step = LV.grid_step(height, width)
+        samples = np.stack([LV.grid(stack[i], step).ravel() for i in range(n)]).astype(np.float32)
+        self.levels = LV.relative_levels(samples, median=median_of_frames)
         if self.normalize == "multiplicative":
             factors = normalization_factors(self.levels)
             normalize(stack, factors)
@@ -1285,3 +1289,11 @@ class Combiner:
             factors = np.ones(stack.shape[0], dtype=np.float32)
         self.factors = [float(f) for f in factors]
         return combine(stack, method)
+
+
+def median_of_frames(x: np.ndarray) -> np.ndarray:
+    """Per-position median of an (N, S) float32 array, with the median kernel."""
+    from flatd.stack.methods import Method
+
+    n, s = x.shape
+    return combine(np.ascontiguousarray(x).reshape(n, 1, s), Method("median"), workers=1)[0]

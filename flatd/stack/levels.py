@@ -24,6 +24,21 @@ Stars, hot pixels and cosmic rays lie beyond 4 s and are dropped, and the median
 rest is not pulled by what is left of them. On a vignetted frame (tests/unit/test_levels.py):
 2 % of the pixels saturated move the level by < 0.1 % (the mean: 3 %); a cloud 20 % deep
 over a quarter of the frame by < 1 % (the mean: 5 %); a +-5 % ramp across it by 0.6 %.
+Relative levels (:func:`relative_levels`, what normalization uses): a cloud over a third
+of one frame, or a gradient, shifts that frame's own location, because the frame's
+values spread over the whole vignetting pattern and the cloud hides inside that spread.
+So each frame is compared with the others, position by position: every sample is
+divided by its frame's own level, the reference is the per-position median over the
+frames (a cloud in a minority of frames does not reach it), and the frame's level is
+its own level times the mode of its ratio to the reference (:func:`ratio_location`).
+The illumination pattern cancels in the ratio, so the ratio of a clear frame is 1 plus
+noise, and a cloud 10 % deep stands 10 % away from that mode. The mode is sought from
+the median by a window of +-3 noise units, where the noise unit comes from differences
+of neighbouring samples (1.4826 MAD / sqrt 2: a cloud's smooth edge does not inflate
+it, as it inflates the spread of the ratio itself): the median of what is inside the
+window, repeated until it stops moving. The level follows the clear part of the frame.
+With one frame the ratio is 1 and the level is the frame's own.
+
 Unlike Siril's IKSS, whose first scale is compared with 1 (on data in ADU rather than
 scaled to 0..1 it stops after the first round), the rounds go on until the scale settles. A frame whose sample
 has no finite value has level NaN, and one of zeros level 0: check_level refuses both.
@@ -180,3 +195,62 @@ def _bwmv(x: np.ndarray, m: float, mad: float) -> float:
     if down == 0.0:
         return 0.0
     return x.size * up / (down * down)
+
+
+def relative_levels(samples: np.ndarray, median=None) -> list[float]:
+    """The level of each frame of `samples` (float32, shape (N, S): each frame's sample
+    grid, raveled) on the scale of the others (see the module's docstring). `median`
+    takes an (N, S) float32 array and returns the per-position median (float32, S):
+    the engine passes its median kernel; numpy's by default. The rows of `samples` are
+    divided by their own levels in place."""
+    samples = np.asarray(samples)
+    if samples.ndim != 2 or samples.dtype != np.float32:
+        raise ValueError("samples must be a float32 (frames, pixels) array")
+    own = [robust_level(row) for row in samples]
+    usable = [i for i, level in enumerate(own) if math.isfinite(level) and level > 0]
+    if len(usable) < 2:
+        return own
+    for i in usable:
+        samples[i] /= np.float32(own[i])
+    # frames that cannot be normalized (check_level refuses them later) stay out of it
+    reference = (median or _numpy_median)(samples if len(usable) == len(own) else samples[usable])
+    levels = list(own)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i in usable:
+            levels[i] = own[i] * ratio_location(samples[i] / reference)
+    return levels
+
+
+# Window of the mode search, in noise units; rounds; stop when it moves less than this (noise units).
+WINDOW = 3.0
+MODE_ROUNDS = 50
+MODE_EPS = 1e-4
+
+
+def ratio_location(ratio: np.ndarray) -> float:
+    """The mode of a frame's ratio to the reference (finite values of a raveled grid,
+    in grid order), sought from the median (see the module's docstring)."""
+    r = np.asarray(ratio, dtype=np.float32).ravel()
+    r = r[np.isfinite(r)]
+    if r.size == 0:
+        return float("nan")
+    m = float(np.median(r))
+    if r.size < 3:
+        return m
+    unit = 1.4826 * float(np.median(np.abs(np.diff(r)))) / math.sqrt(2.0)
+    if not unit > 0:
+        return m
+    for _ in range(MODE_ROUNDS):
+        inside = r[np.abs(r - np.float32(m)) <= np.float32(WINDOW * unit)]
+        if inside.size == 0:
+            break
+        moved = float(np.median(inside))
+        if abs(moved - m) <= MODE_EPS * unit:
+            m = moved
+            break
+        m = moved
+    return m
+
+
+def _numpy_median(x: np.ndarray) -> np.ndarray:
+    return np.median(x, axis=0).astype(np.float32)

@@ -199,3 +199,76 @@ def test_mad_of_sorted_values_equals_the_plain_one():
             # about another centre too (the IKSS rounds use the median, but the runs hold for any)
             c = float(x[0]) - 1.0
             assert LV._mad_sorted(x, c) == float(np.median(np.abs(x.astype(np.float64) - c)))
+
+
+# --------------------------------------------------------------------------- relative levels
+
+
+def plain_mode(r) -> float:
+    """The mode search of ratio_location, the plain way."""
+    r = np.array([v for v in np.asarray(r, np.float64) if math.isfinite(v)])
+    m = float(np.median(r))
+    unit = 1.4826 * float(np.median(np.abs(np.diff(r)))) / math.sqrt(2)
+    for _ in range(LV.MODE_ROUNDS):
+        moved = float(np.median(r[np.abs(r - m) <= LV.WINDOW * unit]))
+        done = abs(moved - m) <= LV.MODE_EPS * unit
+        m = moved
+        if done:
+            break
+    return m
+
+
+def _frames(rng, levels, shape=(300, 400)):
+    base = vignetted(rng, level=1.0, shape=shape, noise=0.0)
+    return np.stack([rng.normal(base * lv, 0.01 * lv).astype(np.float32) for lv in levels])
+
+
+def _samples(frames):
+    return np.stack([f.ravel() for f in frames]).astype(np.float32)
+
+
+def test_relative_levels_follow_the_plain_definition():
+    rng = np.random.default_rng(11)
+    frames = _frames(rng, [20000, 21000, 19500, 20500, 22000])
+    frames[2, :, :150] *= np.float32(0.75)
+    samples = _samples(frames)
+    own = [plain_ikss(f) for f in frames]
+    ratios = frames / np.array(own, np.float32)[:, None, None]
+    reference = np.median(ratios, axis=0)
+    expected = [own[i] * plain_mode((ratios[i] / reference).ravel()) for i in range(len(frames))]
+    got = LV.relative_levels(samples)
+    assert got == pytest.approx(expected, rel=2e-6)
+
+
+@pytest.mark.parametrize("depth", [0.9, 0.8, 0.6])
+def test_a_cloud_over_a_third_of_one_frame_does_not_move_its_relative_level(depth):
+    rng = np.random.default_rng(12)
+    truth = [20000.0 * (1 - 0.04 * i) for i in range(12)]  # a falling twilight sky
+    frames = _frames(rng, truth)
+    frames[5, :, :140] *= np.float32(depth)  # the cloud, over 35 % of frame 5
+    rel = LV.relative_levels(_samples(frames))
+    scale = np.median(np.array(rel) / np.array(truth))
+    assert abs(rel[5] / truth[5] / scale - 1) < 1e-3  # the clear part decides
+    for i in range(12):
+        assert abs(rel[i] / truth[i] / scale - 1) < 1e-3
+
+
+def test_a_gradient_in_one_frame_moves_its_relative_level_by_its_mean_only():
+    rng = np.random.default_rng(13)
+    truth = [20000.0] * 8
+    frames = _frames(rng, truth)
+    ramp = np.linspace(0.97, 1.03, frames.shape[2], dtype=np.float32)  # mean 1 across the frame
+    frames[3] *= ramp
+    rel = LV.relative_levels(_samples(frames))
+    assert abs(rel[3] / np.median(rel) - 1) < 2e-3
+
+
+def test_relative_levels_leave_unusable_frames_to_check_level():
+    rng = np.random.default_rng(14)
+    frames = _frames(rng, [100.0, 120.0, 110.0])
+    frames[1] = 0.0
+    rel = LV.relative_levels(_samples(frames))
+    assert rel[1] == 0.0 and check_level(rel[1])
+    assert check_level(rel[0]) is None and check_level(rel[2]) is None
+    one = LV.relative_levels(_samples(frames[:1]))
+    assert one == [LV.robust_level(frames[0])]

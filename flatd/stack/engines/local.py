@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import numpy as np
 
 from flatd.stack import levels as LV
-from flatd.stack.combine import check_level, combine_rows_into, default_workers, normalization_factors
+from flatd.stack.combine import (check_level, combine_rows_into, default_workers, median_of_frames,
+                                 normalization_factors)
 from flatd.stack.engines import ProgressFactory, StackResult
 from flatd.errors import StackError
 from flatd.ingest.frames import Frame
@@ -140,19 +141,22 @@ def level_bytes(width: int, height: int, step: int, max_itemsize: int = 8) -> in
     return LV.sample_bytes(height, width, step) + LEVEL_CHUNK_ROWS * width * (max_itemsize + 4)
 
 
-def level_plan(width: int, height: int, memory_limit: int, workers: int, max_itemsize: int = 8) -> tuple[int, int]:
+def level_plan(width: int, height: int, memory_limit: int, workers: int, max_itemsize: int = 8,
+               n: int = 1) -> tuple[int, int]:
     """(grid step, workers) for the level phase: the step of flatd.stack.levels (at least
     LEVEL_SAMPLE pixels) unless the memory limit asks for a coarser grid. Held at once:
     one calibration grid, and per worker level_bytes. Nothing else is allocated then, so
     the budget is the whole limit but half the reserve (the level sample was the
-    reserve's to hold before it was planned: samples of small frames still fit there)."""
+    reserve's to hold before it was planned: samples of small frames still fit there).
+    The samples of all `n` frames are held together (levels are relative)."""
     budget = memory_limit - RESERVE_BYTES // 2
     step = LV.grid_step(height, width)
     workers = max(1, workers)
 
     def need(step: int, workers: int) -> int:
         rows, cols = LV.sample_shape(height, width, step)
-        return rows * cols * 4 + workers * level_bytes(width, height, step, max_itemsize)
+        # every frame's sample (n of them), the reference, one calibration grid, and per worker its work
+        return (n + 2) * rows * cols * 4 + workers * level_bytes(width, height, step, max_itemsize)
 
     while need(step, workers) > budget and workers > 1:
         workers -= 1
@@ -235,7 +239,7 @@ def stack_frames(
         itemsizes = [s.itemsize for s in sources.flats] + [s.itemsize for s in sources.cals.values()]
         band_rows, band_workers = plan_bands(n, len(sources.cals), width, height, int(memory_limit), workers,
                                              max(itemsizes), rejection_map)
-        step, level_workers = level_plan(width, height, int(memory_limit), band_workers, max(itemsizes))
+        step, level_workers = level_plan(width, height, int(memory_limit), band_workers, max(itemsizes), n)
         workers = band_workers
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flatd-stack") if workers > 1 else None
         try:
@@ -295,25 +299,26 @@ def _run(pool: Optional[ThreadPoolExecutor], fn, jobs, on_done=None) -> list:
 
 
 def _measure_levels(inputs, sources: _Sources, cal_keys, step: int, pool) -> list[float]:
-    """Each input's robust level (flatd.stack.levels) on the sample grid of `step`,
-    after its calibration. Inputs are taken calibration file by calibration file, so one
-    calibration grid is held at a time; the pool's workers measure frames at once."""
-    levels = [0.0] * len(inputs)
+    """Each input's level (flatd.stack.levels.relative_levels) on the sample grid of
+    `step`, after its calibration. Inputs are taken calibration file by calibration
+    file, so one calibration grid is held at a time; the pool's workers read frames at
+    once into one (N, S) array of samples."""
+    height, width = inputs[0].frame.height, inputs[0].frame.width
+    rows, cols = LV.sample_shape(height, width, step)
+    samples = np.empty((len(inputs), rows * cols), dtype=np.float32)
     by_cal: dict[Optional[Path], list[int]] = {}
     for i, key in enumerate(cal_keys):
         by_cal.setdefault(key, []).append(i)
     for key, indices in by_cal.items():
         cal = sources.cals[key].sample_grid(step, chunk_rows=LEVEL_CHUNK_ROWS) if key is not None else None
 
-        def level_of(i: int, cal=cal) -> float:
-            sample = sources.flats[i].sample_grid(step, pedestal=_calibration_args(inputs[i]), cal=cal,
-                                                  chunk_rows=LEVEL_CHUNK_ROWS)
-            return LV.robust_level(sample)
+        def read(i: int, cal=cal) -> None:
+            samples[i] = sources.flats[i].sample_grid(step, pedestal=_calibration_args(inputs[i]), cal=cal,
+                                                      chunk_rows=LEVEL_CHUNK_ROWS).ravel()
 
-        for i, level in zip(indices, _run(pool, level_of, indices)):
-            levels[i] = level
+        _run(pool, read, indices)
         del cal
-    return levels
+    return LV.relative_levels(samples, median=median_of_frames)
 
 
 def _combine_bands(inputs, sources: _Sources, cal_keys, factors, method: Method, image: np.ndarray,
