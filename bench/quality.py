@@ -540,7 +540,8 @@ def print_scenario(stack: Stack, scores: list[Score], siril_name: str) -> None:
 
 
 def best(scores: list[Score], tool: str, key: Callable[[Score], float]) -> Optional[Score]:
-    ok = [s for s in scores if s.tool == tool and s.ok and math.isfinite(key(s))]
+    # auto is one of the others under another name: the best is a method, auto is judged against it
+    ok = [s for s in scores if s.tool == tool and s.ok and s.method != "auto" and math.isfinite(key(s))]
     return min(ok, key=key) if ok else None
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 
@@ -14,11 +16,42 @@ from flatd.stack.methods import Method
 # quality benchmark settles it, this list, auto.TABLE and the README's table change together.
 EXPECTED = {
     3: ("median", {}),
-    5: ("median", {}),
-    8: ("percentile", {"low": 0.2, "high": 0.1}),
-    15: ("winsorized", {"low": 3.0, "high": 3.0}),
-    40: ("linear-fit", {"low": 5.0, "high": 5.0}),
+    5: ("esd", {"esd_outliers": 0.3, "esd_significance": 0.05}),
+    8: ("winsorized", {"low": 4.0, "high": 4.0}),
+    15: ("winsorized", {"low": 4.0, "high": 4.0}),
+    40: ("winsorized", {"low": 4.0, "high": 4.0}),
 }
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_auto_table() -> list[tuple[int, Optional[int], str, dict]]:
+    """The rows of the README's `method: auto` table: (least, most, method, params)."""
+    text = README.read_text()
+    section = text[text.index("### `method: auto`"):]
+    rows = []
+    for line in section.splitlines()[1:]:
+        if line.startswith("#"):
+            break
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0][:1].isdigit():
+            continue
+        least, _, most = cells[0].replace("–", "-").partition("-")
+        params = {}
+        for part in filter(None, (p.strip() for p in cells[2].replace("—", "").split(","))):
+            key, value = part.split()
+            params[key] = float(value)
+        rows.append((int(least.rstrip("+")), int(most) if most else None, cells[1], params))
+    return rows
+
+
+def test_the_readme_table_is_the_table():
+    assert _readme_auto_table() == [(r.least, r.most, r.method, dict(r.params)) for r in auto.TABLE]
+
+
+@pytest.mark.parametrize("n", sorted(EXPECTED))
+def test_the_readme_says_what_auto_chooses(n):
+    (row,) = [r for r in _readme_auto_table() if r[0] <= n and (r[1] is None or n <= r[1])]
+    assert (row[2], row[3]) == EXPECTED[n]
 
 
 @pytest.mark.parametrize("n", sorted(EXPECTED))
@@ -51,14 +84,15 @@ def test_the_rules_files_thresholds_override_the_tables():
     assert method == Method("winsorized", low=2.5, high=4.0)
     assert "low 2.5 from the rules file" in reason and "high 4.0 from the rules file" in reason
     only_high = SimpleNamespace(low=None, high=6.0)
-    assert auto.choose(40, only_high)[0] == Method("linear-fit", low=5.0, high=6.0)
+    assert auto.choose(40, only_high)[0] == Method("winsorized", low=4.0, high=6.0)
     # median has no thresholds: nothing to override, nothing said
     method, reason = auto.choose(3, settings)
     assert method == Method("median") and "rules file" not in reason
 
 
 def test_a_threshold_that_does_not_suit_the_method_keeps_the_tables():
-    method, reason = auto.choose(8, SimpleNamespace(low=3.0, high=None))  # percentile: low is a fraction <= 1
+    table = (auto.Choice(1, None, "percentile", {"low": 0.2, "high": 0.1}, "why"),)
+    method, reason = auto.choose(8, SimpleNamespace(low=3.0, high=None), table=table)  # a fraction <= 1
     assert method == Method("percentile", low=0.2, high=0.1)
     assert "combine.low 3.0 does not suit percentile" in reason
 
@@ -80,7 +114,7 @@ def test_settings_from_the_rules_file():
 
 def test_dry_run_text():
     method, reason = auto.choose(15)
-    assert auto.describe(method, reason).startswith("auto: winsorized low 3.0 high 3.0 (15 frames; 10 to 19 frames: ")
+    assert auto.describe(method, reason).startswith("auto: winsorized low 4.0 high 4.0 (15 frames; 8+ frames: ")
     assert auto.params_text(Method("median")) == "median"
 
 

@@ -133,7 +133,7 @@ def test_a_rule_may_ask_for_auto_and_its_settings_reach_the_job():
             "rules:\n  - match: {filter: Ha}\n    combine: {method: auto, rejection_warn: null}\n")
     jobs = {j.frames[0].filter: j for j in plan(frames, text).jobs}
     assert jobs["R"].method.name == "sigma" and jobs["R"].auto_reason is None
-    assert jobs["Ha"].method.name == "percentile" and jobs["Ha"].auto_reason
+    assert jobs["Ha"].method.name == "winsorized" and jobs["Ha"].auto_reason  # 8 frames
     assert (jobs["R"].rejection_warn, jobs["Ha"].rejection_warn) == (0.01, None)
     assert jobs["R"].rejection_map and jobs["Ha"].rejection_map
     plain = plan(frames[:8]).jobs[0]
