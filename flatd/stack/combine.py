@@ -1281,7 +1281,7 @@ class Combiner:
         n, height, width = stack.shape
         step = LV.grid_step(height, width)
         samples = np.stack([LV.grid(stack[i], step).ravel() for i in range(n)]).astype(np.float32)
-        self.levels = LV.relative_levels(samples, median=median_of_frames)
+        self.levels = LV.relative_levels(samples)
         if self.normalize == "multiplicative":
             factors = normalization_factors(self.levels)
             normalize(stack, factors)
@@ -1290,10 +1290,3 @@ class Combiner:
         self.factors = [float(f) for f in factors]
         return combine(stack, method)
 
-
-def median_of_frames(x: np.ndarray) -> np.ndarray:
-    """Per-position median of an (N, S) float32 array, with the median kernel."""
-    from flatd.stack.methods import Method
-
-    n, s = x.shape
-    return combine(np.ascontiguousarray(x).reshape(n, 1, s), Method("median"), workers=1)[0]

@@ -197,30 +197,41 @@ def _bwmv(x: np.ndarray, m: float, mad: float) -> float:
     return x.size * up / (down * down)
 
 
-def relative_levels(samples: np.ndarray, median=None) -> list[float]:
+def relative_levels(samples: np.ndarray, median=None, mapper=None) -> list[float]:
     """The level of each frame of `samples` (float32, shape (N, S): each frame's sample
     grid, raveled) on the scale of the others (see the module's docstring). `median`
     takes an (N, S) float32 array and returns the per-position median (float32, S):
-    the engine passes its median kernel; numpy's by default. The rows of `samples` are
-    divided by their own levels in place."""
+    numpy's by default (on every stride-th sample only). `mapper(fn, indices)`
+    returns [fn(i) for i in indices], in threads if it likes (the engine's pool). The
+    rows of `samples` are divided by their own levels in place."""
+    mapper = mapper or (lambda fn, indices: [fn(i) for i in indices])
     samples = np.asarray(samples)
     if samples.ndim != 2 or samples.dtype != np.float32:
         raise ValueError("samples must be a float32 (frames, pixels) array")
-    own = [robust_level(row) for row in samples]
+    own = list(mapper(lambda i: robust_level(samples[i]), range(samples.shape[0])))
     usable = [i for i, level in enumerate(own) if math.isfinite(level) and level > 0]
     if len(usable) < 2:
         return own
     for i in usable:
         samples[i] /= np.float32(own[i])
-    # frames that cannot be normalized (check_level refuses them later) stay out of it
-    reference = (median or _numpy_median)(samples if len(usable) == len(own) else samples[usable])
+    # the reference and the ratios on every stride-th sample; frames that cannot be
+    # normalized (check_level refuses them later) stay out of the reference
+    stride = max(1, -(-samples.shape[1] // MODE_SAMPLE))
+    reference = _reference(samples, usable, stride, median or _numpy_median)
+
+    def level(i: int) -> float:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return own[i] * ratio_location(samples[i, ::stride] / reference)
+
     levels = list(own)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for i in usable:
-            levels[i] = own[i] * ratio_location(samples[i] / reference)
+    for i, value in zip(usable, mapper(level, usable)):
+        levels[i] = value
     return levels
 
 
+# The mode of a ratio is sought on every k-th sample, at most this many (its median's
+# precision, noise / sqrt(65536), is far below any normalization error that matters).
+MODE_SAMPLE = 65536
 # Window of the mode search, in noise units; rounds; stop when it moves less than this (noise units).
 WINDOW = 3.0
 MODE_ROUNDS = 50
@@ -250,6 +261,27 @@ def ratio_location(ratio: np.ndarray) -> float:
             break
         m = moved
     return m
+
+
+# Columns of the samples whose median is taken at a time (bounds the copies).
+REFERENCE_CHUNK = 4096
+
+
+def reference_bytes(frames: int) -> int:
+    """Memory the reference needs besides the samples: a chunk and the median's copy of it,
+    and the reference itself."""
+    return 2 * frames * REFERENCE_CHUNK * 4 + MODE_SAMPLE * 4
+
+
+def _reference(samples: np.ndarray, rows: list[int], stride: int, median) -> np.ndarray:
+    """The per-position median over `rows` of every stride-th sample, a chunk at a time."""
+    columns = np.arange(0, samples.shape[1], stride)
+    reference = np.empty(columns.size, dtype=np.float32)
+    rows = np.asarray(rows)
+    for k0 in range(0, columns.size, REFERENCE_CHUNK):
+        block = samples[rows[:, None], columns[None, k0:k0 + REFERENCE_CHUNK]]
+        reference[k0:k0 + block.shape[1]] = median(block)
+    return reference
 
 
 def _numpy_median(x: np.ndarray) -> np.ndarray:

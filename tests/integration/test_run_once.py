@@ -310,12 +310,12 @@ def _plain_sigma_counts(paths, z):
     reference: the frames as read, normalized by flatd's level, then the original's
     one-pass sigma clip per pixel column in float64."""
     from flatd.stack import levels as LV
-    from flatd.stack.combine import median_of_frames, normalization_factors
+    from flatd.stack.combine import normalization_factors
 
     stack = np.array([fits.getdata(p).astype(np.float32) for p in paths])
     step = LV.grid_step(*stack.shape[1:])
     samples = np.stack([LV.grid(im, step).ravel() for im in stack]).astype(np.float32)
-    factors = normalization_factors(LV.relative_levels(samples, median=median_of_frames))
+    factors = normalization_factors(LV.relative_levels(samples))
     stack = stack * factors[:, None, None]  # float32, as the engine multiplies
     x = stack.astype(np.float64)
     mean, std = x.mean(axis=0), x.std(axis=0)

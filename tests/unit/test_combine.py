@@ -60,7 +60,8 @@ def ref_minmax(col, n):
 
 def ref_sigma(col, z, tie=None):
     """tie: None decides exactly; "keep" or "reject" decides values within 1e-9
-    (relative) of the threshold that way -- floating point may fall on either side."""
+    (relative) of the threshold that way -- floating point may fall on either side, and
+    may split values tied on both sides of the mean ("reject-low", "reject-high")."""
     exact = [Fraction(float(x)) for x in col]
     mean = sum(exact) / len(exact)
     var = sum((x - mean) ** 2 for x in exact) / len(exact)  # population variance
@@ -72,7 +73,8 @@ def ref_sigma(col, z, tie=None):
         def rejected(e):
             lhs, rhs = (e - mean) ** 2, zz * var
             if tie is not None and abs(lhs - rhs) <= rhs / 10**9:
-                return tie == "reject"
+                # "reject-low"/"reject-high": rounding split the tied values by side
+                return tie == "reject" or (tie == "reject-low" and e < mean) or (tie == "reject-high" and e > mean)
             return lhs > rhs
 
         kept = [x for x, e in zip(col, exact) if not rejected(e)]
@@ -103,7 +105,7 @@ def assert_matches(got: np.ndarray, stack: np.ndarray, method: Method, near_ties
     of the sigma threshold, either decision is right."""
     wants = [reference(stack, method)]
     if near_ties:
-        wants += [reference(stack, method, "keep"), reference(stack, method, "reject")]
+        wants += [reference(stack, method, tie) for tie in ("keep", "reject", "reject-low", "reject-high")]
     want = wants[0]
     assert got.dtype == np.float32
     assert got.shape == want.shape

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import numpy as np
 
 from flatd.stack import levels as LV
-from flatd.stack.combine import (check_level, combine_rows_into, default_workers, median_of_frames,
-                                 normalization_factors)
+from flatd.stack.combine import check_level, combine_rows_into, default_workers, normalization_factors
 from flatd.stack.engines import ProgressFactory, StackResult
 from flatd.errors import StackError
 from flatd.ingest.frames import Frame
@@ -156,7 +155,8 @@ def level_plan(width: int, height: int, memory_limit: int, workers: int, max_ite
     def need(step: int, workers: int) -> int:
         rows, cols = LV.sample_shape(height, width, step)
         # every frame's sample (n of them), the reference, one calibration grid, and per worker its work
-        return (n + 2) * rows * cols * 4 + workers * level_bytes(width, height, step, max_itemsize)
+        return ((n + 1) * rows * cols * 4 + LV.reference_bytes(n)
+                + workers * (level_bytes(width, height, step, max_itemsize) + 2 * LV.MODE_SAMPLE * 4))
 
     while need(step, workers) > budget and workers > 1:
         workers -= 1
@@ -318,7 +318,7 @@ def _measure_levels(inputs, sources: _Sources, cal_keys, step: int, pool) -> lis
 
         _run(pool, read, indices)
         del cal
-    return LV.relative_levels(samples, median=median_of_frames)
+    return LV.relative_levels(samples, mapper=lambda fn, items: _run(pool, fn, list(items)))
 
 
 def _combine_bands(inputs, sources: _Sources, cal_keys, factors, method: Method, image: np.ndarray,
