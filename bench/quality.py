@@ -90,6 +90,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import siril_isolated  # noqa: E402  (the one way both benchmarks isolate Siril)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BIN = Path(sys.executable).parent
@@ -439,19 +442,6 @@ def run_flatd(stack: Stack, name: str, out: Path, env: dict) -> Score:
 def siril_version(siril: str) -> str:
     out = subprocess.run([siril, "--version"], capture_output=True, text=True).stdout.strip()
     return out or "siril"
-
-
-def siril_isolated(folder: Path) -> tuple[dict, Path]:
-    """Environment and -i config file for a siril-cli run that changes no other run's settings.
-
-    The file extension (setext) is a global preference that Siril saves in its config
-    file. Siril 1.0.6 given `-i FILE` reads and saves FILE if it exists; if it does not,
-    it saves its defaults to $XDG_CONFIG_HOME/siril/siril.config instead. With
-    XDG_CONFIG_HOME in `folder` and FILE that very path, both cases stay in `folder`.
-    """
-    xdg = folder / "xdg"
-    (xdg / "siril").mkdir(parents=True, exist_ok=True)
-    return dict(os.environ, XDG_CONFIG_HOME=str(xdg)), xdg / "siril" / "siril.config"
 
 
 def run_siril_all(stack: Stack, out: Path, siril: str) -> list[Score]:
