@@ -620,8 +620,7 @@ precalibration:
   bias_dark_only: true
   policy: original
 combine:
-  method: sigma
-  sigma: 2.0
+  method: auto                  # chosen per group from its number of flats (README)
   normalize: multiplicative     # the twilight sky level drifts from flat to flat
 engine:
   memory_limit: 256MiB

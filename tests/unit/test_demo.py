@@ -179,7 +179,7 @@ def test_rules_file_validates(demo):
     assert rules.output.directory == Path("masters")
     assert rules.inputs.move_to == "originals-{date}"
     assert rules.state == demo.root / "state"
-    assert rules.combine.method == "sigma" and rules.combine.sigma == 2.0
+    assert rules.combine.method == "auto"
     assert rules.grouping.min_group_size == 5
     assert rules.settle <= 60
 
