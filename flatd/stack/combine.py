@@ -57,8 +57,6 @@ except ImportError:  # pragma: no cover
 from flatd.stack.methods import Method  # noqa: F401  (re-exported: from flatd.stack.combine import Method)
 
 CLIP_MAX = 65535.0
-# Rows sampled to measure a frame's level: at most this many.
-LEVEL_ROWS = 256
 
 # --------------------------------------------------------------------------- signatures
 
@@ -413,20 +411,6 @@ def _sorted_tile_frames(stack, r, c0, c1, net):
     return s, f
 
 
-@njit(nogil=True, cache=True)
-def _sort_column(stack, r, c, v, idx):
-    """v[:N], idx[:N] = the values of column (r, c), ascending, and their frames (stable)."""
-    for i in range(stack.shape[0]):
-        x = stack[i, r, c]
-        j = i
-        while j > 0 and v[j - 1] > x:
-            v[j] = v[j - 1]
-            idx[j] = idx[j - 1]
-            j -= 1
-        v[j] = x
-        idx[j] = i
-
-
 @njit(nogil=True, cache=True, inline="always")
 def _median_sorted(v, a, b):
     m = b - a
@@ -578,7 +562,6 @@ def _ranged(stack, r, c0, c1, params, keep, kind):
     n = stack.shape[0]
     w = c1 - c0
     v = np.empty(n, np.float32)
-    idx = np.empty(n, np.int64)
     wv = np.empty(n, np.float64)
     lo = np.empty(w, np.float32)
     hi = np.empty(w, np.float32)
@@ -1169,25 +1152,6 @@ def combine(stack: np.ndarray, method: Method, workers: Optional[int] = None, ou
 
 
 # --------------------------------------------------------------------------- normalization
-
-
-def level_rows(height: int) -> slice:
-    """Rows sampled to measure a frame's level: every step-th row, at most 256 of them,
-    spread over the whole height."""
-    if height <= 0:
-        return slice(0, 0)
-    step = -(-height // LEVEL_ROWS)
-    return slice(step // 2, height, step)
-
-
-def frame_level(rows: np.ndarray) -> float:
-    """The level of a calibrated frame from its sampled rows: their float64 mean."""
-    # contiguous, so that the summation order (hence the rounding) does not depend on
-    # whether the rows came as a strided view or as a copy
-    rows = np.ascontiguousarray(rows)
-    if rows.size == 0:
-        raise ValueError("no pixels to measure a level from")
-    return float(np.mean(rows, dtype=np.float64))
 
 
 def check_level(level: float) -> Optional[str]:

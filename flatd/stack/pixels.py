@@ -257,33 +257,6 @@ class PixelSource:
         self.read_into(r0, r1, out)
         return out
 
-    def sample_rows(self, rows: slice, pedestal: Optional[float] = None, cal: Optional[np.ndarray] = None,
-                    scratch: Optional[np.ndarray] = None) -> np.ndarray:
-        """The rows a slice picks, as float32 (k, W), calibrated like read_into."""
-        indices = range(*rows.indices(self.height))
-        out = np.empty((len(indices), self.width), dtype=np.float32)
-        if rows.step in (None, 1):
-            if len(indices):
-                self.read_into(indices[0], indices[-1] + 1, out, pedestal, cal, scratch=scratch)
-            return out
-        if self._section is None and len(indices):
-            # One pread per row into one buffer, then one conversion: the per-row
-            # Python overhead of read_into would dominate for 256 rows x many frames.
-            row_bytes = self.raw_bytes(0, 1)
-            buf = np.empty(len(indices) * row_bytes, dtype=np.uint8)
-            view = memoryview(buf)
-            for k, r in enumerate(indices):
-                self._pread_exact(view[k * row_bytes:(k + 1) * row_bytes], self.frame.data_offset + r * row_bytes)
-            kernel, raw, scale, zero = self._native_plain(buf, len(indices))
-            mode, cal_arr, ped = (2, cal, np.float32(0.0)) if cal is not None else (
-                (1, out, np.float32(pedestal)) if pedestal is not None else (0, out, np.float32(0.0)))
-            kernel(raw, out, scale, zero, mode, cal_arr, ped, np.float32(1.0))
-            return out
-        for k, r in enumerate(indices):
-            self.read_into(r, r + 1, out[k : k + 1], pedestal, None if cal is None else cal[k : k + 1], scratch=scratch)
-        return out
-
-
     def sample_grid(self, step: int, pedestal: Optional[float] = None, cal: Optional[np.ndarray] = None,
                     chunk_rows: int = 8) -> np.ndarray:
         """The level sample grid (flatd.stack.levels.grid_slices) as float32, calibrated

@@ -22,8 +22,6 @@ from flatd.stack.combine import (
     Combiner,
     Method,
     combine,
-    frame_level,
-    level_rows,
     median_network,
     normalization_factors,
     normalize,
@@ -340,21 +338,6 @@ def test_method_rejects_bad_parameters(kwargs):
 
 
 # --------------------------------------------------------------------------- normalization
-
-
-def test_level_rows():
-    for h in (1, 2, 255, 256, 257, 1000, 2448, 4176):
-        sl = level_rows(h)
-        picked = range(h)[sl]
-        assert 1 <= len(picked) <= 256
-        assert picked[0] < max(1, h // 256 + 1) and picked[-1] >= h - h // 256 - 1
-    assert list(range(10)[level_rows(10)]) == list(range(10))
-
-
-def test_frame_level_is_float64_mean():
-    rows = np.array([[1, 2], [3, 4]], dtype=np.float32) + np.float32(16777216)
-    assert frame_level(rows) == 16777216 + 2.5
-    assert isinstance(frame_level(rows), float)
 
 
 def test_normalization_factors():
