@@ -4,13 +4,25 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 
-.PHONY: demo test install install-test bench bench-deps bench-quality clean
+.PHONY: demo test install install-test deps bench bench-deps bench-quality clean
+
+KERNELS := setup.py flatd/stack/_kernels.c flatd/stack/_kernels_body.h
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# The install compiles flatd's kernels (C): a compiler and the Python headers, installed
+# with apt-get when missing (as root, or through sudo).
+deps:
+	@if command -v cc >/dev/null 2>&1 && $(PYTHON) -c "import os, sysconfig; \
+		raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get install -y gcc python3-dev || { $$SUDO apt-get update && $$SUDO apt-get install -y gcc python3-dev; }; \
+	else echo "deps: a C compiler (cc) and the Python headers are needed to build flatd's kernels" >&2; exit 1; fi
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(KERNELS) | deps
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 

@@ -689,29 +689,35 @@ def print_report(report, dry_run: bool = False) -> None:
         out.print("no groups to combine")
 
 
-# Inputs named in the report when they lost more than combine.rejection_warn, at most.
+# Inputs named in the report when they lost more than clean data's baseline plus
+# combine.rejection_warn, at most.
 REPORT_FRAMES = 5
 
 
 def _print_rejection(out, outcome, safe) -> None:
-    """The rejected fractions of a master made now; a warning above combine.rejection_warn
-    and the inputs that lost most (often a bad frame)."""
+    """The rejected fractions of a master made now and what the method rejects from clean
+    data at this number of frames (the baseline); a warning more than combine.rejection_warn
+    above the baseline, and the inputs that lost most (often a bad frame)."""
     from flatd.notify.events import percent
 
     rej = outcome.rejection
     if rej is None:
         return
+    notes = [f"auto: {safe(outcome.job.method.label)}"] if outcome.job.auto_reason else []
+    if rej.threshold is not None:  # the baseline is measured only for the warning
+        notes.append(f"clean data at this N: {percent(rej.baseline)}")
     out.print(f"  rejected {percent(rej.low)} low, {percent(rej.high)} high"
-              + (f" (auto: {safe(outcome.job.method.label)})" if outcome.job.auto_reason else ""))
+              + (f" ({'; '.join(notes)})" if notes else ""))
     if rej.warn:
-        out.print(f"  [yellow]warning[/yellow]: {percent(rej.total)} of all values rejected, more than "
-                  f"combine.rejection_warn {percent(rej.threshold)}")
+        out.print(f"  [yellow]warning[/yellow]: rejected {percent(rej.total)} of all values (clean data at "
+                  f"this N: {percent(rej.baseline)}), more than combine.rejection_warn "
+                  f"{percent(rej.threshold)} above it")
     above = rej.frames_above()
     for path, low, high in above[:REPORT_FRAMES]:
         out.print(f"  [yellow]rejected most[/yellow] {safe(path.name)}: {percent(low + high)} of its values "
                   f"({percent(low)} low, {percent(high)} high)")
     if len(above) > REPORT_FRAMES:
-        out.print(f"  ... and {len(above) - REPORT_FRAMES} more input(s) above {percent(rej.threshold)}")
+        out.print(f"  ... and {len(above) - REPORT_FRAMES} more input(s) above {percent(rej.limit)}")
 
 
 CONFIG_COMMANDS = {"check": cmd_config_check, "show": cmd_config_show}
@@ -757,8 +763,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run() -> None:
     """The console script: main(), then exit without tearing the interpreter down.
 
-    Unloading numba, llvmlite and astropy at exit costs 0.2-0.3 s, a fifth of a whole
-    combine; everything flatd writes is flushed, fsynced and closed by then.
+    Unloading astropy and the other modules at exit costs a tenth of a second or more of
+    a whole combine; everything flatd writes is flushed, fsynced and closed by then.
     """
     code = main()
     sys.stdout.flush()

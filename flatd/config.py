@@ -215,8 +215,11 @@ class CombineSettings(Section):
         "multiplicative", description="scale the flats to a common level before rejecting: none | multiplicative")
     rejection_warn: Optional[float] = Field(
         0.005, ge=0, le=1, allow_inf_nan=False,
-        description="warn when more than this fraction of all values of a master (0..1) was rejected, or of "
-                    "one input's values; null: never warn (0.005: Siril's 0.5 % guidance)")
+        description="warn when the fraction of all values of a master that was rejected (0..1) exceeds by "
+                    "more than this what the same method, with the same parameters, rejects from clean "
+                    "Gaussian data of the same number of frames (robust methods reject some clean values "
+                    "by construction, more at few frames); likewise for one input's values; null: never "
+                    "warn (0.005: Siril's 0.5 % guidance)")
 
     @classmethod
     def parameter_fields(cls) -> dict:

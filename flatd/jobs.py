@@ -42,7 +42,9 @@ class Job:
     auto_reason: Optional[str] = None
     # output.rejection_map: the master gets the per-pixel rejection counts (REJMAP)
     rejection_map: bool = False
-    # combine.rejection_warn: warn above this fraction rejected (None: never)
+    # combine.rejection_warn: warn when the fraction rejected exceeds what the method
+    # rejects from clean data at this number of frames (flatd.stack.baseline) by more
+    # than this (None: never, and no baseline is measured)
     rejection_warn: Optional[float] = 0.005
 
     @property

@@ -81,27 +81,45 @@ class RunReport:
 @dataclass(frozen=True)
 class Rejection:
     """What a master's combine rejected: the fractions of all values rejected low and
-    high, per input (path, low, high), and the rules' warning threshold (None: never)."""
+    high, per input (path, low, high), the rules' warning threshold (None: never), and
+    the baseline: the fractions the same method rejects low and high from clean Gaussian
+    columns of the same number of frames (flatd.stack.baseline; one input's expected
+    share is the same fraction). The warning is about rejection above the baseline."""
 
     low: float
     high: float
     frames: tuple[tuple[Path, float, float], ...]
     threshold: Optional[float] = None
+    baseline_low: float = 0.0
+    baseline_high: float = 0.0
 
     @property
     def total(self) -> float:
         return self.low + self.high
 
     @property
+    def baseline(self) -> float:
+        """The fraction of clean data's values the method rejects at this N (low + high)."""
+        return self.baseline_low + self.baseline_high
+
+    @property
+    def limit(self) -> Optional[float]:
+        """Above this fraction rejected (the master's, or one input's), a warning: the
+        baseline plus the threshold (None: never)."""
+        return None if self.threshold is None else self.baseline + self.threshold
+
+    @property
     def warn(self) -> bool:
-        """More rejected overall than the threshold allows."""
-        return self.threshold is not None and self.total > self.threshold
+        """More rejected overall than clean data's baseline plus the threshold."""
+        return self.limit is not None and self.total > self.limit
 
     def frames_above(self) -> list[tuple[Path, float, float]]:
-        """The inputs that lost more than the threshold of their values, most first."""
-        if self.threshold is None:
+        """The inputs that lost more of their values than the baseline plus the
+        threshold, most first."""
+        limit = self.limit
+        if limit is None:
             return []
-        above = [f for f in self.frames if f[1] + f[2] > self.threshold]
+        above = [f for f in self.frames if f[1] + f[2] > limit]
         return sorted(above, key=lambda f: -(f[1] + f[2]))
 
     @classmethod
@@ -110,9 +128,28 @@ class Rejection:
         per_frame = result.frame_fractions()
         if overall is None or per_frame is None:
             return None
+        base_low = base_high = 0.0
+        if job.rejection_warn is not None:
+            base_low, base_high = _clean_baseline(job)
         return cls(overall[0], overall[1],
                    tuple((i.frame.path, lo, hi) for i, (lo, hi) in zip(job.inputs, per_frame)),
-                   job.rejection_warn)
+                   job.rejection_warn, base_low, base_high)
+
+
+def _clean_baseline(job: Job) -> tuple[float, float]:
+    """(low, high): what the job's method rejects from clean data of its number of
+    frames. numpy and the kernels: imported here, where a master is made (not by a dry run).
+    A baseline that cannot be measured (a bug) is logged and taken as 0, as before it."""
+    from flatd.stack.baseline import baseline
+
+    try:
+        b = baseline(job.method, len(job.inputs))
+    except Exception as exc:  # noqa: BLE001 - the master is made; only the warning's reference is missing
+        E.notice("rejection_baseline", f"no clean-data rejection baseline for {job.method.label} at "
+                 f"{len(job.inputs)} frames ({type(exc).__name__}: {exc}): combine.rejection_warn compared with 0",
+                 logging.WARNING, job=job.id)
+        return 0.0, 0.0
+    return b.low, b.high
 
 
 class JobFailed(FlatdError):
@@ -124,8 +161,9 @@ class JobFailed(FlatdError):
 
 
 def _emit_rejection_warning(job: Job, master: Path, rejection: Optional[Rejection]) -> None:
-    """A warning when more than combine.rejection_warn of all values was rejected; a note
-    when only some inputs lost more than that (often a bad frame)."""
+    """A warning when more of all values was rejected than the method rejects from clean
+    data at this number of frames (the baseline) plus combine.rejection_warn; a note when
+    only some inputs lost more than that of theirs (often a bad frame)."""
     if rejection is None or rejection.threshold is None:
         return
     above = rejection.frames_above()
@@ -134,7 +172,8 @@ def _emit_rejection_warning(job: Job, master: Path, rejection: Optional[Rejectio
         emit(E.RejectionHigh(job.id, master, rejection.low, rejection.high, rejection.threshold,
                              overall=rejection.warn, frames=len(above),
                              worst=worst[0] if worst else None,
-                             worst_fraction=(worst[1] + worst[2]) if worst else None))
+                             worst_fraction=(worst[1] + worst[2]) if worst else None,
+                             baseline=rejection.baseline))
 
 
 def move_date(now: datetime) -> dict[str, str]:

@@ -14,7 +14,7 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-HEAVY = ("numpy", "numba", "astropy", "sklearn", "pydantic", "scipy")
+HEAVY = ("numpy", "flatd.stack._kernels", "flatd.stack.engines.local", "astropy", "sklearn", "pydantic", "scipy")
 
 
 def _run_and_list_modules(argv: list[str]) -> tuple[set[str], object, str]:

@@ -112,7 +112,8 @@ def percent(fraction: float) -> str:
 
 @dataclass(frozen=True)
 class RejectionHigh(Event):
-    """A master whose combine rejected more than combine.rejection_warn of all values
+    """A master whose combine rejected more of all values than `baseline` (what the
+    method rejects from clean data at this number of frames) plus combine.rejection_warn
     (`overall`), or some of whose inputs lost more than that of theirs (often a bad
     frame: `worst` lost the most)."""
 
@@ -123,9 +124,10 @@ class RejectionHigh(Event):
     high: float
     threshold: float
     overall: bool = True
-    frames: int = 0  # inputs above the threshold
+    frames: int = 0  # inputs above the baseline plus the threshold
     worst: Optional[Path] = None
     worst_fraction: Optional[float] = None
+    baseline: float = 0.0  # the fraction of clean data's values the method rejects at this N
 
     @property
     def level(self) -> int:
@@ -133,12 +135,15 @@ class RejectionHigh(Event):
 
     @property
     def message(self) -> str:
+        clean = f"clean data at this N: {percent(self.baseline)}"
         if self.overall:
-            text = (f"{self.path.name}: {percent(self.low + self.high)} of all values rejected "
-                    f"({percent(self.low)} low, {percent(self.high)} high), more than combine.rejection_warn "
-                    f"{percent(self.threshold)}")
+            text = (f"{self.path.name}: rejected {percent(self.low + self.high)} of all values "
+                    f"({percent(self.low)} low, {percent(self.high)} high; {clean}), more than "
+                    f"combine.rejection_warn {percent(self.threshold)} above it")
         else:
-            text = f"{self.path.name}: {self.frames} input(s) lost more than {percent(self.threshold)} of their values"
+            text = (f"{self.path.name}: {self.frames} input(s) lost more than "
+                    f"{percent(self.baseline + self.threshold)} of their values ({clean}, plus "
+                    f"combine.rejection_warn {percent(self.threshold)})")
         if self.worst is not None and self.worst_fraction is not None:
             text += f"; most from {self.worst.name} ({percent(self.worst_fraction)}): often a bad frame"
         return text

@@ -4,7 +4,7 @@ Uncompressed files are read with positional reads (``os.preadv``) straight into 
 per-worker buffer: the reads release the GIL, nothing stays mapped (a file-backed
 memory map would count every page read towards the resident size, and a file
 truncated under a map kills the process with SIGBUS; a short read is just an error).
-Big-endian integers are swapped and scaled in a numba kernel, which also subtracts the
+Big-endian integers are swapped and scaled in a compiled kernel (_kernels.c), which also subtracts the
 dark, bias or pedestal, clips to [0, 65535] and applies the normalization factor.
 Tile-compressed files (``.fits.fz``) are read through astropy's section interface,
 one band at a time.
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from numba import njit
 
 from flatd.errors import StackError
+from flatd.stack import _kernels
 from flatd.ingest.frames import Frame
 
 CLIP_MAX = 65535.0
@@ -30,56 +30,32 @@ _BITPIX_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">
 
 # --------------------------------------------------------------------------- kernels
 
-
-@njit(nogil=True, cache=True)
-def _calibrate_row(dst, mode, cal_row, ped, factor):
-    w = dst.shape[0]
-    if mode == 1:
-        for c in range(w):
-            x = dst[c] - ped
-            if x < 0:
-                x = np.float32(0.0)
-            elif x > CLIP_MAX:
-                x = np.float32(CLIP_MAX)
-            dst[c] = x
-    elif mode == 2:
-        for c in range(w):
-            x = dst[c] - cal_row[c]
-            if x < 0:
-                x = np.float32(0.0)
-            elif x > CLIP_MAX:
-                x = np.float32(CLIP_MAX)
-            dst[c] = x
-    if factor != 1.0:
-        for c in range(w):
-            dst[c] = dst[c] * factor
+# _kernels.fill's kinds: FITS big-endian int16, then native arrays by dtype
+_BE16 = 0
+_NATIVE_KINDS = {"u1": 1, "i1": 2, "u2": 3, "i2": 4, "u4": 5, "i4": 6, "u8": 7, "i8": 8, "f4": 9, "f8": 10}
 
 
-@njit(nogil=True, cache=True)
-def _fill_be16(raw, out, scale, zero, mode, cal, ped, factor):
-    """out = calibrate(float32(int16_be(raw) * scale + zero)); raw: native uint16 view."""
+def _fill(kind: int, raw: np.ndarray, out: np.ndarray, scale, zero, mode, cal, ped, factor) -> None:
     rows, w = out.shape
-    for r in range(rows):
-        src = raw[r]
-        dst = out[r]
-        for c in range(w):
-            u = np.int32(src[c])
-            v = ((u & 0xFF) << 8) | (u >> 8)
-            v = v - ((v & 0x8000) << 1)
-            dst[c] = np.float32(v * scale + zero)
-        _calibrate_row(dst, mode, cal[r], ped, factor)
+    if raw.shape != (rows, w) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"fill: raw {raw.shape} and out {out.shape} {out.dtype} do not match")
+    _kernels.fill(kind, np.ascontiguousarray(raw), out, rows, w, float(scale), float(zero), int(mode),
+                  cal if mode == 2 else None, float(ped), float(factor))
 
 
-@njit(nogil=True, cache=True)
-def _fill_native(raw, out, scale, zero, mode, cal, ped, factor):
-    """out = calibrate(float32(raw * scale + zero)); raw: any native numeric array."""
-    rows, w = out.shape
-    for r in range(rows):
-        src = raw[r]
-        dst = out[r]
-        for c in range(w):
-            dst[c] = np.float32(np.float64(src[c]) * scale + zero)
-        _calibrate_row(dst, mode, cal[r], ped, factor)
+def _fill_be16(raw, out, scale, zero, mode, cal, ped, factor) -> None:
+    """out = calibrate(float32(int16_be(raw) * scale + zero)); raw: native uint16 view.
+    calibrate: mode 1 minus `ped`, mode 2 minus `cal` (out's shape), then clipped to
+    [0, 65535]; mode 0 neither; then times `factor` (float32 arithmetic)."""
+    _fill(_BE16, raw, out, scale, zero, mode, cal, ped, factor)
+
+
+def _fill_native(raw, out, scale, zero, mode, cal, ped, factor) -> None:
+    """out = calibrate(float32(float64(raw) * scale + zero)); raw: any native numeric array."""
+    kind = _NATIVE_KINDS.get(f"{raw.dtype.kind}{raw.dtype.itemsize}") if raw.dtype.isnative else None
+    if kind is None:
+        raw, kind = raw.astype(np.float64), _NATIVE_KINDS["f8"]
+    _fill(kind, raw, out, scale, zero, mode, cal, ped, factor)
 
 
 # --------------------------------------------------------------------------- pixel sources

@@ -112,10 +112,30 @@ def test_rejection_high_warns_overall_and_notes_frames():
     ev = E.RejectionHigh("j1", Path("/m/master.fits"), 0.004, 0.003, 0.005, overall=True, frames=2,
                          worst=Path("/c/flat_07.fits"), worst_fraction=0.031)
     assert ev.name == "rejection_high" and ev.level == E.WARNING
-    assert ev.message == ("master.fits: 0.7 % of all values rejected (0.4 % low, 0.3 % high), more than "
-                          "combine.rejection_warn 0.5 %; most from flat_07.fits (3.1 %): often a bad frame")
+    assert ev.message == ("master.fits: rejected 0.7 % of all values (0.4 % low, 0.3 % high; clean data at this "
+                          "N: 0 %), more than combine.rejection_warn 0.5 % above it; most from flat_07.fits "
+                          "(3.1 %): often a bad frame")
     assert "path" not in ev.fields() and ev.fields()["worst"] == Path("/c/flat_07.fits")
     frames_only = E.RejectionHigh("j1", Path("/m/master.fits"), 0.001, 0.001, 0.005, overall=False, frames=1,
                                   worst=Path("/c/flat_07.fits"), worst_fraction=0.02)
     assert frames_only.level == E.INFO
     assert frames_only.message.startswith("master.fits: 1 input(s) lost more than 0.5 % of their values")
+
+
+def test_rejection_high_says_the_clean_data_baseline():
+    """The warning is measured from what the method rejects from clean data at this N,
+    and says so: the baseline, the threshold above it, and (inputs) their sum."""
+    from pathlib import Path
+
+    from flatd.notify import events as E
+
+    ev = E.RejectionHigh("j1", Path("/m/master.fits"), 0.012, 0.011, 0.005, baseline=0.011)
+    assert ev.message == ("master.fits: rejected 2.3 % of all values (1.2 % low, 1.1 % high; clean data at this "
+                          "N: 1.1 %), more than combine.rejection_warn 0.5 % above it")
+    assert ev.fields()["baseline"] == 0.011 and ev.level == E.WARNING
+    frames_only = E.RejectionHigh("j1", Path("/m/master.fits"), 0.008, 0.008, 0.005, overall=False, frames=1,
+                                  worst=Path("/c/flat_07.fits"), worst_fraction=0.25, baseline=0.0158)
+    assert frames_only.level == E.INFO
+    assert frames_only.message == ("master.fits: 1 input(s) lost more than 2.08 % of their values (clean data at "
+                                   "this N: 1.58 %, plus combine.rejection_warn 0.5 %); most from flat_07.fits "
+                                   "(25 %): often a bad frame")

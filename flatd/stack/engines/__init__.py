@@ -3,7 +3,7 @@
 Engine settings (``engine:`` in the rules file: kind, memory_limit, workers) travel in
 one object, :class:`flatd.config.Engine`, handed to :func:`make_engine`. ``local`` is
 the streaming stacker (:mod:`flatd.stack.engines.local`); others (dask) come later.
-Light: the engine itself (numpy, numba) is imported only when one is made.
+Light: the engine itself (numpy, the compiled kernels) is imported only when one is made.
 """
 
 from __future__ import annotations

@@ -1,0 +1,549 @@
+/* The kernels of _kernels.c, included once per instruction set: every name is K(name). */
+
+/* ------------------------------------------------------------------ networks */
+
+/* Apply compare-exchange pairs to whole rows of s (n x w, row stride st): afterwards
+ * s[k] holds the k-th smallest value of each column, for the outputs the network sorts. */
+static inline void K(cmpx)(float *s, ix w, ix st, const int64_t *net, ix nnet) {
+    for (ix k = 0; k < nnet; k++) {
+        float *a = s + net[2 * k] * st;
+        float *b = s + net[2 * k + 1] * st;
+        ix c = 0;
+        /* min(y, x) = y < x ? y : x and max(x, y) = x > y ? x : y, as the scalar loop */
+#if defined(__AVX__)
+        for (; c + 8 <= w; c += 8) {
+            __m256 x = _mm256_loadu_ps(a + c), y = _mm256_loadu_ps(b + c);
+            _mm256_storeu_ps(a + c, _mm256_min_ps(y, x));
+            _mm256_storeu_ps(b + c, _mm256_max_ps(x, y));
+        }
+#elif defined(__SSE__)
+        for (; c + 4 <= w; c += 4) {
+            __m128 x = _mm_loadu_ps(a + c), y = _mm_loadu_ps(b + c);
+            _mm_storeu_ps(a + c, _mm_min_ps(y, x));
+            _mm_storeu_ps(b + c, _mm_max_ps(x, y));
+        }
+#endif
+        for (; c < w; c++) {
+            float x = a[c], y = b[c];
+            a[c] = y < x ? y : x;
+            b[c] = y < x ? x : y;
+        }
+    }
+}
+
+/* The tile sorted by (value, frame), with each sorted value's frame: a stable sort. */
+static void K(cmpx_frames)(float *s, int32_t *f, ix w, ix st, const int64_t *net, ix nnet) {
+    for (ix k = 0; k < nnet; k++) {
+        float *restrict a = s + net[2 * k] * st, *restrict b = s + net[2 * k + 1] * st;
+        int32_t *restrict fa = f + net[2 * k] * st, *restrict fb = f + net[2 * k + 1] * st;
+        for (ix c = 0; c < w; c++) {
+            float x = a[c], y = b[c];
+            int32_t ixx = fa[c], iy = fb[c];
+            int swap = y < x || (y == x && iy < ixx);
+            a[c] = swap ? y : x;
+            b[c] = swap ? x : y;
+            fa[c] = swap ? iy : ixx;
+            fb[c] = swap ? ixx : iy;
+        }
+    }
+}
+
+static inline void K(copy_tile)(const Stack *S, ix r, ix c0, ix w, float *s, ix st) {
+    for (ix i = 0; i < S->n; i++) memcpy(s + i * st, S->x + (i * S->rows + r) * S->cols + c0, (size_t)w * 4);
+}
+
+static inline const float *K(row)(const Stack *S, ix i, ix r, ix c0) {
+    return S->x + (i * S->rows + r) * S->cols + c0;
+}
+
+/* ------------------------------------------------------------------ estimators */
+
+static void K(est_mean)(const Stack *S, float *orow, ix r, ix c0, ix w, Scratch *T) {
+    double *restrict acc = T->da;
+    for (ix c = 0; c < w; c++) acc[c] = 0.0;
+    for (ix i = 0; i < S->n; i++) {
+        const float *restrict x = K(row)(S, i, r, c0);
+        for (ix c = 0; c < w; c++) acc[c] += x[c];
+    }
+    for (ix c = 0; c < w; c++) orow[c] = (float)(acc[c] / (double)S->n);
+}
+
+static void K(est_median)(const Stack *S, float *orow, ix r, ix c0, ix w, const Plan *P, Scratch *T) {
+    ix n = S->n, st = P->tile;
+    float *s = T->s;
+    K(copy_tile)(S, r, c0, w, s, st);
+    K(cmpx)(s, w, st, P->enet, P->nenet);
+    const float *lo = s + ((n - 1) / 2) * st, *hi = s + (n / 2) * st;
+    for (ix c = 0; c < w; c++) orow[c] = (float)(((double)lo[c] + (double)hi[c]) * 0.5);
+}
+
+static void K(est_mean_kept)(const Stack *S, const uint8_t *keep, float *orow, ix r, ix c0, ix w, const Plan *P,
+                             Scratch *T) {
+    double *restrict acc = T->da;
+    int32_t *restrict cnt = T->ib;
+    for (ix c = 0; c < w; c++) { acc[c] = 0.0; cnt[c] = 0; }
+    for (ix i = 0; i < S->n; i++) {
+        const float *restrict x = K(row)(S, i, r, c0);
+        const uint8_t *restrict k = keep + i * P->tile;
+        for (ix c = 0; c < w; c++) { /* loads outside the condition: gcc vectorizes only then */
+            float xv = x[c], v = (k[c] & 1) ? xv : 0.0f;
+            acc[c] += (double)v;
+        }
+        for (ix c = 0; c < w; c++) cnt[c] += k[c] & 1;
+    }
+    for (ix c = 0; c < w; c++) orow[c] = cnt[c] > 0 ? (float)(acc[c] / cnt[c]) : NAN;
+}
+
+/* rejected values become +inf and sort last; the network sorts the whole column */
+static void K(est_median_kept)(const Stack *S, const uint8_t *keep, float *orow, ix r, ix c0, ix w,
+                               const Plan *P, Scratch *T) {
+    ix n = S->n, st = P->tile;
+    float *s = T->s;
+    int32_t *restrict cnt = T->ib;
+    for (ix c = 0; c < w; c++) cnt[c] = 0;
+    for (ix i = 0; i < n; i++) {
+        const float *restrict x = K(row)(S, i, r, c0);
+        const uint8_t *restrict k = keep + i * st;
+        float *restrict d = s + i * st;
+        for (ix c = 0; c < w; c++) { float xv = x[c]; d[c] = (k[c] & 1) ? xv : INFINITY; }
+        for (ix c = 0; c < w; c++) cnt[c] += k[c] & 1;
+    }
+    K(cmpx)(s, w, st, P->enet, P->nenet);
+    for (ix c = 0; c < w; c++) {
+        ix m = cnt[c];
+        orow[c] = m > 0 ? (float)(((double)s[((m - 1) / 2) * st + c] + (double)s[(m / 2) * st + c]) * 0.5) : NAN;
+    }
+}
+
+/* ------------------------------------------------------------------ min/max and sigma */
+
+/* Min/max clip of columns c0..c0+w of row r into keep[:, k0:k0 + w] (row stride kst). */
+static void K(minmax_keep)(const Stack *S, ix r, ix c0, ix w, ix passes, uint8_t *keep, ix kst, ix k0, Scratch *T) {
+    ix n = S->n;
+    float *restrict lo = T->fa, *restrict hi = T->fb, *restrict nlo = T->fc, *restrict nhi = T->fd;
+    int64_t *restrict cnt = T->ia;
+    uint8_t *restrict clipped = T->ba, *restrict written = T->bb;
+    for (ix c = 0; c < w; c++) { lo[c] = -INFINITY; hi[c] = INFINITY; clipped[c] = 0; written[c] = 0; }
+    for (ix p = 0; p < passes; p++) {
+        for (ix c = 0; c < w; c++) { nlo[c] = INFINITY; nhi[c] = -INFINITY; cnt[c] = 0; }
+        for (ix i = 0; i < n; i++) { /* the smallest value left: every copy of it goes */
+            const float *restrict x = K(row)(S, i, r, c0);
+            for (ix c = 0; c < w; c++) {
+                float v = x[c], m = nlo[c];
+                nlo[c] = ((v > lo[c]) & (v < hi[c]) & (v < m)) ? v : m;
+            }
+        }
+        for (ix i = 0; i < n; i++) { /* the largest of what is left: every copy of it goes */
+            const float *restrict x = K(row)(S, i, r, c0);
+            for (ix c = 0; c < w; c++) {
+                float v = x[c], m = nhi[c];
+                nhi[c] = ((v > nlo[c]) & (v < hi[c]) & (v > m)) ? v : m;
+            }
+        }
+        int last = p == passes - 1;
+        for (ix i = 0; i < n; i++) {
+            const float *restrict x = K(row)(S, i, r, c0);
+            uint8_t *restrict k = keep + i * kst + k0;
+            for (ix c = 0; c < w; c++) {
+                int inside = (x[c] > nlo[c]) & (x[c] < nhi[c]);
+                cnt[c] += inside;
+                if (last) k[c] = (uint8_t)(inside + 2 * (x[c] >= nhi[c]));
+            }
+        }
+        ix changed = 0;
+        for (ix c = 0; c < w; c++) {
+            if (cnt[c] > 0) { /* else the pass would empty the column: keep the previous one */
+                lo[c] = nlo[c]; hi[c] = nhi[c]; clipped[c] = 1; written[c] = (uint8_t)last; changed++;
+            }
+        }
+        if (changed == 0) break;
+    }
+    ix todo = 0;
+    for (ix c = 0; c < w; c++) todo += !written[c];
+    if (todo) { /* columns whose last pass was not made (few distinct values): from lo, hi */
+        for (ix i = 0; i < n; i++) {
+            const float *x = K(row)(S, i, r, c0);
+            uint8_t *k = keep + i * kst + k0;
+            for (ix c = 0; c < w; c++) {
+                if (written[c]) continue;
+                if (!clipped[c] || (x[c] > lo[c] && x[c] < hi[c])) k[c] = 1;
+                else k[c] = x[c] <= lo[c] ? 0 : 2;
+            }
+        }
+    }
+}
+
+/* |x - mean| / std > z  <=>  N * D^2 > z^2 * sum_j D_j^2  with D = N*x - sum(x) */
+static void K(reject_sigma)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint8_t *keep, ix kst, Scratch *T) {
+    ix n = S->n;
+    double fn = (double)n, z2 = P->p[0] * P->p[0];
+    double *restrict s = T->da, *restrict v = T->db;
+    for (ix c = 0; c < w; c++) { s[c] = 0.0; v[c] = 0.0; }
+    for (ix i = 0; i < n; i++) {
+        const float *restrict x = K(row)(S, i, r, c0);
+        for (ix c = 0; c < w; c++) s[c] += x[c];
+    }
+    for (ix i = 0; i < n; i++) {
+        const float *restrict x = K(row)(S, i, r, c0);
+        for (ix c = 0; c < w; c++) { double d = fn * x[c] - s[c]; v[c] += d * d; }
+    }
+    for (ix c = 0; c < w; c++) v[c] *= z2;
+    for (ix i = 0; i < n; i++) {
+        const float *restrict x = K(row)(S, i, r, c0);
+        uint8_t *restrict k = keep + i * kst;
+        for (ix c = 0; c < w; c++) {
+            double d = fn * x[c] - s[c];
+            int out = fn * d * d > v[c];
+            k[c] = (uint8_t)(1 - out + 2 * (out & (d > 0)));
+        }
+    }
+    /* only z < 1 can reject a whole column: the original then falls back to min/max n=2 */
+    if (z2 < 1.0001) {
+        int32_t *cnt = T->fr; /* not used by minmax_keep */
+        for (ix c = 0; c < w; c++) cnt[c] = 0;
+        for (ix i = 0; i < n; i++)
+            for (ix c = 0; c < w; c++) cnt[c] += keep[i * kst + c] == 1;
+        for (ix c = 0; c < w; c++)
+            if (cnt[c] == 0) K(minmax_keep)(S, r, c0 + c, 1, 2, keep, kst, c, T);
+    }
+}
+
+/* ------------------------------------------------------------------ robust rejections
+ * The column's N values sorted (stably) by a network; the algorithm in float64 on the
+ * sorted values. sigma-iterative, winsorized, mad and percentile keep a range of the
+ * sorted column (every copy of a value decided alike); linear-fit and esd decide by
+ * position. A pass that would reject every value left keeps the median value(s). */
+
+static inline double K(median_sorted)(const float *v, ix a, ix b) {
+    ix m = b - a;
+    return ((double)v[a + (m - 1) / 2] + (double)v[a + m / 2]) * 0.5;
+}
+
+/* sample standard deviation (N - 1) of v[a:b], summed in order */
+static inline double K(sd_sorted)(const float *v, ix a, ix b) {
+    ix m = b - a;
+    double s = 0.0, q = 0.0, mean;
+    for (ix j = a; j < b; j++) s += (double)v[j];
+    mean = s / m;
+    for (ix j = a; j < b; j++) { double d = (double)v[j] - mean; q += d * d; }
+    return sqrt(q / (m - 1));
+}
+
+static inline void K(clip_range)(const float *v, ix a, ix b, double centre, double dlow, double dhigh, ix *na,
+                                 ix *nb) {
+    ix x = a, y = b;
+    while (x < b && centre - (double)v[x] > dlow) x++;
+    while (y > x && (double)v[y - 1] - centre > dhigh) y--;
+    *na = x; *nb = y;
+}
+
+static inline void K(middle)(ix a, ix b, ix *na, ix *nb) {
+    ix m = b - a;
+    *na = a + (m - 1) / 2; *nb = a + m / 2 + 1;
+}
+
+static void K(sigma_iterative_range)(const float *v, ix n, double low, double high, ix *ra, ix *rb) {
+    ix a = 0, b = n, na, nb;
+    while (b - a >= 2) {
+        double centre = K(median_sorted)(v, a, b), sd = K(sd_sorted)(v, a, b);
+        K(clip_range)(v, a, b, centre, low * sd, high * sd, &na, &nb);
+        if (na == nb) { K(middle)(a, b, ra, rb); return; }
+        if (na == a && nb == b) break;
+        a = na; b = nb;
+    }
+    *ra = a; *rb = b;
+}
+
+static void K(mad_range)(const float *v, ix n, double low, double high, ix *ra, ix *rb) {
+    ix a = 0, b = n, na, nb;
+    while (b - a >= 2) {
+        ix m = b - a, p = a, left, right;
+        double centre = K(median_sorted)(v, a, b), d1 = 0.0, d2 = 0.0;
+        /* the median of |x - centre|: merge the two runs that grow outwards from the centre */
+        while (p < b && (double)v[p] < centre) p++;
+        left = p - 1; right = p;
+        for (ix t = 0; t < m / 2 + 1; t++) {
+            double d;
+            if (right < b && (left < a || (double)v[right] - centre <= centre - (double)v[left])) {
+                d = (double)v[right] - centre; right++;
+            } else {
+                d = centre - (double)v[left]; left--;
+            }
+            if (t == (m - 1) / 2) d1 = d;
+            if (t == m / 2) d2 = d;
+        }
+        double sigma = 1.4826 * ((d1 + d2) * 0.5);
+        K(clip_range)(v, a, b, centre, low * sigma, high * sigma, &na, &nb);
+        if (na == nb) { K(middle)(a, b, ra, rb); return; }
+        if (na == a && nb == b) break;
+        a = na; b = nb;
+    }
+    *ra = a; *rb = b;
+}
+
+static void K(winsorized_range)(const float *v, ix n, double low, double high, double *wv, ix *ra, ix *rb) {
+    ix a = 0, b = n, na, nb;
+    while (b - a >= 2) {
+        ix m = b - a;
+        double centre = K(median_sorted)(v, a, b), sigma = K(sd_sorted)(v, a, b);
+        for (ix j = 0; j < m; j++) wv[j] = (double)v[a + j];
+        for (int it = 0; it < WINSOR_ITERATIONS; it++) {
+            double lo = centre - 1.5 * sigma, hi = centre + 1.5 * sigma, total = 0.0, q = 0.0, mean, sigma0;
+            for (ix j = 0; j < m; j++) { /* winsorize and sum in one pass */
+                double x = wv[j] > lo ? wv[j] : lo;
+                x = x < hi ? x : hi;
+                wv[j] = x;
+                total += x;
+            }
+            mean = total / m;
+            for (ix j = 0; j < m; j++) { double d = wv[j] - mean; q += d * d; }
+            sigma0 = sigma;
+            sigma = 1.134 * sqrt(q / (m - 1));
+            if (!(fabs(sigma - sigma0) > sigma0 * 0.0005)) break;
+        }
+        K(clip_range)(v, a, b, centre, low * sigma, high * sigma, &na, &nb);
+        if (na == nb) { K(middle)(a, b, ra, rb); return; }
+        if (na == a && nb == b) break;
+        a = na; b = nb;
+    }
+    *ra = a; *rb = b;
+}
+
+static void K(percentile_range)(const float *v, ix n, double low, double high, ix *ra, ix *rb) {
+    double centre = K(median_sorted)(v, 0, n);
+    ix na, nb;
+    if (!(centre > 0)) { *ra = 0; *rb = n; return; }
+    K(clip_range)(v, 0, n, centre, centre * low, centre * high, &na, &nb);
+    if (na == nb) { K(middle)(0, n, ra, rb); return; }
+    *ra = na; *rb = nb;
+}
+
+static void K(reject_ranged)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint8_t *keep, ix kst, Scratch *T) {
+    ix n = S->n, st = P->tile, a = 0, b = n;
+    double low = P->p[0], high = P->p[1];
+    float *s = T->s, *v = T->v, *restrict lo = T->fa, *restrict hi = T->fb;
+    K(copy_tile)(S, r, c0, w, s, st);
+    K(cmpx)(s, w, st, P->rnet, P->nrnet);
+    for (ix c = 0; c < w; c++) {
+        for (ix j = 0; j < n; j++) v[j] = s[j * st + c];
+        switch (P->reject) {
+        case REJ_SIGMA_ITERATIVE: K(sigma_iterative_range)(v, n, low, high, &a, &b); break;
+        case REJ_WINSORIZED: K(winsorized_range)(v, n, low, high, T->wv, &a, &b); break;
+        case REJ_MAD: K(mad_range)(v, n, low, high, &a, &b); break;
+        default: K(percentile_range)(v, n, low, high, &a, &b); break;
+        }
+        lo[c] = v[a];
+        hi[c] = v[b - 1];
+    }
+    for (ix i = 0; i < n; i++) {
+        const float *restrict x = K(row)(S, i, r, c0);
+        uint8_t *restrict k = keep + i * kst;
+        for (ix c = 0; c < w; c++) k[c] = (uint8_t)(1 - (x[c] < lo[c]) + (x[c] > hi[c]));
+    }
+}
+
+static void K(sorted_with_frames)(const Stack *S, ix r, ix c0, ix w, const Plan *P, Scratch *T) {
+    ix st = P->tile;
+    K(copy_tile)(S, r, c0, w, T->s, st);
+    for (ix i = 0; i < S->n; i++)
+        for (ix c = 0; c < w; c++) T->fr[i * st + c] = (int32_t)i;
+    K(cmpx_frames)(T->s, T->fr, w, st, P->rnet, P->nrnet);
+}
+
+static void K(reject_linear_fit)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint8_t *keep, ix kst,
+                                 Scratch *T) {
+    ix n = S->n, st = P->tile;
+    double low = P->p[0], high = P->p[1];
+    float *v = T->v;
+    double *y = T->y;
+    ix *idx = T->idx, *pos = T->pos;
+    uint8_t *code = T->code; /* by sorted position */
+    K(sorted_with_frames)(S, r, c0, w, P, T);
+    for (ix c = 0; c < w; c++) {
+        for (ix j = 0; j < n; j++) { v[j] = T->s[j * st + c]; idx[j] = T->fr[j * st + c]; code[j] = 1; }
+        for (;;) {
+            ix m = 0, gone = 0;
+            for (ix j = 0; j < n; j++)
+                if (code[j] == 1) { y[m] = v[j]; pos[m] = j; m++; }
+            if (m < 3) break;
+            /* least squares y = slope * x + icpt, x = rank among the values kept */
+            double xm = (m - 1) * 0.5, ym = 0.0, sxy = 0.0, sxx = 0.0, slope, icpt, sigma = 0.0, dlow, dhigh;
+            for (ix j = 0; j < m; j++) ym += y[j];
+            ym /= m;
+            for (ix j = 0; j < m; j++) { double dx = j - xm; sxy += dx * (y[j] - ym); sxx += dx * dx; }
+            slope = sxy / sxx;
+            icpt = ym - slope * xm;
+            for (ix j = 0; j < m; j++) sigma += fabs(y[j] - (slope * j + icpt));
+            sigma /= m;
+            dlow = low * sigma;
+            dhigh = high * sigma;
+            for (ix j = 0; j < m; j++) {
+                double line = slope * j + icpt;
+                if (line - y[j] > dlow) { code[pos[j]] = 0; gone++; }
+                else if (y[j] - line > dhigh) { code[pos[j]] = 2; gone++; }
+            }
+            if (gone == m) { /* everything: keep the median value(s) of what was left */
+                ix ma, mb;
+                K(middle)(0, m, &ma, &mb);
+                for (ix j = ma; j < mb; j++) code[pos[j]] = 1;
+                break;
+            }
+            if (gone == 0) break;
+        }
+        for (ix j = 0; j < n; j++) keep[idx[j] * kst + c] = code[j];
+    }
+}
+
+/* params: outliers fraction, significance, low relaxation, r, lambda_1..lambda_r */
+static void K(reject_esd)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint8_t *keep, ix kst, Scratch *T) {
+    ix n = S->n, st = P->tile, nmax = (ix)P->p[3];
+    double relax = P->p[2];
+    const double *lam = P->p + 4;
+    float *v = T->v;
+    ix *idx = T->idx;
+    uint8_t *side = T->side;
+    if (nmax > n) nmax = n;
+    K(sorted_with_frames)(S, r, c0, w, P, T);
+    for (ix c = 0; c < w; c++) {
+        ix lo = 0, hi = n - 1, k = 0;
+        for (ix j = 0; j < n; j++) { v[j] = T->s[j * st + c]; idx[j] = T->fr[j * st + c]; }
+        /* running sums of x - shift (a middle value, against cancellation) */
+        double shift = (double)v[(n - 1) / 2], total = 0.0, sq = 0.0;
+        for (ix j = 0; j < n; j++) { double x = (double)v[j] - shift; total += x; sq += x * x; }
+        for (ix i = 0; i < nmax; i++) {
+            ix m = hi - lo + 1;
+            double mean = shift + total / m, var = (sq - total * total / m) / (m - 1);
+            double sd = var > 0 ? sqrt(var) : 0.0, dev, x;
+            double dlow = (mean - (double)v[lo]) / relax, dhigh = (double)v[hi] - mean;
+            if (dhigh > dlow) { dev = dhigh; side[i] = 2; x = (double)v[hi] - shift; hi--; }
+            else { dev = dlow; side[i] = 0; x = (double)v[lo] - shift; lo++; }
+            total -= x;
+            sq -= x * x;
+            if (sd > 0 && dev / sd > lam[i]) k = i + 1;
+        }
+        for (ix j = 0; j < n; j++) keep[idx[j] * kst + c] = 1;
+        lo = 0; hi = n - 1;
+        for (ix i = 0; i < k; i++) {
+            if (side[i] == 2) { keep[idx[hi] * kst + c] = 2; hi--; }
+            else { keep[idx[lo] * kst + c] = 0; lo++; }
+        }
+    }
+}
+
+/* the keep-mask of columns c0..c0+w of row r, row stride kst */
+static void K(reject)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint8_t *keep, ix kst, Scratch *T) {
+    switch (P->reject) {
+    case REJ_MINMAX: K(minmax_keep)(S, r, c0, w, (ix)P->p[0], keep, kst, 0, T); break;
+    case REJ_SIGMA: K(reject_sigma)(S, r, c0, w, P, keep, kst, T); break;
+    case REJ_SIGMA_ITERATIVE: case REJ_WINSORIZED: case REJ_MAD: case REJ_PERCENTILE:
+        K(reject_ranged)(S, r, c0, w, P, keep, kst, T); break;
+    case REJ_LINEAR_FIT: K(reject_linear_fit)(S, r, c0, w, P, keep, kst, T); break;
+    case REJ_ESD: K(reject_esd)(S, r, c0, w, P, keep, kst, T); break;
+    case REJ_GIVEN:
+        for (ix i = 0; i < S->n; i++)
+            memcpy(keep + i * kst, P->given + (i * P->grows + (r - P->g0)) * S->cols + c0, (size_t)w);
+        break;
+    default:
+        for (ix i = 0; i < S->n; i++) memset(keep + i * kst, 1, (size_t)w);
+    }
+}
+
+/* ------------------------------------------------------------------ the row driver */
+
+/* Rows r0..r1 into out (rows x cols, same row numbers as the stack); rejections counted
+ * into fc (n x 2) and pc (2 x prows x cols, rows from prow0) when given. */
+static void K(combine_rows)(const Stack *S, float *out, ix r0, ix r1, const Plan *P, Scratch *T, int64_t *fc,
+                            uint16_t *pc, ix prows, ix prow0) {
+    ix n = S->n, cols = S->cols, tile = P->tile;
+    uint8_t *keep = T->keep;
+    for (ix r = r0; r < r1; r++) {
+        for (ix c0 = 0; c0 < cols; c0 += tile) {
+            ix w = cols - c0 < tile ? cols - c0 : tile;
+            float *orow = out + r * cols + c0;
+            if (P->reject == REJ_NONE) {
+                if (P->estimator == EST_MEAN) K(est_mean)(S, orow, r, c0, w, T);
+                else K(est_median)(S, orow, r, c0, w, P, T);
+                continue;
+            }
+            K(reject)(S, r, c0, w, P, keep, tile, T);
+            if (P->estimator == EST_MEAN) K(est_mean_kept)(S, keep, orow, r, c0, w, P, T);
+            else K(est_median_kept)(S, keep, orow, r, c0, w, P, T);
+            if (!fc && !pc) continue;
+            uint16_t *restrict lo = T->lo16, *restrict hi = T->hi16;
+            for (ix c = 0; c < w; c++) { lo[c] = 0; hi[c] = 0; }
+            for (ix i = 0; i < n; i++) {
+                const uint8_t *restrict k = keep + i * tile;
+                int32_t nl = 0, nh = 0; /* a tile has at most 2^31 columns */
+                for (ix c = 0; c < w; c++) {
+                    uint16_t l = k[c] == 0, h = k[c] == 2;
+                    lo[c] += l; hi[c] += h;
+                }
+                for (ix c = 0; c < w; c++) { nl += k[c] == 0; nh += k[c] == 2; }
+                if (fc) { fc[2 * i] += nl; fc[2 * i + 1] += nh; }
+            }
+            if (pc) {
+                memcpy(pc + (r - prow0) * cols + c0, lo, (size_t)w * 2);
+                memcpy(pc + (prows + r - prow0) * cols + c0, hi, (size_t)w * 2);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ pixels */
+
+static inline void K(calibrate_row)(float *restrict dst, ix w, int mode, const float *restrict cal, float ped,
+                                    float factor) {
+    if (mode == 1) {
+        for (ix c = 0; c < w; c++) { float x = dst[c] - ped; dst[c] = x < 0 ? 0.0f : (x > 65535.0f ? 65535.0f : x); }
+    } else if (mode == 2) {
+        for (ix c = 0; c < w; c++) { float x = dst[c] - cal[c]; dst[c] = x < 0 ? 0.0f : (x > 65535.0f ? 65535.0f : x); }
+    }
+    if (factor != 1.0f)
+        for (ix c = 0; c < w; c++) dst[c] = dst[c] * factor;
+}
+
+#define FILL_NATIVE(NAME, TYPE) \
+    static void K(NAME)(const void *raw, float *out, ix rows, ix w, double scale, double zero, int mode, \
+                        const float *cal, float ped, float factor) { \
+        for (ix r = 0; r < rows; r++) { \
+            const TYPE *restrict src = (const TYPE *)raw + r * w; \
+            float *restrict dst = out + r * w; \
+            for (ix c = 0; c < w; c++) dst[c] = (float)((double)src[c] * scale + zero); \
+            K(calibrate_row)(dst, w, mode, mode == 2 ? cal + r * w : NULL, ped, factor); \
+        } \
+    }
+
+FILL_NATIVE(fill_u8, uint8_t)
+FILL_NATIVE(fill_i8, int8_t)
+FILL_NATIVE(fill_u16, uint16_t)
+FILL_NATIVE(fill_i16, int16_t)
+FILL_NATIVE(fill_u32, uint32_t)
+FILL_NATIVE(fill_i32, int32_t)
+FILL_NATIVE(fill_u64, uint64_t)
+FILL_NATIVE(fill_i64, int64_t)
+FILL_NATIVE(fill_f32, float)
+FILL_NATIVE(fill_f64, double)
+#undef FILL_NATIVE
+
+/* big-endian int16 (FITS BITPIX 16) */
+static void K(fill_be16)(const void *raw, float *out, ix rows, ix w, double scale, double zero, int mode,
+                         const float *cal, float ped, float factor) {
+    for (ix r = 0; r < rows; r++) {
+        const uint16_t *restrict src = (const uint16_t *)raw + r * w;
+        float *restrict dst = out + r * w;
+        for (ix c = 0; c < w; c++) {
+            int32_t u = src[c];
+            int32_t v = ((u & 0xFF) << 8) | (u >> 8);
+            v = v - ((v & 0x8000) << 1);
+            dst[c] = (float)(v * scale + zero);
+        }
+        K(calibrate_row)(dst, w, mode, mode == 2 ? cal + r * w : NULL, ped, factor);
+    }
+}
+
+typedef void (*K(fill_fn))(const void *, float *, ix, ix, double, double, int, const float *, float, float);
+
+static const K(fill_fn) K(fills)[] = {K(fill_be16), K(fill_u8), K(fill_i8), K(fill_u16), K(fill_i16),
+                                      K(fill_u32), K(fill_i32), K(fill_u64), K(fill_i64), K(fill_f32),
+                                      K(fill_f64)};
+
