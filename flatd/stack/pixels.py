@@ -238,29 +238,40 @@ class PixelSource:
         """The level sample grid (flatd.stack.levels.grid_slices) as float32, calibrated
         like read_into: minus `cal` (a grid of the same shape) or `pedestal`, clipped to
         [0, 65535] when anything was subtracted. Rows are read `chunk_rows` at a time, so
-        the memory is the grid plus chunk_rows x W x (itemsize + 4) bytes."""
+        the memory is the grid plus chunk_rows x W x (itemsize + 4) bytes (itemsize + 8
+        with a step of 1). Uncompressed rows are read raw and only the grid's columns
+        converted, in numpy (no kernel): float32(float64(value) * BSCALE + BZERO), the
+        fill kernels' arithmetic."""
         from flatd.stack.levels import grid_slices
 
         rows_sl, cols_sl = grid_slices(self.height, self.width, step)
         rows = range(*rows_sl.indices(self.height))
         cols = range(*cols_sl.indices(self.width))
         out = np.empty((len(rows), len(cols)), dtype=np.float32)
-        buf = np.empty((max(1, min(chunk_rows, len(rows))), self.width), dtype=np.float32)
-        raw = None if self._section is not None else np.empty(buf.shape[0] * self.raw_bytes(0, 1), np.uint8)
-        row_bytes = self.raw_bytes(0, 1)
-        for k0 in range(0, len(rows), buf.shape[0]):
-            picked = rows[k0:k0 + buf.shape[0]]
-            band = buf[: len(picked)]
-            if raw is None:
+        chunk = max(1, min(chunk_rows, len(rows)))
+        if self._section is not None:
+            buf = np.empty((chunk, self.width), dtype=np.float32)
+            for k0 in range(0, len(rows), chunk):
+                picked = rows[k0:k0 + chunk]
+                band = buf[: len(picked)]
                 for k, r in enumerate(picked):
                     self.read_into(r, r + 1, band[k:k + 1])
-            else:
-                view = memoryview(raw)
+                out[k0:k0 + len(picked)] = band[:, cols_sl]
+        else:
+            row_bytes = self.raw_bytes(0, 1)
+            raw = np.empty(chunk * row_bytes, np.uint8)
+            view = memoryview(raw)
+            scale, zero = float(self.frame.bscale), float(self.frame.bzero)
+            wide = np.empty((chunk, len(cols)), dtype=np.float64)
+            for k0 in range(0, len(rows), chunk):
+                picked = rows[k0:k0 + chunk]
                 for k, r in enumerate(picked):
                     self._pread_exact(view[k * row_bytes:(k + 1) * row_bytes], self.frame.data_offset + r * row_bytes)
-                kernel, native, scale, zero = self._native_plain(raw[: len(picked) * row_bytes], len(picked))
-                kernel(native, band, scale, zero, 0, band, np.float32(0.0), np.float32(1.0))
-            out[k0:k0 + len(picked)] = band[:, cols_sl]
+                values = raw[: len(picked) * row_bytes].view(self.dtype).reshape(len(picked), self.width)[:, cols_sl]
+                w = wide[: len(picked)]
+                np.multiply(values, scale, out=w)
+                np.add(w, zero, out=w)
+                out[k0:k0 + len(picked)] = w
         if cal is not None:
             np.subtract(out, cal, out=out)
             np.clip(out, 0.0, CLIP_MAX, out=out)

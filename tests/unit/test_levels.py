@@ -63,11 +63,11 @@ def test_grid_step_is_the_largest_that_keeps_the_target(shape):
 
 
 def test_grid_spans_the_whole_frame():
-    assert LV.grid_step(2448, 3264) == 5
-    rows, cols = LV.grid_slices(2448, 3264, 5)
+    assert LV.grid_step(2448, 3264) == 12
+    rows, cols = LV.grid_slices(2448, 3264, 12)
     picked = range(2448)[rows]
-    assert picked[0] == 2 and picked[-1] >= 2448 - 5
-    assert range(3264)[cols][-1] >= 3264 - 5
+    assert picked[0] == 6 and picked[-1] >= 2448 - 12
+    assert range(3264)[cols][-1] >= 3264 - 12
 
 
 # --------------------------------------------------------------------------- the estimator
@@ -234,11 +234,50 @@ def test_relative_levels_follow_the_plain_definition():
     samples = _samples(frames)
     own = [plain_ikss(f) for f in frames]
     ratios = frames / np.array(own, np.float32)[:, None, None]
-    reference = np.median(ratios, axis=0)
-    stride = -(-reference.size // LV.MODE_SAMPLE)
-    expected = [own[i] * plain_mode((ratios[i] / reference).ravel()[::stride]) for i in range(len(frames))]
+    stride = -(-ratios[0].size // LV.MODE_SAMPLE)
+    expected = []
+    for i in range(len(frames)):
+        reference = np.median(np.delete(ratios, i, axis=0), axis=0)  # the others' median
+        expected.append(own[i] * plain_mode((ratios[i] / reference).ravel()[::stride]))
     got = LV.relative_levels(samples)
     assert got == pytest.approx(expected, rel=2e-6)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 7, 8])
+def test_the_median_of_the_others_is_the_plain_one(n):
+    rng = np.random.default_rng(15)
+    samples = rng.integers(0, 5, size=(n, 3000)).astype(np.float32)  # ties too
+    samples[:, :500] = rng.normal(1, 0.1, size=(n, 500))
+    samples[rng.integers(0, n), 7] = np.nan
+    for stride in (1, 3):
+        ratios = samples.copy()
+        LV._ratios_to_others(ratios, list(range(n)), stride)
+        for i in range(n):
+            with np.errstate(divide="ignore", invalid="ignore"):  # zeros among the integers
+                want = samples[i, ::stride] / np.median(np.delete(samples, i, axis=0), axis=0).astype(np.float32)[::stride]
+            got = ratios[i, ::stride]
+            if stride == 1:
+                assert np.isnan(got[7])  # a position with a NaN anywhere is left out for every frame
+                got, want = np.delete(got, 7), np.delete(want, 7)
+            assert np.array_equal(got, want, equal_nan=True), (i, stride)
+        if stride == 3:  # the other samples are left alone
+            assert np.array_equal(np.delete(ratios, np.s_[::3], axis=1), np.delete(samples, np.s_[::3], axis=1),
+                                  equal_nan=True)
+
+
+def test_a_frame_s_own_level_does_not_leak_into_its_relative_level(monkeypatch):
+    # each frame is compared with the median of the others, so an error in its own level
+    # (the sampling noise of the grid) cancels: own x ratio to the others does not depend on it
+    # (it moves the others' by about 1/(N-1) of it: it is one of the N-1 in their reference)
+    rng = np.random.default_rng(16)
+    frames = _frames(rng, [20000, 21000, 19500, 20500, 22000, 20800, 21500, 19800, 20200])
+    exact = LV.relative_levels(_samples(frames))
+    robust_level = LV.robust_level
+    monkeypatch.setattr(LV, "robust_level", lambda x: robust_level(x) * (1.002 if x[0] == frames[2].flat[0] else 1))
+    off = LV.relative_levels(_samples(frames))
+    assert abs(off[2] / exact[2] - 1) < 1e-5  # not 2e-3, nor half of it
+    for i in (0, 1, 3, 4, 5, 6, 7, 8):
+        assert abs(off[i] / exact[i] - 1) < 1.5 * 2e-3 / 8
 
 
 @pytest.mark.parametrize("depth", [0.9, 0.8, 0.6])
