@@ -281,26 +281,55 @@ static void K(mad_range)(const float *v, ix n, double low, double high, ix *ra, 
     *ra = a; *rb = b;
 }
 
+/* Huber's winsorization on the sorted values v[a..b): w = clip(w, centre -+ 1.5 sigma)
+ * repeatedly, sigma = 1.134 sd(w), until sigma moves by no more than 5e-4 of itself.
+ * The winsorized values stay sorted and each clip moves whole tails, so w is always a
+ * low group of kl values at one value, the values v[a+kl .. b-kh) untouched, and a high
+ * group of kh values at one value: with prefix sums of (v - centre) and its square, an
+ * iteration costs O(1) plus the values newly clipped (instead of two passes over m).
+ * The sums (and the starting sd, from the same prefix sums) differ from two-pass sums in
+ * the last bits only: a decision can differ only at a knife edge (tests/unit/test_rejection.py). */
+static double K(winsorized_sigma)(const float *v, ix a, ix m, double centre, double *p1, double *p2) {
+    ix kl = 0, kh = 0;
+    double gl = -INFINITY, gh = INFINITY; /* the groups' values */
+    double sigma, q;
+    p1[0] = 0.0; p2[0] = 0.0;
+    for (ix j = 0; j < m; j++) {
+        double d = (double)v[a + j] - centre;
+        p1[j + 1] = p1[j] + d;
+        p2[j + 1] = p2[j] + d * d;
+    }
+    q = p2[m] - p1[m] * (p1[m] / m); /* the start: the sample sd */
+    sigma = sqrt((q > 0 ? q : 0.0) / (m - 1));
+    for (int it = 0; it < WINSOR_ITERATIONS; it++) {
+        double lo = centre - 1.5 * sigma, hi = centre + 1.5 * sigma, s1, s2, dl, dh, q, sigma0;
+        if (lo > gl) { /* the low group and every value below lo move to lo */
+            while (kl < m - kh && (double)v[a + kl] < lo) kl++;
+            gl = lo;
+        }
+        if (hi < gh) {
+            while (m - kh > kl && (double)v[a + m - kh - 1] > hi) kh++;
+            gh = hi;
+        }
+        dl = gl - centre;
+        dh = gh - centre;
+        s1 = (kl ? kl * dl : 0.0) + (p1[m - kh] - p1[kl]) + (kh ? kh * dh : 0.0);
+        s2 = (kl ? kl * dl * dl : 0.0) + (p2[m - kh] - p2[kl]) + (kh ? kh * dh * dh : 0.0);
+        q = s2 - s1 * (s1 / m);
+        if (q < 0) q = 0.0;
+        sigma0 = sigma;
+        sigma = 1.134 * sqrt(q / (m - 1));
+        if (!(fabs(sigma - sigma0) > sigma0 * 0.0005)) break;
+    }
+    return sigma;
+}
+
 static void K(winsorized_range)(const float *v, ix n, double low, double high, double *wv, ix *ra, ix *rb) {
     ix a = 0, b = n, na, nb;
     while (b - a >= 2) {
         ix m = b - a;
-        double centre = K(median_sorted)(v, a, b), sigma = K(sd_sorted)(v, a, b);
-        for (ix j = 0; j < m; j++) wv[j] = (double)v[a + j];
-        for (int it = 0; it < WINSOR_ITERATIONS; it++) {
-            double lo = centre - 1.5 * sigma, hi = centre + 1.5 * sigma, total = 0.0, q = 0.0, mean, sigma0;
-            for (ix j = 0; j < m; j++) { /* winsorize and sum in one pass */
-                double x = wv[j] > lo ? wv[j] : lo;
-                x = x < hi ? x : hi;
-                wv[j] = x;
-                total += x;
-            }
-            mean = total / m;
-            for (ix j = 0; j < m; j++) { double d = wv[j] - mean; q += d * d; }
-            sigma0 = sigma;
-            sigma = 1.134 * sqrt(q / (m - 1));
-            if (!(fabs(sigma - sigma0) > sigma0 * 0.0005)) break;
-        }
+        double centre = K(median_sorted)(v, a, b);
+        double sigma = K(winsorized_sigma)(v, a, m, centre, wv, wv + n + 1);
         K(clip_range)(v, a, b, centre, low * sigma, high * sigma, &na, &nb);
         if (na == nb) { K(middle)(a, b, ra, rb); return; }
         if (na == a && nb == b) break;

@@ -89,11 +89,23 @@ def ref_sigma_iterative(col, low, high):
     return by_interval(col, v)
 
 
+KNIFE = 1e-9  # relative: decisions this close to their threshold are not compared
+
+
+def near(a: float, b: float) -> bool:
+    """a and b within KNIFE of each other, relative to their size."""
+    return abs(a - b) < KNIFE * max(abs(a), abs(b))
+
+
 def ref_winsorized(col, low, high):
     """Winsorized sigma clipping (Huber; Siril, PixInsight): sigma from the sample sd,
     then repeatedly winsorize (clip to median +- 1.5 sigma, the clipped set kept) and
     sigma = 1.134 sd(winsorized) until |sigma - sigma_prev| <= 5e-4 sigma_prev; reject
-    about the median; repeat on what is kept until nothing more is rejected."""
+    about the median; repeat on what is kept until nothing more is rejected.
+
+    The kernel sums the winsorized values from prefix sums (one pass, then O(1) per
+    iteration), which rounds differently in the last bits: None (not compared) when a
+    convergence test or a rejection is within KNIFE of its threshold."""
     v = sorted(col)
     while len(v) >= 2:
         c = med(v)
@@ -104,8 +116,12 @@ def ref_winsorized(col, low, high):
             w = [min(hi, max(lo, x)) for x in w]
             sigma0 = sigma
             sigma = 1.134 * sample_sd(w)
+            if near(abs(sigma - sigma0), sigma0 * 0.0005):
+                return None
             if not abs(sigma - sigma0) > sigma0 * 0.0005:
                 break
+        if any(near(c - x, low * sigma) or near(x - c, high * sigma) for x in v):
+            return None
         kept = clip(v, c, low * sigma, high * sigma)
         if not kept:
             v = middle(v)
