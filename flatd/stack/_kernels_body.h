@@ -214,26 +214,26 @@ static void K(reject_sigma)(const Stack *S, ix r, ix c0, ix w, const Plan *P, ui
  * sorted column (every copy of a value decided alike); linear-fit and esd decide by
  * position. A pass that would reject every value left keeps the median value(s). */
 
-static inline double K(median_sorted)(const float *v, ix a, ix b) {
+static inline double K(median_sorted)(const float *v, ix vs, ix a, ix b) {
     ix m = b - a;
-    return ((double)v[a + (m - 1) / 2] + (double)v[a + m / 2]) * 0.5;
+    return ((double)v[(a + (m - 1) / 2) * vs] + (double)v[(a + m / 2) * vs]) * 0.5;
 }
 
-/* sample standard deviation (N - 1) of v[a:b], summed in order */
-static inline double K(sd_sorted)(const float *v, ix a, ix b) {
+/* sample standard deviation (N - 1) of v[(a:b) * vs], summed in order */
+static inline double K(sd_sorted)(const float *v, ix vs, ix a, ix b) {
     ix m = b - a;
     double s = 0.0, q = 0.0, mean;
-    for (ix j = a; j < b; j++) s += (double)v[j];
+    for (ix j = a; j < b; j++) s += (double)v[(j) * vs];
     mean = s / m;
-    for (ix j = a; j < b; j++) { double d = (double)v[j] - mean; q += d * d; }
+    for (ix j = a; j < b; j++) { double d = (double)v[(j) * vs] - mean; q += d * d; }
     return sqrt(q / (m - 1));
 }
 
-static inline void K(clip_range)(const float *v, ix a, ix b, double centre, double dlow, double dhigh, ix *na,
+static inline void K(clip_range)(const float *v, ix vs, ix a, ix b, double centre, double dlow, double dhigh, ix *na,
                                  ix *nb) {
     ix x = a, y = b;
-    while (x < b && centre - (double)v[x] > dlow) x++;
-    while (y > x && (double)v[y - 1] - centre > dhigh) y--;
+    while (x < b && centre - (double)v[(x) * vs] > dlow) x++;
+    while (y > x && (double)v[(y - 1) * vs] - centre > dhigh) y--;
     *na = x; *nb = y;
 }
 
@@ -242,11 +242,11 @@ static inline void K(middle)(ix a, ix b, ix *na, ix *nb) {
     *na = a + (m - 1) / 2; *nb = a + m / 2 + 1;
 }
 
-static void K(sigma_iterative_range)(const float *v, ix n, double low, double high, ix *ra, ix *rb) {
+static void K(sigma_iterative_range)(const float *v, ix vs, ix n, double low, double high, ix *ra, ix *rb) {
     ix a = 0, b = n, na, nb;
     while (b - a >= 2) {
-        double centre = K(median_sorted)(v, a, b), sd = K(sd_sorted)(v, a, b);
-        K(clip_range)(v, a, b, centre, low * sd, high * sd, &na, &nb);
+        double centre = K(median_sorted)(v, vs, a, b), sd = K(sd_sorted)(v, vs, a, b);
+        K(clip_range)(v, vs, a, b, centre, low * sd, high * sd, &na, &nb);
         if (na == nb) { K(middle)(a, b, ra, rb); return; }
         if (na == a && nb == b) break;
         a = na; b = nb;
@@ -254,26 +254,26 @@ static void K(sigma_iterative_range)(const float *v, ix n, double low, double hi
     *ra = a; *rb = b;
 }
 
-static void K(mad_range)(const float *v, ix n, double low, double high, ix *ra, ix *rb) {
+static void K(mad_range)(const float *v, ix vs, ix n, double low, double high, ix *ra, ix *rb) {
     ix a = 0, b = n, na, nb;
     while (b - a >= 2) {
         ix m = b - a, p = a, left, right;
-        double centre = K(median_sorted)(v, a, b), d1 = 0.0, d2 = 0.0;
+        double centre = K(median_sorted)(v, vs, a, b), d1 = 0.0, d2 = 0.0;
         /* the median of |x - centre|: merge the two runs that grow outwards from the centre */
-        while (p < b && (double)v[p] < centre) p++;
+        while (p < b && (double)v[(p) * vs] < centre) p++;
         left = p - 1; right = p;
         for (ix t = 0; t < m / 2 + 1; t++) {
             double d;
-            if (right < b && (left < a || (double)v[right] - centre <= centre - (double)v[left])) {
-                d = (double)v[right] - centre; right++;
+            if (right < b && (left < a || (double)v[(right) * vs] - centre <= centre - (double)v[(left) * vs])) {
+                d = (double)v[(right) * vs] - centre; right++;
             } else {
-                d = centre - (double)v[left]; left--;
+                d = centre - (double)v[(left) * vs]; left--;
             }
             if (t == (m - 1) / 2) d1 = d;
             if (t == m / 2) d2 = d;
         }
         double sigma = 1.4826 * ((d1 + d2) * 0.5);
-        K(clip_range)(v, a, b, centre, low * sigma, high * sigma, &na, &nb);
+        K(clip_range)(v, vs, a, b, centre, low * sigma, high * sigma, &na, &nb);
         if (na == nb) { K(middle)(a, b, ra, rb); return; }
         if (na == a && nb == b) break;
         a = na; b = nb;
@@ -285,36 +285,46 @@ static void K(mad_range)(const float *v, ix n, double low, double high, ix *ra, 
  * repeatedly, sigma = 1.134 sd(w), until sigma moves by no more than 5e-4 of itself.
  * The winsorized values stay sorted and each clip moves whole tails, so w is always a
  * low group of kl values at one value, the values v[a+kl .. b-kh) untouched, and a high
- * group of kh values at one value: with prefix sums of (v - centre) and its square, an
- * iteration costs O(1) plus the values newly clipped (instead of two passes over m).
- * The sums (and the starting sd, from the same prefix sums) differ from two-pass sums in
- * the last bits only: a decision can differ only at a knife edge (tests/unit/test_rejection.py). */
-static double K(winsorized_sigma)(const float *v, ix a, ix m, double centre, double *p1, double *p2) {
-    ix kl = 0, kh = 0;
+ * group of kh values at one value: with the sums of (v - centre) and its square over the
+ * untouched values (the whole range's, less each value as a group takes it), an
+ * iteration costs O(1) plus the values newly clipped, instead of two passes over m.
+ * The sums (and the starting sd, from the same sums) differ from two-pass sums in the
+ * last bits only: a decision can differ only at a knife edge (tests/unit/test_rejection.py). */
+static double K(winsorized_sigma)(const float *v, ix vs, ix a, ix m, double centre) {
+    ix kl = 0, kh = 0, j = 0;
     double gl = -INFINITY, gh = INFINITY; /* the groups' values */
-    double sigma, q;
-    p1[0] = 0.0; p2[0] = 0.0;
-    for (ix j = 0; j < m; j++) {
-        double d = (double)v[a + j] - centre;
-        p1[j + 1] = p1[j] + d;
-        p2[j + 1] = p2[j] + d * d;
-    }
-    q = p2[m] - p1[m] * (p1[m] / m); /* the start: the sample sd */
+    double t1[4] = {0.0, 0.0, 0.0, 0.0}, t2[4] = {0.0, 0.0, 0.0, 0.0}, m1, m2, sigma, q;
+    for (; j + 4 <= m; j += 4) /* four chains of sums: the adds do not wait on each other */
+        for (int u = 0; u < 4; u++) {
+            double d = (double)v[(a + j + u) * vs] - centre;
+            t1[u] += d; t2[u] += d * d;
+        }
+    for (; j < m; j++) { double d = (double)v[(a + j) * vs] - centre; t1[0] += d; t2[0] += d * d; }
+    m1 = (t1[0] + t1[1]) + (t1[2] + t1[3]);
+    m2 = (t2[0] + t2[1]) + (t2[2] + t2[3]);
+    q = m2 - m1 * (m1 / m); /* the start: the sample sd */
     sigma = sqrt((q > 0 ? q : 0.0) / (m - 1));
     for (int it = 0; it < WINSOR_ITERATIONS; it++) {
-        double lo = centre - 1.5 * sigma, hi = centre + 1.5 * sigma, s1, s2, dl, dh, q, sigma0;
+        double lo = centre - 1.5 * sigma, hi = centre + 1.5 * sigma, s1, s2, dl, dh, sigma0;
         if (lo > gl) { /* the low group and every value below lo move to lo */
-            while (kl < m - kh && (double)v[a + kl] < lo) kl++;
+            while (kl < m - kh && (double)v[(a + kl) * vs] < lo) {
+                double d = (double)v[(a + kl) * vs] - centre;
+                m1 -= d; m2 -= d * d; kl++;
+            }
             gl = lo;
         }
         if (hi < gh) {
-            while (m - kh > kl && (double)v[a + m - kh - 1] > hi) kh++;
+            while (m - kh > kl && (double)v[(a + m - kh - 1) * vs] > hi) {
+                double d = (double)v[(a + m - kh - 1) * vs] - centre;
+                m1 -= d; m2 -= d * d; kh++;
+            }
             gh = hi;
         }
+        if (kl + kh == m) { m1 = 0.0; m2 = 0.0; } /* nothing untouched: no rounding left over */
         dl = gl - centre;
         dh = gh - centre;
-        s1 = (kl ? kl * dl : 0.0) + (p1[m - kh] - p1[kl]) + (kh ? kh * dh : 0.0);
-        s2 = (kl ? kl * dl * dl : 0.0) + (p2[m - kh] - p2[kl]) + (kh ? kh * dh * dh : 0.0);
+        s1 = (kl ? kl * dl : 0.0) + m1 + (kh ? kh * dh : 0.0);
+        s2 = (kl ? kl * dl * dl : 0.0) + m2 + (kh ? kh * dh * dh : 0.0);
         q = s2 - s1 * (s1 / m);
         if (q < 0) q = 0.0;
         sigma0 = sigma;
@@ -324,13 +334,13 @@ static double K(winsorized_sigma)(const float *v, ix a, ix m, double centre, dou
     return sigma;
 }
 
-static void K(winsorized_range)(const float *v, ix n, double low, double high, double *wv, ix *ra, ix *rb) {
+static void K(winsorized_range)(const float *v, ix vs, ix n, double low, double high, ix *ra, ix *rb) {
     ix a = 0, b = n, na, nb;
     while (b - a >= 2) {
         ix m = b - a;
-        double centre = K(median_sorted)(v, a, b);
-        double sigma = K(winsorized_sigma)(v, a, m, centre, wv, wv + n + 1);
-        K(clip_range)(v, a, b, centre, low * sigma, high * sigma, &na, &nb);
+        double centre = K(median_sorted)(v, vs, a, b);
+        double sigma = K(winsorized_sigma)(v, vs, a, m, centre);
+        K(clip_range)(v, vs, a, b, centre, low * sigma, high * sigma, &na, &nb);
         if (na == nb) { K(middle)(a, b, ra, rb); return; }
         if (na == a && nb == b) break;
         a = na; b = nb;
@@ -338,11 +348,11 @@ static void K(winsorized_range)(const float *v, ix n, double low, double high, d
     *ra = a; *rb = b;
 }
 
-static void K(percentile_range)(const float *v, ix n, double low, double high, ix *ra, ix *rb) {
-    double centre = K(median_sorted)(v, 0, n);
+static void K(percentile_range)(const float *v, ix vs, ix n, double low, double high, ix *ra, ix *rb) {
+    double centre = K(median_sorted)(v, vs, 0, n);
     ix na, nb;
     if (!(centre > 0)) { *ra = 0; *rb = n; return; }
-    K(clip_range)(v, 0, n, centre, centre * low, centre * high, &na, &nb);
+    K(clip_range)(v, vs, 0, n, centre, centre * low, centre * high, &na, &nb);
     if (na == nb) { K(middle)(0, n, ra, rb); return; }
     *ra = na; *rb = nb;
 }
@@ -350,19 +360,20 @@ static void K(percentile_range)(const float *v, ix n, double low, double high, i
 static void K(reject_ranged)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint8_t *keep, ix kst, Scratch *T) {
     ix n = S->n, st = P->tile, a = 0, b = n;
     double low = P->p[0], high = P->p[1];
-    float *s = T->s, *v = T->v, *restrict lo = T->fa, *restrict hi = T->fb;
+    float *s = T->s, *restrict lo = T->fa, *restrict hi = T->fb;
+    ix vs = st; /* each column read in place in the sorted tile: v[j * vs] */
     K(copy_tile)(S, r, c0, w, s, st);
     K(cmpx)(s, w, st, P->rnet, P->nrnet);
     for (ix c = 0; c < w; c++) {
-        for (ix j = 0; j < n; j++) v[j] = s[j * st + c];
+        const float *v = s + c;
         switch (P->reject) {
-        case REJ_SIGMA_ITERATIVE: K(sigma_iterative_range)(v, n, low, high, &a, &b); break;
-        case REJ_WINSORIZED: K(winsorized_range)(v, n, low, high, T->wv, &a, &b); break;
-        case REJ_MAD: K(mad_range)(v, n, low, high, &a, &b); break;
-        default: K(percentile_range)(v, n, low, high, &a, &b); break;
+        case REJ_SIGMA_ITERATIVE: K(sigma_iterative_range)(v, vs, n, low, high, &a, &b); break;
+        case REJ_WINSORIZED: K(winsorized_range)(v, vs, n, low, high, &a, &b); break;
+        case REJ_MAD: K(mad_range)(v, vs, n, low, high, &a, &b); break;
+        default: K(percentile_range)(v, vs, n, low, high, &a, &b); break;
         }
-        lo[c] = v[a];
-        hi[c] = v[b - 1];
+        lo[c] = v[(a) * vs];
+        hi[c] = v[(b - 1) * vs];
     }
     for (ix i = 0; i < n; i++) {
         const float *restrict x = K(row)(S, i, r, c0);
