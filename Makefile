@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 
-.PHONY: demo test install install-test deps bench bench-deps bench-quality clean
+.PHONY: demo test install install-test deps bench bench-deps bench-speed bench-quality clean
 
 KERNELS := setup.py flatd/stack/_kernels.c flatd/stack/_kernels_body.h
 
@@ -60,6 +60,11 @@ bench-deps:
 bench: install bench-deps
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py
+
+# Issue 10's figures: every method against Siril's same job, the read floor, start-up
+# (bench/speed.py; SPEED_ARGS="--rounds 5" and the like pass options through).
+bench-speed: install bench-deps
+	$(BIN)/python bench/speed.py $(SPEED_ARGS)
 
 bench-quality: install bench-deps
 	$(BIN)/python bench/quality.py
