@@ -160,6 +160,25 @@ class JobFailed(FlatdError):
         self.transient = transient
 
 
+def _import_in_background(module: str) -> None:
+    """Start importing `module` in a thread, so that its import overlaps work in this one;
+    a later import of it waits for that one to finish (or raises what it raised)."""
+    import sys
+    import threading
+
+    if module in sys.modules:
+        return
+    import importlib
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except BaseException:  # noqa: BLE001 - the import in the caller's thread reports it
+            pass
+
+    threading.Thread(target=load, name=f"import {module}", daemon=True).start()
+
+
 def _emit_rejection_warning(job: Job, master: Path, rejection: Optional[Rejection]) -> None:
     """A warning when more of all values was rejected than the method rejects from clean
     data at this number of frames (the baseline) plus combine.rejection_warn; a note when
@@ -306,11 +325,13 @@ class Runner:
     def _make_master(self, job: Job) -> tuple[Path, Optional[Rejection]]:
         """Stack and write; JobFailed says why not (transient when the output is at fault).
         Returns the master's path and what its combine rejected."""
-        from flatd.output.masters import NoSpace, master_header, write_master  # astropy: only when a master is made
-
+        engine = self.engine  # the engine's imports (numpy, the kernels) first, in this thread
+        _import_in_background("flatd.output.masters")  # astropy (~0.2 s) loads while the flats stack
         try:
-            result = self.engine.stack(job)
+            result = engine.stack(job)
             rejection = Rejection.of(job, result)
+            from flatd.output.masters import NoSpace, master_header, write_master  # waits for the import above
+
             header = master_header(
                 job.frames, [i.calibration for i in job.inputs], job.method,
                 job.normalize, result.factors, extra={JOB_CARD: job.id},
@@ -323,6 +344,8 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the other groups
             raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
         self._state(job, L.WRITING)
+        from flatd.output.masters import NoSpace, write_master
+
         try:
             return write_master(job.output_dir, job.output_name, result.image, header,
                                 rejection_map=result.rejection_map if job.rejection_map else None), rejection

@@ -7,7 +7,10 @@ import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from flatd.config import Grouping
 from flatd.ingest.frames import Frame, Kind
@@ -120,6 +123,32 @@ def test_single_frame_and_equal_temperatures_skip_meanshift(monkeypatch):
     assert grouping.cluster_temperatures([], 1.0) == []
     groups, _ = group_frames([flat(-10.0) for _ in range(4)], GroupOptions())
     assert len(groups) == 1 and groups[0].temperature == -10.0
+
+
+def test_values_within_a_bandwidth_skip_meanshift(monkeypatch):
+    import flatd.grouping as grouping
+
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
+    assert grouping.cluster_temperatures([-10.0, -10.3, -9.8, -10.1], 1.0) == [0] * 4
+    with pytest.raises(ImportError):  # a spread of a bandwidth or more needs the mean shift
+        grouping.cluster_temperatures([-10.0, -9.0], 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-0.999, 0.0), min_size=2, max_size=40), st.floats(-40, 20), st.sampled_from([0.5, 1.0, 2.5]))
+def test_the_shortcut_agrees_with_meanshift(offsets, base, bandwidth):
+    """Values spread over less than one bandwidth: scikit-learn's mean shift finds one cluster too."""
+    import warnings
+
+    from sklearn.cluster import MeanShift
+
+    values = [base + o * bandwidth for o in offsets]
+    assume(max(values) - min(values) < bandwidth and len(set(values)) > 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        labels = MeanShift(bandwidth=bandwidth).fit(np.asarray(values).reshape(-1, 1)).labels_
+    assert set(labels.tolist()) == {0}
+    assert cluster_temperatures(values, bandwidth) == [0] * len(values)
 
 
 @pytest.mark.parametrize("absurd", [1e308, -1e308, float("inf"), float("-inf"), float("nan"), 61.0, -201.0])
