@@ -71,14 +71,26 @@ def by_interval(col, kept):
 
 # --------------------------------------------------------------------------- references, one column
 
+KNIFE = 1e-9  # relative: decisions this close to their threshold are not compared
+
+
+def near(a: float, b: float) -> bool:
+    """a and b within KNIFE of each other, relative to their size."""
+    return abs(a - b) < KNIFE * max(abs(a), abs(b))
+
+
+
 
 def ref_sigma_iterative(col, low, high):
     """Siril's sigma clipping: centre the median, sigma the sample standard deviation of
     the values still kept; reject centre - x > low sigma, x - centre > high sigma; repeat
-    until a pass rejects nothing."""
+    until a pass rejects nothing. None (not compared) at a knife edge: the kernel sums
+    in one pass, rounding differently in the last bits."""
     v = sorted(col)
     while len(v) >= 2:
         c, s = med(v), sample_sd(v)
+        if any(near(c - x, low * s) or near(x - c, high * s) for x in v):
+            return None  # a knife edge: the kernel's one-pass sd rounds differently
         kept = clip(v, c, low * s, high * s)
         if not kept:
             v = middle(v)
@@ -87,14 +99,6 @@ def ref_sigma_iterative(col, low, high):
             break
         v = kept
     return by_interval(col, v)
-
-
-KNIFE = 1e-9  # relative: decisions this close to their threshold are not compared
-
-
-def near(a: float, b: float) -> bool:
-    """a and b within KNIFE of each other, relative to their size."""
-    return abs(a - b) < KNIFE * max(abs(a), abs(b))
 
 
 def ref_winsorized(col, low, high):
