@@ -14,6 +14,7 @@ import pytest
 from astropy.io import fits
 
 from flatd.cli import main
+from flatd.stack.auto import choose
 from flatd.stack.baseline import baseline
 from flatd.stack.methods import Method
 
@@ -37,7 +38,7 @@ state: {root}/state
 
 # (rules' combine keys, the method they resolve to for n frames)
 METHODS = {
-    "auto": ("  method: auto", lambda n: Method("esd", esd_outliers=0.3, esd_significance=0.05)),
+    "auto": ("  method: auto", lambda n: choose(n)[0]),
     "winsorized": ("  method: winsorized\n  low: 3.0\n  high: 3.0", lambda n: Method("winsorized", low=3.0, high=3.0)),
 }
 CASES = [("auto", 5), ("auto", 6), ("auto", 7), ("winsorized", 5), ("winsorized", 7)]

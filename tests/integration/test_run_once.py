@@ -375,7 +375,7 @@ def test_auto_master_says_so_and_the_dry_run_says_why(tree, capsys):
     config = tree.rules(RULES.format(root=tree.root).replace("  method: sigma\n  sigma: 3.0\n", "  method: auto\n"))
     assert main(["run-once", "--config", str(config), "--dry-run"]) == 0
     out = capsys.readouterr().out.replace("\n", " ")
-    assert "auto: esd esd_outliers 0.3 esd_significance 0.05 esd_low 1.0 (6 frames; 5 to 7 frames: " in out
+    assert "auto: esd esd_outliers 0.3 esd_significance 0.08 esd_low 1.5 (6 frames; 5 to 7 frames: " in out
     assert main(["run-once", "--config", str(config)]) == 0
     (master,) = _masters(tree.root)
     header = fits.getheader(master)
