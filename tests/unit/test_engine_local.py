@@ -22,7 +22,10 @@ from flatd.stack.pixels import read_image
 
 from pixelfiles import H, W, flat_data, make_files, write
 
-METHODS = [Method("mean"), Method("median"), Method("minmax", minmax=2), Method("sigma", sigma=1.5)]
+# the original four with non-default parameters, then every method of the registry (the
+# robust ones of issue 9 included) with its defaults: bands of 5 rows, which do not divide H
+METHODS = [Method("mean"), Method("median"), Method("minmax", minmax=2), Method("sigma", sigma=1.5)] + [
+    Method(name) for name in ("sigma-iterative", "winsorized", "linear-fit", "esd", "mad", "percentile")]
 
 
 @pytest.fixture(scope="module")
