@@ -160,25 +160,6 @@ class JobFailed(FlatdError):
         self.transient = transient
 
 
-def _import_in_background(module: str) -> None:
-    """Start importing `module` in a thread, so that its import overlaps work in this one;
-    a later import of it waits for that one to finish (or raises what it raised)."""
-    import sys
-    import threading
-
-    if module in sys.modules:
-        return
-    import importlib
-
-    def load() -> None:
-        try:
-            importlib.import_module(module)
-        except BaseException:  # noqa: BLE001 - the import in the caller's thread reports it
-            pass
-
-    threading.Thread(target=load, name=f"import {module}", daemon=True).start()
-
-
 def _emit_rejection_warning(job: Job, master: Path, rejection: Optional[Rejection]) -> None:
     """A warning when more of all values was rejected than the method rejects from clean
     data at this number of frames (the baseline) plus combine.rejection_warn; a note when
@@ -325,12 +306,10 @@ class Runner:
     def _make_master(self, job: Job) -> tuple[Path, Optional[Rejection]]:
         """Stack and write; JobFailed says why not (transient when the output is at fault).
         Returns the master's path and what its combine rejected."""
-        engine = self.engine  # the engine's imports (numpy, the kernels) first, in this thread
-        _import_in_background("flatd.output.masters")  # astropy (~0.2 s) loads while the flats stack
         try:
-            result = engine.stack(job)
+            result = self.engine.stack(job)
             rejection = Rejection.of(job, result)
-            from flatd.output.masters import NoSpace, master_header, write_master  # waits for the import above
+            from flatd.output.masters import master_header  # astropy: only when a master is made
 
             header = master_header(
                 job.frames, [i.calibration for i in job.inputs], job.method,

@@ -304,6 +304,7 @@ static double K(winsorized_sigma)(const float *v, ix vs, ix a, ix m, double cent
     ix kl = 0, kh = 0, j = 0;
     double gl = -INFINITY, gh = INFINITY; /* the groups' values */
     double t1[4] = {0.0, 0.0, 0.0, 0.0}, t2[4] = {0.0, 0.0, 0.0, 0.0}, m1, m2, sigma, q;
+    double inv_m = 1.0 / m, inv_m1 = 1.0 / (m - 1); /* no division in the iterations' chain */
     for (; j + 4 <= m; j += 4) /* four chains of sums: the adds do not wait on each other */
         for (int u = 0; u < 4; u++) {
             double d = (double)v[(a + j + u) * vs] - centre;
@@ -335,10 +336,10 @@ static double K(winsorized_sigma)(const float *v, ix vs, ix a, ix m, double cent
         dh = gh - centre;
         s1 = (kl ? kl * dl : 0.0) + m1 + (kh ? kh * dh : 0.0);
         s2 = (kl ? kl * dl * dl : 0.0) + m2 + (kh ? kh * dh * dh : 0.0);
-        q = s2 - s1 * (s1 / m);
+        q = s2 - s1 * (s1 * inv_m);
         if (q < 0) q = 0.0;
         sigma0 = sigma;
-        sigma = 1.134 * sqrt(q / (m - 1));
+        sigma = 1.134 * sqrt(q * inv_m1);
         if (!(fabs(sigma - sigma0) > sigma0 * 0.0005)) break;
     }
     return sigma;
