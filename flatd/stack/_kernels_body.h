@@ -417,15 +417,27 @@ static void K(reject_linear_fit)(const Stack *S, ix r, ix c0, ix w, const Plan *
             for (ix j = 0; j < n; j++)
                 if (code[j] == 1) { y[m] = v[j]; pos[m] = j; m++; }
             if (m < 3) break;
-            /* least squares y = slope * x + icpt, x = rank among the values kept */
-            double xm = (m - 1) * 0.5, ym = 0.0, sxy = 0.0, sxx = 0.0, slope, icpt, sigma = 0.0, dlow, dhigh;
-            for (ix j = 0; j < m; j++) ym += y[j];
-            ym /= m;
-            for (ix j = 0; j < m; j++) { double dx = j - xm; sxy += dx * (y[j] - ym); sxx += dx * dx; }
+            /* least squares y = slope * x + icpt, x = rank among the values kept; sums in
+             * four chains (the adds do not wait on each other); sum (x - xm)^2 in closed form */
+            double xm = (m - 1) * 0.5, ym, sxy, sxx = (double)m * ((double)m * m - 1) / 12.0, slope, icpt, sigma,
+                   dlow, dhigh, t[4] = {0.0, 0.0, 0.0, 0.0};
+            ix j = 0;
+            for (; j + 4 <= m; j += 4)
+                for (int u = 0; u < 4; u++) t[u] += y[j + u];
+            for (; j < m; j++) t[0] += y[j];
+            ym = ((t[0] + t[1]) + (t[2] + t[3])) / m;
+            t[0] = t[1] = t[2] = t[3] = 0.0;
+            for (j = 0; j + 4 <= m; j += 4)
+                for (int u = 0; u < 4; u++) t[u] += ((double)(j + u) - xm) * (y[j + u] - ym);
+            for (; j < m; j++) t[0] += ((double)j - xm) * (y[j] - ym);
+            sxy = (t[0] + t[1]) + (t[2] + t[3]);
             slope = sxy / sxx;
             icpt = ym - slope * xm;
-            for (ix j = 0; j < m; j++) sigma += fabs(y[j] - (slope * j + icpt));
-            sigma /= m;
+            t[0] = t[1] = t[2] = t[3] = 0.0;
+            for (j = 0; j + 4 <= m; j += 4)
+                for (int u = 0; u < 4; u++) t[u] += fabs(y[j + u] - (slope * (double)(j + u) + icpt));
+            for (; j < m; j++) t[0] += fabs(y[j] - (slope * (double)j + icpt));
+            sigma = ((t[0] + t[1]) + (t[2] + t[3])) / m;
             dlow = low * sigma;
             dhigh = high * sigma;
             for (ix j = 0; j < m; j++) {
