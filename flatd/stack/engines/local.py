@@ -215,9 +215,10 @@ def stack_frames(
 ) -> StackResult:
     """Calibrate, normalize and combine `inputs` band by band within `memory_limit`.
 
-    Equals flatd.stack.combine.Combiner on the whole stack (to float rounding). Levels are
-    measured for every input (they cost little); with "multiplicative" normalization a
-    level <= 0 is an error naming the file. The result holds, per input, the values
+    Equals flatd.stack.combine.Combiner on the whole stack (to float rounding). With
+    "multiplicative" normalization each input's level is measured (a level <= 0 is an
+    error naming the file); with "none" nothing uses them and the level pass is skipped
+    (the result's levels are NaN). The result holds, per input, the values
     rejected low and high (`rejected`, int64 (N, 2)), and with `rejection_map` the
     per-pixel counts (uint16 (2, H, W): low, high), counted in the memory limit.
     """
@@ -243,9 +244,11 @@ def stack_frames(
         workers = band_workers
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flatd-stack") if workers > 1 else None
         try:
-            # fewer workers than the bands (a tight memory limit): one frame at a time
-            levels = _measure_levels(inputs, sources, cal_keys, step, pool if level_workers >= workers else None)
+            levels = [math.nan] * n
             if normalize == "multiplicative":
+                # fewer workers than the bands (a tight memory limit): one frame at a time
+                levels = _measure_levels(inputs, sources, cal_keys, step,
+                                         pool if level_workers >= workers else None)
                 for item, level in zip(inputs, levels):
                     problem = check_level(level)
                     if problem:
