@@ -189,11 +189,11 @@ def siril_sequence(files: list[Path], out: Path) -> tuple[str, Path, dict, Path]
     if not siril:
         return None
     env, config = siril_isolated(out)
-    seq = files[0].parent / "siril"
+    seq = files[0].parent / "siril-fit"  # linked with `setext fit` (an older "siril" folder is not reused)
     if not (seq / "flat_.seq").exists():
         seq.mkdir(exist_ok=True)
         script = out / "link.ssf"
-        script.write_text(f"requires 1.0.0\nsetext fits\ncd {files[0].parent}\nlink flat_ -out={seq}\n")
+        script.write_text(f"requires 1.0.0\nsetext fit\ncd {files[0].parent}\nlink flat_ -out={seq}\n")
         subprocess.run([siril, "-i", str(config), "-s", str(script)], check=True, capture_output=True, env=env)
     return siril, seq, env, config
 
@@ -202,11 +202,11 @@ def siril_stack(siril_run, out: Path, repeat: int, name: str, args: str) -> tupl
     siril, seq, env, config = siril_run
     script = out / f"stack-{name}.ssf"
     target = out / f"siril-{name}"
-    script.write_text(f"requires 1.0.0\nsetext fits\ncd {seq}\nstack flat_ {args} -out={target}\n")
+    script.write_text(f"requires 1.0.0\nsetext fit\ncd {seq}\nstack flat_ {args} -out={target}\n")
     # Siril 1.0.6's MAD clipping takes minutes on 32 x 8 MP: one run of it is enough
     secs, rss, code, text = best_of(repeat, [siril, "-i", str(config), "-s", str(script)], enough=30.0, env=env)
     ok = code == 0 and "successfully" in text
-    Path(str(target) + ".fits").unlink(missing_ok=True)
+    Path(str(target) + ".fit").unlink(missing_ok=True)
     return secs, rss, ok, "" if ok else text[-300:]
 
 

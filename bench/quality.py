@@ -36,7 +36,7 @@ method's minimum (minmax: 2n+1). Siril (siril-cli, if installed): `stack seq rej
 -norm=mul` for X in s (sigma), m (median sigma), w (winsorized), l (linear fit), g
 (GESDT), a (MAD), p (percentile), with Siril's default thresholds (SIRIL_REJECTIONS below),
 and `stack seq med -norm=mul`; one siril-cli process per scenario, with its own config
-file (-i, see siril_isolated) and `setext fits` in its script, so that runs do not
+file (-i, see siril_isolated) and `setext fit` in its script, so that runs do not
 change each other or the user's Siril settings.
 
 Scores, in % (whole frame): the master M is brought to the truth's scale by a robust
@@ -458,7 +458,7 @@ def run_siril_all(stack: Stack, out: Path, siril: str) -> list[Score]:
     jobs = [(f"{name} ({letter} {lo} {hi})", f"rej {letter} {lo} {hi} -norm=mul")
             for name, (letter, lo, hi) in SIRIL_REJECTIONS.items()]
     jobs.append(("median", "med -norm=mul"))
-    lines = ["requires 1.0.0", "setext fits", f"cd {stack.paths[0].parent}", f"link flat_ -out={seq}", f"cd {seq}"]
+    lines = ["requires 1.0.0", "setext fit", f"cd {stack.paths[0].parent}", f"link flat_ -out={seq}", f"cd {seq}"]
     for i, (_, args) in enumerate(jobs):
         lines.append(f"stack flat_ {args} -out={work / f'm{i}'}")
     script = work / "stack.ssf"
@@ -471,7 +471,7 @@ def run_siril_all(stack: Stack, out: Path, siril: str) -> list[Score]:
     results = []
     for i, (label, _) in enumerate(jobs):
         result = Score("siril", label, seconds=seconds)
-        path = work / f"m{i}.fits"
+        path = work / f"m{i}.fit"
         if not path.exists():
             result.note = f"no output (exit {proc.returncode}): {log.strip().splitlines()[-1][:100] if log.strip() else '?'}"
         else:
