@@ -70,4 +70,4 @@ bench-quality: install bench-deps
 	$(BIN)/python bench/quality.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEMO) build *.egg-info .pytest_cache .hypothesis flatd/stack/_kernels*.so
