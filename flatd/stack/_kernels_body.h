@@ -300,63 +300,115 @@ static void K(mad_range)(const float *v, ix vs, ix n, double low, double high, i
  * iteration costs O(1) plus the values newly clipped, instead of two passes over m.
  * The sums (and the starting sd, from the same sums) differ from two-pass sums in the
  * last bits only: a decision can differ only at a knife edge (tests/unit/test_rejection.py). */
-static double K(winsorized_sigma)(const float *v, ix vs, ix a, ix m, double centre) {
-    ix kl = 0, kh = 0, j = 0;
-    double gl = -INFINITY, gh = INFINITY; /* the groups' values */
-    double t1[4] = {0.0, 0.0, 0.0, 0.0}, t2[4] = {0.0, 0.0, 0.0, 0.0}, m1, m2, sigma, q;
-    double inv_m = 1.0 / m, inv_m1 = 1.0 / (m - 1); /* no division in the iterations' chain */
+/* One column's winsorization in progress (see winsorized_sigma). */
+typedef struct {
+    const float *v;
+    ix vs, a, m, kl, kh;
+    int it, active;
+    double centre, gl, gh, m1, m2, sigma, inv_m, inv_m1;
+} K(Winsor);
+
+static inline void K(winsor_start)(K(Winsor) *W, const float *v, ix vs, ix a, ix m, double centre) {
+    ix j = 0;
+    double t1[4] = {0.0, 0.0, 0.0, 0.0}, t2[4] = {0.0, 0.0, 0.0, 0.0}, q;
+    W->v = v; W->vs = vs; W->a = a; W->m = m; W->centre = centre;
+    W->kl = W->kh = 0; W->it = 0; W->active = 1;
+    W->gl = -INFINITY; W->gh = INFINITY; /* the groups' values */
+    W->inv_m = 1.0 / m; W->inv_m1 = 1.0 / (m - 1); /* no division in the iterations' chain */
     for (; j + 4 <= m; j += 4) /* four chains of sums: the adds do not wait on each other */
         for (int u = 0; u < 4; u++) {
             double d = (double)v[(a + j + u) * vs] - centre;
             t1[u] += d; t2[u] += d * d;
         }
     for (; j < m; j++) { double d = (double)v[(a + j) * vs] - centre; t1[0] += d; t2[0] += d * d; }
-    m1 = (t1[0] + t1[1]) + (t1[2] + t1[3]);
-    m2 = (t2[0] + t2[1]) + (t2[2] + t2[3]);
-    q = m2 - m1 * (m1 / m); /* the start: the sample sd */
-    sigma = sqrt((q > 0 ? q : 0.0) / (m - 1));
-    for (int it = 0; it < WINSOR_ITERATIONS; it++) {
-        double lo = centre - 1.5 * sigma, hi = centre + 1.5 * sigma, s1, s2, dl, dh, sigma0;
-        if (lo > gl) { /* the low group and every value below lo move to lo */
-            while (kl < m - kh && (double)v[(a + kl) * vs] < lo) {
-                double d = (double)v[(a + kl) * vs] - centre;
-                m1 -= d; m2 -= d * d; kl++;
-            }
-            gl = lo;
+    W->m1 = (t1[0] + t1[1]) + (t1[2] + t1[3]);
+    W->m2 = (t2[0] + t2[1]) + (t2[2] + t2[3]);
+    q = W->m2 - W->m1 * (W->m1 / m); /* the start: the sample sd */
+    W->sigma = sqrt((q > 0 ? q : 0.0) / (m - 1));
+}
+
+/* One round: clip, new sigma; inactive once sigma moves by no more than 5e-4 of itself
+ * or after WINSOR_ITERATIONS rounds. */
+static inline void K(winsor_round)(K(Winsor) *W) {
+    const float *v = W->v;
+    ix vs = W->vs, a = W->a, m = W->m, kl = W->kl, kh = W->kh;
+    double centre = W->centre, sigma = W->sigma, m1 = W->m1, m2 = W->m2;
+    double lo = centre - 1.5 * sigma, hi = centre + 1.5 * sigma, s1, s2, dl, dh, q;
+    if (lo > W->gl) { /* the low group and every value below lo move to lo */
+        while (kl < m - kh && (double)v[(a + kl) * vs] < lo) {
+            double d = (double)v[(a + kl) * vs] - centre;
+            m1 -= d; m2 -= d * d; kl++;
         }
-        if (hi < gh) {
-            while (m - kh > kl && (double)v[(a + m - kh - 1) * vs] > hi) {
-                double d = (double)v[(a + m - kh - 1) * vs] - centre;
-                m1 -= d; m2 -= d * d; kh++;
-            }
-            gh = hi;
-        }
-        if (kl + kh == m) { m1 = 0.0; m2 = 0.0; } /* nothing untouched: no rounding left over */
-        dl = gl - centre;
-        dh = gh - centre;
-        s1 = (kl ? kl * dl : 0.0) + m1 + (kh ? kh * dh : 0.0);
-        s2 = (kl ? kl * dl * dl : 0.0) + m2 + (kh ? kh * dh * dh : 0.0);
-        q = s2 - s1 * (s1 * inv_m);
-        if (q < 0) q = 0.0;
-        sigma0 = sigma;
-        sigma = 1.134 * sqrt(q * inv_m1);
-        if (!(fabs(sigma - sigma0) > sigma0 * 0.0005)) break;
+        W->gl = lo;
     }
-    return sigma;
+    if (hi < W->gh) {
+        while (m - kh > kl && (double)v[(a + m - kh - 1) * vs] > hi) {
+            double d = (double)v[(a + m - kh - 1) * vs] - centre;
+            m1 -= d; m2 -= d * d; kh++;
+        }
+        W->gh = hi;
+    }
+    if (kl + kh == m) { m1 = 0.0; m2 = 0.0; } /* nothing untouched: no rounding left over */
+    dl = W->gl - centre;
+    dh = W->gh - centre;
+    s1 = (kl ? kl * dl : 0.0) + m1 + (kh ? kh * dh : 0.0);
+    s2 = (kl ? kl * dl * dl : 0.0) + m2 + (kh ? kh * dh * dh : 0.0);
+    q = s2 - s1 * (s1 * W->inv_m);
+    if (q < 0) q = 0.0;
+    W->sigma = 1.134 * sqrt(q * W->inv_m1);
+    W->kl = kl; W->kh = kh; W->m1 = m1; W->m2 = m2;
+    W->it++;
+    if (!(fabs(W->sigma - sigma) > sigma * 0.0005) || W->it >= WINSOR_ITERATIONS) W->active = 0;
+}
+
+static double K(winsorized_sigma)(const float *v, ix vs, ix a, ix m, double centre) {
+    K(Winsor) W;
+    K(winsor_start)(&W, v, vs, a, m, centre);
+    while (W.active) K(winsor_round)(&W);
+    return W.sigma;
+}
+
+/* What a pass decided: 1 done (range in *ra, *rb), 0 go on from [*ra, *rb). */
+static inline int K(winsor_settle)(const float *v, ix vs, ix a, ix b, double centre, double sigma, double low,
+                                   double high, ix *ra, ix *rb) {
+    ix na, nb;
+    K(clip_range)(v, vs, a, b, centre, low * sigma, high * sigma, &na, &nb);
+    if (na == nb) { K(middle)(a, b, ra, rb); return 1; }
+    *ra = na; *rb = nb;
+    return (na == a && nb == b) || nb - na < 2;
+}
+
+static void K(winsorized_from)(const float *v, ix vs, ix a, ix b, double low, double high, ix *ra, ix *rb) {
+    while (b - a >= 2) {
+        double centre = K(median_sorted)(v, vs, a, b);
+        double sigma = K(winsorized_sigma)(v, vs, a, b - a, centre);
+        if (K(winsor_settle)(v, vs, a, b, centre, sigma, low, high, &a, &b)) break;
+    }
+    *ra = a; *rb = b;
 }
 
 static void K(winsorized_range)(const float *v, ix vs, ix n, double low, double high, ix *ra, ix *rb) {
-    ix a = 0, b = n, na, nb;
-    while (b - a >= 2) {
-        ix m = b - a;
-        double centre = K(median_sorted)(v, vs, a, b);
-        double sigma = K(winsorized_sigma)(v, vs, a, m, centre);
-        K(clip_range)(v, vs, a, b, centre, low * sigma, high * sigma, &na, &nb);
-        if (na == nb) { K(middle)(a, b, ra, rb); return; }
-        if (na == a && nb == b) break;
-        a = na; b = nb;
+    K(winsorized_from)(v, vs, 0, n, low, high, ra, rb);
+}
+
+/* Two columns' first passes with their rounds interleaved: the two chains of dependent
+ * square roots and products overlap in the CPU; a column that needs more passes goes on
+ * alone. The same arithmetic per column as winsorized_range. */
+static void K(winsorized_pair)(const float *v0, const float *v1, ix vs, ix n, double low, double high, ix *a0,
+                               ix *b0, ix *a1, ix *b1) {
+    K(Winsor) W0, W1;
+    *a0 = *a1 = 0; *b0 = *b1 = n;
+    if (n < 2) return;
+    K(winsor_start)(&W0, v0, vs, 0, n, K(median_sorted)(v0, vs, 0, n));
+    K(winsor_start)(&W1, v1, vs, 0, n, K(median_sorted)(v1, vs, 0, n));
+    while (W0.active | W1.active) {
+        if (W0.active) K(winsor_round)(&W0);
+        if (W1.active) K(winsor_round)(&W1);
     }
-    *ra = a; *rb = b;
+    if (!K(winsor_settle)(v0, vs, 0, n, W0.centre, W0.sigma, low, high, a0, b0))
+        K(winsorized_from)(v0, vs, *a0, *b0, low, high, a0, b0);
+    if (!K(winsor_settle)(v1, vs, 0, n, W1.centre, W1.sigma, low, high, a1, b1))
+        K(winsorized_from)(v1, vs, *a1, *b1, low, high, a1, b1);
 }
 
 static void K(percentile_range)(const float *v, ix vs, ix n, double low, double high, ix *ra, ix *rb) {
@@ -375,7 +427,15 @@ static void K(reject_ranged)(const Stack *S, ix r, ix c0, ix w, const Plan *P, u
     ix vs = st; /* each column read in place in the sorted tile: v[j * vs] */
     K(copy_tile)(S, r, c0, w, s, st);
     K(cmpx)(s, w, st, P->rnet, P->nrnet);
-    for (ix c = 0; c < w; c++) {
+    ix c = 0;
+    if (P->reject == REJ_WINSORIZED)
+        for (; c + 2 <= w; c += 2) {
+            ix a1, b1;
+            K(winsorized_pair)(s + c, s + c + 1, vs, n, low, high, &a, &b, &a1, &b1);
+            lo[c] = s[a * vs + c]; hi[c] = s[(b - 1) * vs + c];
+            lo[c + 1] = s[a1 * vs + c + 1]; hi[c + 1] = s[(b1 - 1) * vs + c + 1];
+        }
+    for (; c < w; c++) {
         const float *v = s + c;
         switch (P->reject) {
         case REJ_SIGMA_ITERATIVE: K(sigma_iterative_range)(v, vs, n, low, high, &a, &b); break;
