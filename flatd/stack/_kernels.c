@@ -55,7 +55,7 @@ typedef struct {
     int64_t *ia;                  /* tile */
     int32_t *ib;                  /* tile */
     uint8_t *ba, *bb;             /* tile */
-    float *v; double *wv, *y; ix *pos, *idx; uint8_t *code, *side; /* n */
+    float *v; double *wv, *y, *lam2; ix *pos, *idx; uint8_t *code, *side; /* n (wv, y, lam2: n + 1) */
     uint8_t *keep;                /* n*tile */
     uint16_t *lo16, *hi16;        /* tile */
     void *block;
@@ -67,7 +67,7 @@ static size_t scratch_layout(Scratch *S, char *b, ix n, ix tile) {
 #define TAKE(ptr, type, count) do { S->ptr = (type *)(void *)((uintptr_t)b + used); used += ((count) * sizeof(type) + 63) / 64 * 64; } while (0)
     TAKE(s, float, nt); TAKE(fa, float, t); TAKE(fb, float, t); TAKE(fc, float, t); TAKE(fd, float, t);
     TAKE(fr, int32_t, nt); TAKE(da, double, t); TAKE(db, double, t); TAKE(ia, int64_t, t); TAKE(ib, int32_t, t);
-    TAKE(ba, uint8_t, t); TAKE(bb, uint8_t, t); TAKE(v, float, nn); TAKE(wv, double, nn); TAKE(y, double, nn);
+    TAKE(ba, uint8_t, t); TAKE(bb, uint8_t, t); TAKE(v, float, nn); TAKE(wv, double, nn + 1); TAKE(lam2, double, nn + 1); TAKE(y, double, nn + 1);
     TAKE(pos, ix, nn); TAKE(idx, ix, nn); TAKE(code, uint8_t, nn); TAKE(side, uint8_t, nn);
     TAKE(keep, uint8_t, nt); TAKE(lo16, uint16_t, t); TAKE(hi16, uint16_t, t);
 #undef TAKE

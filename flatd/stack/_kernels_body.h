@@ -517,38 +517,44 @@ static void K(reject_linear_fit)(const Stack *S, ix r, ix c0, ix w, const Plan *
     }
 }
 
-/* params: outliers fraction, significance, low relaxation, r, lambda_1..lambda_r */
+/* params: outliers fraction, significance, low relaxation, r, lambda_1..lambda_r.
+ * Each column is read in place in the sorted tile (values and frame numbers); the steps
+ * multiply by reciprocals prepared once, and R_i > lambda_i is tested as dev^2 > lambda_i^2
+ * var (no square root, no division in the loop): rounding differs from the textbook
+ * order in the last bits only (tests/unit/test_rejection.py skips a column within 1e-9
+ * of a critical value). */
 static void K(reject_esd)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint8_t *keep, ix kst, Scratch *T) {
     ix n = S->n, st = P->tile, nmax = (ix)P->p[3];
-    double relax = P->p[2];
+    double inv_relax = 1.0 / P->p[2];
     const double *lam = P->p + 4;
-    float *v = T->v;
-    ix *idx = T->idx;
+    double *rinv = T->y, *rinv1 = T->wv, *lam2 = T->lam2; /* 1/m, 1/(m-1) for m <= n; lambda_i^2 */
     uint8_t *side = T->side;
     if (nmax > n) nmax = n;
+    for (ix m = 2; m <= n; m++) { rinv[m] = 1.0 / m; rinv1[m] = 1.0 / (m - 1); }
+    for (ix i = 0; i < nmax; i++) lam2[i] = lam[i] * lam[i];
     K(sorted_with_frames)(S, r, c0, w, P, T);
+    for (ix i = 0; i < n; i++) memset(keep + i * kst, 1, (size_t)w); /* kept, unless found below */
     for (ix c = 0; c < w; c++) {
+        const float *v = T->s + c;      /* v[j * st]: the column, sorted */
+        const int32_t *f = T->fr + c;   /* f[j * st]: the frame of each */
         ix lo = 0, hi = n - 1, k = 0;
-        for (ix j = 0; j < n; j++) { v[j] = T->s[j * st + c]; idx[j] = T->fr[j * st + c]; }
         /* running sums of x - shift (a middle value, against cancellation) */
-        double shift = (double)v[(n - 1) / 2], total = 0.0, sq = 0.0;
-        for (ix j = 0; j < n; j++) { double x = (double)v[j] - shift; total += x; sq += x * x; }
+        double shift = (double)v[((n - 1) / 2) * st], total = 0.0, sq = 0.0;
+        for (ix j = 0; j < n; j++) { double x = (double)v[j * st] - shift; total += x; sq += x * x; }
         for (ix i = 0; i < nmax; i++) {
             ix m = hi - lo + 1;
-            double mean = shift + total / m, var = (sq - total * total / m) / (m - 1);
-            double sd = var > 0 ? sqrt(var) : 0.0, dev, x;
-            double dlow = (mean - (double)v[lo]) / relax, dhigh = (double)v[hi] - mean;
-            if (dhigh > dlow) { dev = dhigh; side[i] = 2; x = (double)v[hi] - shift; hi--; }
-            else { dev = dlow; side[i] = 0; x = (double)v[lo] - shift; lo++; }
+            double mean = shift + total * rinv[m], var = (sq - total * (total * rinv[m])) * rinv1[m], dev, x;
+            double dlow = (mean - (double)v[lo * st]) * inv_relax, dhigh = (double)v[hi * st] - mean;
+            if (dhigh > dlow) { dev = dhigh; side[i] = 2; x = (double)v[hi * st] - shift; hi--; }
+            else { dev = dlow; side[i] = 0; x = (double)v[lo * st] - shift; lo++; }
             total -= x;
             sq -= x * x;
-            if (sd > 0 && dev / sd > lam[i]) k = i + 1;
+            if (var > 0 && dev > 0 && dev * dev > lam2[i] * var) k = i + 1;
         }
-        for (ix j = 0; j < n; j++) keep[idx[j] * kst + c] = 1;
         lo = 0; hi = n - 1;
         for (ix i = 0; i < k; i++) {
-            if (side[i] == 2) { keep[idx[hi] * kst + c] = 2; hi--; }
-            else { keep[idx[lo] * kst + c] = 0; lo++; }
+            if (side[i] == 2) { keep[f[hi * st] * kst + c] = 2; hi--; }
+            else { keep[f[lo * st] * kst + c] = 0; lo++; }
         }
     }
 }
