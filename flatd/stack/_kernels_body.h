@@ -465,17 +465,19 @@ static void K(reject_linear_fit)(const Stack *S, ix r, ix c0, ix w, const Plan *
                                  Scratch *T) {
     ix n = S->n, st = P->tile;
     double low = P->p[0], high = P->p[1];
-    float *v = T->v;
     double *y = T->y;
-    ix *idx = T->idx, *pos = T->pos;
+    ix *pos = T->pos;
     uint8_t *code = T->code; /* by sorted position */
     K(sorted_with_frames)(S, r, c0, w, P, T);
+    for (ix i = 0; i < n; i++) memset(keep + i * kst, 1, (size_t)w); /* kept, unless found below */
     for (ix c = 0; c < w; c++) {
-        for (ix j = 0; j < n; j++) { v[j] = T->s[j * st + c]; idx[j] = T->fr[j * st + c]; code[j] = 1; }
+        const float *v = T->s + c;      /* v[j * st]: the column, sorted */
+        const int32_t *f = T->fr + c;   /* f[j * st]: the frame of each */
+        for (ix j = 0; j < n; j++) code[j] = 1;
         for (;;) {
             ix m = 0, gone = 0;
             for (ix j = 0; j < n; j++)
-                if (code[j] == 1) { y[m] = v[j]; pos[m] = j; m++; }
+                if (code[j] == 1) { y[m] = v[j * st]; pos[m] = j; m++; }
             if (m < 3) break;
             /* least squares y = slope * x + icpt, x = rank among the values kept; sums in
              * four chains (the adds do not wait on each other); sum (x - xm)^2 in closed form */
@@ -513,7 +515,8 @@ static void K(reject_linear_fit)(const Stack *S, ix r, ix c0, ix w, const Plan *
             }
             if (gone == 0) break;
         }
-        for (ix j = 0; j < n; j++) keep[idx[j] * kst + c] = code[j];
+        for (ix j = 0; j < n; j++)
+            if (code[j] != 1) keep[f[j * st] * kst + c] = code[j];
     }
 }
 
