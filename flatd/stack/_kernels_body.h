@@ -31,23 +31,6 @@ static inline void K(cmpx)(float *s, ix w, ix st, const int64_t *net, ix nnet) {
     }
 }
 
-/* The tile sorted by (value, frame), with each sorted value's frame: a stable sort. */
-static void K(cmpx_frames)(float *s, int32_t *f, ix w, ix st, const int64_t *net, ix nnet) {
-    for (ix k = 0; k < nnet; k++) {
-        float *restrict a = s + net[2 * k] * st, *restrict b = s + net[2 * k + 1] * st;
-        int32_t *restrict fa = f + net[2 * k] * st, *restrict fb = f + net[2 * k + 1] * st;
-        for (ix c = 0; c < w; c++) {
-            float x = a[c], y = b[c];
-            int32_t ixx = fa[c], iy = fb[c];
-            int swap = y < x || (y == x && iy < ixx);
-            a[c] = swap ? y : x;
-            b[c] = swap ? x : y;
-            fa[c] = swap ? iy : ixx;
-            fb[c] = swap ? ixx : iy;
-        }
-    }
-}
-
 static inline void K(copy_tile)(const Stack *S, ix r, ix c0, ix w, float *s, ix st) {
     for (ix i = 0; i < S->n; i++) memcpy(s + i * st, S->x + (i * S->rows + r) * S->cols + c0, (size_t)w * 4);
 }
@@ -453,12 +436,29 @@ static void K(reject_ranged)(const Stack *S, ix r, ix c0, ix w, const Plan *P, u
     }
 }
 
-static void K(sorted_with_frames)(const Stack *S, ix r, ix c0, ix w, const Plan *P, Scratch *T) {
-    ix st = P->tile;
-    K(copy_tile)(S, r, c0, w, T->s, st);
+/* The tile sorted (a network on whole rows); the frame of a sorted value is found only
+ * for the values a rejection drops (frame_of), so the network moves no frame numbers. */
+static void K(sorted_tile)(const Stack *S, ix r, ix c0, ix w, const Plan *P, Scratch *T) {
+    K(copy_tile)(S, r, c0, w, T->s, P->tile);
+    K(cmpx)(T->s, w, P->tile, P->rnet, P->nrnet);
+}
+
+static inline int K(same)(float a, float b) { return a == b || (a != a && b != b); } /* NaN: as one value */
+
+/* The frame of the value at sorted position j of column `col` (v[j * vs]): equal values
+ * keep the frames' order, as a stable sort would, so the t-th copy of a value is the
+ * t-th frame, in frame order, that holds it. (The networks' min/max keep every value,
+ * NaN included, so it is always found.) */
+static ix K(frame_of)(const Stack *S, ix r, ix col, const float *v, ix vs, ix j) {
+    float x = v[j * vs];
+    ix t = 0, last = 0;
+    for (ix q = j - 1; q >= 0 && K(same)(v[q * vs], x); q--) t++;
     for (ix i = 0; i < S->n; i++)
-        for (ix c = 0; c < w; c++) T->fr[i * st + c] = (int32_t)i;
-    K(cmpx_frames)(T->s, T->fr, w, st, P->rnet, P->nrnet);
+        if (K(same)(K(row)(S, i, r, col)[0], x)) {
+            if (t-- == 0) return i;
+            last = i;
+        }
+    return last;
 }
 
 static void K(reject_linear_fit)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint8_t *keep, ix kst,
@@ -468,11 +468,10 @@ static void K(reject_linear_fit)(const Stack *S, ix r, ix c0, ix w, const Plan *
     double *y = T->y;
     ix *pos = T->pos;
     uint8_t *code = T->code; /* by sorted position */
-    K(sorted_with_frames)(S, r, c0, w, P, T);
+    K(sorted_tile)(S, r, c0, w, P, T);
     for (ix i = 0; i < n; i++) memset(keep + i * kst, 1, (size_t)w); /* kept, unless found below */
     for (ix c = 0; c < w; c++) {
         const float *v = T->s + c;      /* v[j * st]: the column, sorted */
-        const int32_t *f = T->fr + c;   /* f[j * st]: the frame of each */
         for (ix j = 0; j < n; j++) code[j] = 1;
         for (;;) {
             ix m = 0, gone = 0;
@@ -516,12 +515,12 @@ static void K(reject_linear_fit)(const Stack *S, ix r, ix c0, ix w, const Plan *
             if (gone == 0) break;
         }
         for (ix j = 0; j < n; j++)
-            if (code[j] != 1) keep[f[j * st] * kst + c] = code[j];
+            if (code[j] != 1) keep[K(frame_of)(S, r, c0 + c, v, st, j) * kst + c] = code[j];
     }
 }
 
 /* params: outliers fraction, significance, low relaxation, r, lambda_1..lambda_r.
- * Each column is read in place in the sorted tile (values and frame numbers); the steps
+ * Each column is read in place in the sorted tile (frames found only for what is dropped); the steps
  * multiply by reciprocals prepared once, and R_i > lambda_i is tested as dev^2 > lambda_i^2
  * var (no square root, no division in the loop): rounding differs from the textbook
  * order in the last bits only (tests/unit/test_rejection.py skips a column within 1e-9
@@ -535,11 +534,10 @@ static void K(reject_esd)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint
     if (nmax > n) nmax = n;
     for (ix m = 2; m <= n; m++) { rinv[m] = 1.0 / m; rinv1[m] = 1.0 / (m - 1); }
     for (ix i = 0; i < nmax; i++) lam2[i] = lam[i] * lam[i];
-    K(sorted_with_frames)(S, r, c0, w, P, T);
+    K(sorted_tile)(S, r, c0, w, P, T);
     for (ix i = 0; i < n; i++) memset(keep + i * kst, 1, (size_t)w); /* kept, unless found below */
     for (ix c = 0; c < w; c++) {
         const float *v = T->s + c;      /* v[j * st]: the column, sorted */
-        const int32_t *f = T->fr + c;   /* f[j * st]: the frame of each */
         ix lo = 0, hi = n - 1, k = 0;
         /* running sums of x - shift (a middle value, against cancellation) */
         double shift = (double)v[((n - 1) / 2) * st], total = 0.0, sq = 0.0;
@@ -556,8 +554,8 @@ static void K(reject_esd)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint
         }
         lo = 0; hi = n - 1;
         for (ix i = 0; i < k; i++) {
-            if (side[i] == 2) { keep[f[hi * st] * kst + c] = 2; hi--; }
-            else { keep[f[lo * st] * kst + c] = 0; lo++; }
+            if (side[i] == 2) { keep[K(frame_of)(S, r, c0 + c, v, st, hi) * kst + c] = 2; hi--; }
+            else { keep[K(frame_of)(S, r, c0 + c, v, st, lo) * kst + c] = 0; lo++; }
         }
     }
 }
