@@ -306,11 +306,11 @@ class Runner:
     def _make_master(self, job: Job) -> tuple[Path, Optional[Rejection]]:
         """Stack and write; JobFailed says why not (transient when the output is at fault).
         Returns the master's path and what its combine rejected."""
+        from flatd.output.masters import NoSpace, master_header, write_master  # astropy: only when a master is made
+
         try:
             result = self.engine.stack(job)
             rejection = Rejection.of(job, result)
-            from flatd.output.masters import master_header  # astropy: only when a master is made
-
             header = master_header(
                 job.frames, [i.calibration for i in job.inputs], job.method,
                 job.normalize, result.factors, extra={JOB_CARD: job.id},
@@ -323,8 +323,6 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the other groups
             raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
         self._state(job, L.WRITING)
-        from flatd.output.masters import NoSpace, write_master
-
         try:
             return write_master(job.output_dir, job.output_name, result.image, header,
                                 rejection_map=result.rejection_map if job.rejection_map else None), rejection

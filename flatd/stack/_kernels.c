@@ -50,12 +50,11 @@ typedef struct {
 /* scratch for one thread: sized for n frames and tile columns */
 typedef struct {
     float *s, *fa, *fb, *fc, *fd; /* s: n*tile; others: tile */
-    int32_t *fr;                  /* n*tile */
     double *da, *db;              /* tile */
     int64_t *ia;                  /* tile */
     int32_t *ib;                  /* tile */
     uint8_t *ba, *bb;             /* tile */
-    float *v; double *wv, *y, *lam2; ix *pos, *idx; uint8_t *code, *side; /* n (wv, y, lam2: n + 1) */
+    double *wv, *y, *lam2; ix *pos; uint8_t *code, *side; /* n (wv, y, lam2: n + 1) */
     uint8_t *keep;                /* n*tile */
     uint16_t *lo16, *hi16;        /* tile */
     void *block;
@@ -66,9 +65,9 @@ static size_t scratch_layout(Scratch *S, char *b, ix n, ix tile) {
     size_t nt = (size_t)n * (size_t)tile, t = (size_t)tile, nn = (size_t)n, used = 0;
 #define TAKE(ptr, type, count) do { S->ptr = (type *)(void *)((uintptr_t)b + used); used += ((count) * sizeof(type) + 63) / 64 * 64; } while (0)
     TAKE(s, float, nt); TAKE(fa, float, t); TAKE(fb, float, t); TAKE(fc, float, t); TAKE(fd, float, t);
-    TAKE(fr, int32_t, nt); TAKE(da, double, t); TAKE(db, double, t); TAKE(ia, int64_t, t); TAKE(ib, int32_t, t);
-    TAKE(ba, uint8_t, t); TAKE(bb, uint8_t, t); TAKE(v, float, nn); TAKE(wv, double, nn + 1); TAKE(lam2, double, nn + 1); TAKE(y, double, nn + 1);
-    TAKE(pos, ix, nn); TAKE(idx, ix, nn); TAKE(code, uint8_t, nn); TAKE(side, uint8_t, nn);
+    TAKE(da, double, t); TAKE(db, double, t); TAKE(ia, int64_t, t); TAKE(ib, int32_t, t);
+    TAKE(ba, uint8_t, t); TAKE(bb, uint8_t, t); TAKE(wv, double, nn + 1); TAKE(lam2, double, nn + 1); TAKE(y, double, nn + 1);
+    TAKE(pos, ix, nn); TAKE(code, uint8_t, nn); TAKE(side, uint8_t, nn);
     TAKE(keep, uint8_t, nt); TAKE(lo16, uint16_t, t); TAKE(hi16, uint16_t, t);
 #undef TAKE
     return used;
@@ -396,11 +395,36 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "flatd's compiled kernels.", -1, methods,
                                     NULL, NULL, NULL, NULL};
 
+/* The kernels' numbers by name, for flatd/stack/combine.py's tables (one place for them). */
+static int add_codes(PyObject *m, const char *attr, const char *const *names, const int *codes, int count) {
+    PyObject *d = PyDict_New();
+    if (!d) return -1;
+    for (int k = 0; k < count; k++) {
+        PyObject *v = PyLong_FromLong(codes[k]);
+        if (!v || PyDict_SetItemString(d, names[k], v) < 0) { Py_XDECREF(v); Py_DECREF(d); return -1; }
+        Py_DECREF(v);
+    }
+    if (PyModule_AddObject(m, attr, d) < 0) { Py_DECREF(d); return -1; }
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__kernels(void) {
+    static const char *const rejections[] = {"minmax", "sigma", "sigma-iterative", "winsorized", "mad",
+                                             "percentile", "linear-fit", "esd", "given"};
+    static const int rejection_codes[] = {REJ_MINMAX, REJ_SIGMA, REJ_SIGMA_ITERATIVE, REJ_WINSORIZED, REJ_MAD,
+                                          REJ_PERCENTILE, REJ_LINEAR_FIT, REJ_ESD, REJ_GIVEN};
+    static const char *const estimators[] = {"mean", "median"};
+    static const int estimator_codes[] = {EST_MEAN, EST_MEDIAN};
     PyObject *m;
     choose_impl();
     m = PyModule_Create(&module);
     if (!m) return NULL;
-    if (PyModule_AddStringConstant(m, "ISA", impl.isa) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddStringConstant(m, "ISA", impl.isa) < 0 ||
+        PyModule_AddIntConstant(m, "WINSOR_ITERATIONS", WINSOR_ITERATIONS) < 0 ||
+        add_codes(m, "REJECTIONS", rejections, rejection_codes, 9) < 0 ||
+        add_codes(m, "ESTIMATORS", estimators, estimator_codes, 2) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -182,7 +182,7 @@ static void K(reject_sigma)(const Stack *S, ix r, ix c0, ix w, const Plan *P, ui
     }
     /* only z < 1 can reject a whole column: the original then falls back to min/max n=2 */
     if (z2 < 1.0001) {
-        int32_t *cnt = T->fr; /* not used by minmax_keep */
+        int32_t *cnt = T->ib; /* not used by minmax_keep */
         for (ix c = 0; c < w; c++) cnt[c] = 0;
         for (ix i = 0; i < n; i++)
             for (ix c = 0; c < w; c++) cnt[c] += keep[i * kst + c] == 1;

@@ -48,7 +48,7 @@ from flatd.stack import _kernels
 from flatd.stack.methods import Method  # noqa: F401  (re-exported: from flatd.stack.combine import Method)
 
 CLIP_MAX = 65535.0
-WINSOR_ITERATIONS = 100  # Huber's winsorization converges in a few; a bound against cycles (in _kernels.c)
+WINSOR_ITERATIONS = _kernels.WINSOR_ITERATIONS  # Huber's winsorization converges in a few; a bound against cycles
 
 
 # --------------------------------------------------------------------------- kernel tables
@@ -76,12 +76,11 @@ class Estimator:
     tile_values: int
 
 
-GIVEN = 9  # _kernels.c: REJ_GIVEN, keep codes computed in Python
+GIVEN = _kernels.REJECTIONS["given"]  # keep codes computed in Python
 
 
-def rejection_kernel(func: Callable, cache: bool = True) -> Rejection:
-    """A rejection for REJECTIONS from a plain Python function (see Rejection);
-    `cache` is accepted for compatibility and ignored."""
+def rejection_kernel(func: Callable) -> Rejection:
+    """A rejection for REJECTIONS from a plain Python function (see Rejection)."""
     return Rejection(func=func)
 
 
@@ -139,13 +138,11 @@ def _median_networks(n: int, kept: bool) -> np.ndarray:
 
 
 # flatd.stack.methods entries name these: Entry.reject and Entry.estimator
-REJECTIONS: dict[str, Rejection] = {
-    "minmax": Rejection(1), "sigma": Rejection(2), "sigma-iterative": Rejection(3), "winsorized": Rejection(4),
-    "mad": Rejection(5), "percentile": Rejection(6), "linear-fit": Rejection(7), "esd": Rejection(8),
-}
+REJECTIONS: dict[str, Rejection] = {name: Rejection(code) for name, code in _kernels.REJECTIONS.items()
+                                     if name != "given"}
 ESTIMATORS: dict[str, Estimator] = {
-    "mean": Estimator(0, _no_network, tile_values=32768),
-    "median": Estimator(1, _median_networks, tile_values=8192),
+    "mean": Estimator(_kernels.ESTIMATORS["mean"], _no_network, tile_values=32768),
+    "median": Estimator(_kernels.ESTIMATORS["median"], _median_networks, tile_values=8192),
 }
 
 

@@ -36,7 +36,7 @@ def _trim(stack, r, c0, c1, params, keep):
 
 @pytest.fixture
 def trimmed(monkeypatch):
-    monkeypatch.setitem(combine.REJECTIONS, "trim", combine.rejection_kernel(_trim, cache=False))
+    monkeypatch.setitem(combine.REJECTIONS, "trim", combine.rejection_kernel(_trim))
     entry = methods.register(methods.Entry(
         "trimmed", "drop the k lowest and k highest values, then mean", params=(TRIM,),
         label=lambda v: f"Trimmed{v['trim']}", describe=lambda v: f"trimmed mean k={v['trim']}",

@@ -407,7 +407,7 @@ def staged_methods(monkeypatch):
             for c in range(c1 - c0):
                 keep[i, c] = 0
 
-    monkeypatch.setitem(kernels.REJECTIONS, "test-none", kernels.rejection_kernel(keep_none, cache=False))
+    monkeypatch.setitem(kernels.REJECTIONS, "test-none", kernels.rejection_kernel(keep_none))
     added = [
         methods.Entry("test-sigma-median", "x", lambda v: "X", lambda v: "x", params=(methods.SIGMA,),
                       reject="sigma", estimator="median"),
