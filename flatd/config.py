@@ -313,6 +313,13 @@ class Keywords(Section):
     date: list[str] = Field([], description="keywords for the date of the exposure")
     instrument: list[str] = Field([], description="keywords for the camera")
     telescope: list[str] = Field([], description="keywords for the telescope")
+    gain: list[str] = Field([], description="keywords for the camera gain setting (not EGAIN, e-/ADU)")
+    offset: list[str] = Field([], description="keywords for the camera offset (black level) setting")
+    readout: list[str] = Field([], description="keywords for the readout mode")
+    bayer: list[str] = Field([], description="keywords for the colour filter array pattern (RGGB...)")
+    xbayeroff: list[str] = Field([], description="keywords for the CFA pattern's column offset")
+    ybayeroff: list[str] = Field([], description="keywords for the CFA pattern's row offset")
+    roworder: list[str] = Field([], description="keywords for the row order (TOP-DOWN or BOTTOM-UP)")
 
 
 def _scalar_text(value: Any) -> Any:

@@ -61,6 +61,14 @@ class KeywordMap:
     date: tuple[str, ...] = ("DATE-OBS", "DATE-LOC", "DATE")
     instrument: tuple[str, ...] = ("INSTRUME", "CAMERA")
     telescope: tuple[str, ...] = ("TELESCOP",)
+    # camera settings: EGAIN (e-/ADU) and PEDESTAL are not settings and are not read here
+    gain: tuple[str, ...] = ("GAIN", "CAMGAIN", "ISOSPEED", "ISO")
+    offset: tuple[str, ...] = ("OFFSET", "BLKLEVEL", "CAMOFFST", "BLACKLEV")
+    readout: tuple[str, ...] = ("READOUTM", "READMODE", "READOUT", "CAMMODE")
+    bayer: tuple[str, ...] = ("BAYERPAT", "COLORTYP", "CFA-PAT", "CFAPAT", "BAYPAT")
+    xbayeroff: tuple[str, ...] = ("XBAYROFF", "BAYOFFX", "XBAYOFF")
+    ybayeroff: tuple[str, ...] = ("YBAYROFF", "BAYOFFY", "YBAYOFF")
+    roworder: tuple[str, ...] = ("ROWORDER",)
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Sequence[str]] | None) -> "KeywordMap":
@@ -98,6 +106,12 @@ class Frame:
     instrument: str | None = None
     telescope: str | None = None
     software: str | None = None
+    gain: float | None = None
+    offset: float | None = None
+    readout_mode: str | None = None
+    bayer_pattern: str | None = None  # 'RGGB', 'GBRG'...: a colour (CFA) sensor; None for mono
+    bayer_offset: tuple[int, int] = (0, 0)  # XBAYROFF, YBAYROFF
+    row_order: str = "TOP-DOWN"  # or 'BOTTOM-UP' (ROWORDER)
     bitpix: int = 16
     bzero: float = 0.0
     bscale: float = 1.0
@@ -386,6 +400,9 @@ class Limits:
         return f"{self.low:,g}..{sign}{self.high:,g} {self.unit}"
 
 
+# Camera gains run 0..~5000 (ISO up to 409600 on cameras written by DSLR tools).
+GAIN_LIMITS = Limits(0.0, 1_000_000.0, "")
+OFFSET_LIMITS = Limits(-100_000.0, 100_000.0, "ADU")
 # Liquid-nitrogen-cooled CCDs run near -100 °C (Lowell's LOIS writes DETTEMP = -102.125).
 TEMPERATURE_LIMITS = Limits(-200.0, 60.0, "°C")
 EXPOSURE_LIMITS = Limits(0.0, 100_000.0, "s")
@@ -412,6 +429,39 @@ def _measured(cards: Mapping[str, object], keys: Iterable[str], limits: Limits, 
     if number not in limits:
         raise FrameError(path, f"{key} = {_show(value)} is outside {limits}")
     return number
+
+
+def _setting(cards: Mapping[str, object], keys: Iterable[str], limits: Limits) -> float | None:
+    """A camera setting (gain, offset): a number within `limits`, else None (not known).
+
+    A broken setting does not make the frame unusable; it only stops it from being
+    told apart by that setting, and matching treats it as missing.
+    """
+    number = _as_float(_first(cards, keys))
+    return number if number is not None and number in limits else None
+
+
+_BAYER = re.compile(r"^[RGB]{4}$")
+
+
+def parse_bayer(cards: Mapping[str, object], keywords: "KeywordMap") -> str | None:
+    """The CFA pattern ('RGGB', 'GBRG', ...) of a colour sensor; None for mono or nonsense."""
+    text = _as_text(_first(cards, keywords.bayer))
+    if text is None:
+        return None
+    text = text.upper().replace(" ", "")
+    return text if _BAYER.match(text) and set(text) == {"R", "G", "B"} else None
+
+
+def _bayer_offset(cards: Mapping[str, object], keys: Iterable[str]) -> int:
+    """XBAYROFF/YBAYROFF: only the parity matters; anything not a whole number is 0."""
+    number = _as_float(_first(cards, keys))
+    return int(number) % 2 if number is not None and number.is_integer() and abs(number) < 1e9 else 0
+
+
+def parse_row_order(cards: Mapping[str, object], keywords: "KeywordMap") -> str:
+    text = (_as_text(_first(cards, keywords.roworder)) or "").upper().replace("_", "-").replace(" ", "-")
+    return "BOTTOM-UP" if text in ("BOTTOM-UP", "BOTTOMUP") else "TOP-DOWN"
 
 
 def _scaling(cards: Mapping[str, object], path: Path) -> tuple[float, float]:
@@ -602,6 +652,12 @@ def frame_from_cards(
         instrument=_as_text(_first(cards, keywords.instrument)),
         telescope=_as_text(_first(cards, keywords.telescope)),
         software=software,
+        gain=_setting(cards, keywords.gain, GAIN_LIMITS),
+        offset=_setting(cards, keywords.offset, OFFSET_LIMITS),
+        readout_mode=_as_text(_first(cards, keywords.readout)),
+        bayer_pattern=parse_bayer(cards, keywords),
+        bayer_offset=(_bayer_offset(cards, keywords.xbayeroff), _bayer_offset(cards, keywords.ybayeroff)),
+        row_order=parse_row_order(cards, keywords),
         bitpix=integer("BITPIX", 16),
         bzero=bzero,
         bscale=bscale,
