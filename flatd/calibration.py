@@ -60,6 +60,54 @@ class CalibrationError(FlatdError):
     """No usable dark/bias for a flat; the message names the flat and the reason."""
 
 
+# =========================================================================== matching
+
+# The camera settings a dark or bias must share with its flat wherever both carry them
+# (precalibration.match). Any other name in that list is a header keyword.
+MATCH_FACTS = ("camera", "gain", "offset", "readout")
+DEFAULT_MATCH = MATCH_FACTS
+
+
+def _fact(frame: Frame, name: str) -> object:
+    """One matching fact of a frame: a number, lower-case text, or None when not carried."""
+    if name == "camera":
+        return _camera(frame) or None
+    if name == "gain":
+        return frame.gain
+    if name == "offset":
+        return frame.offset
+    if name == "readout":
+        return (frame.readout_mode or "").strip().lower() or None
+    value = frame.header_value(name)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return str(value).strip().lower() or None
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+    return a == b
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def mismatch(flat: Frame, candidate: Frame, match: tuple[str, ...] = DEFAULT_MATCH) -> Optional[str]:
+    """The first setting of `match` on which `candidate` and `flat` disagree, as text
+    ('gain 200, the flat's 120'); None when they agree wherever both carry the setting."""
+    for name in match:
+        mine, theirs = _fact(flat, name), _fact(candidate, name)
+        if mine is not None and theirs is not None and not _same(mine, theirs):
+            return f"{name} {_shown(theirs)}, the flat's {_shown(mine)}"
+    return None
+
+
 def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
@@ -203,26 +251,48 @@ class Library:
     def exposure(self, frame: Frame) -> float:
         return _exposure(frame, self.keywords)
 
-    def matching(self, flat: Frame) -> list[Frame]:
-        """Candidates of exactly the flat's width, height and binning (never the flat
-        itself); from the flat's own camera (INSTRUME) when the library has any."""
-        same_size = [f for f in self.frames if f.size_key == flat.size_key and f.path != flat.path]
-        camera = _camera(flat)
-        same_camera = [f for f in same_size if camera and _camera(f) == camera]
-        return same_camera or same_size
+    def same_size(self, flat: Frame) -> list[Frame]:
+        """Candidates of exactly the flat's width, height and binning (never the flat itself)."""
+        return [f for f in self.frames if f.size_key == flat.size_key and f.path != flat.path]
 
-    def choose(self, flat: Frame, policy: str = "original") -> Choice:
-        """The best dark or bias for `flat`; raise CalibrationError when none fits."""
+    def matching(self, flat: Frame, match: tuple[str, ...] = DEFAULT_MATCH) -> list[Frame]:
+        """Candidates of the flat's size and binning whose camera settings (`match`)
+        agree with the flat's wherever both carry them."""
+        return [f for f in self.same_size(flat) if mismatch(flat, f, match) is None]
+
+    def choose(self, flat: Frame, policy: str = "original", match: tuple[str, ...] = DEFAULT_MATCH) -> Choice:
+        """The best dark or bias for `flat`; raise CalibrationError when none fits.
+
+        Only frames whose settings match are chosen, never a closer one that does not;
+        the reason names the frame that would otherwise have been chosen and the setting
+        that ruled it out.
+        """
         if policy not in POLICIES:
             raise ValueError(f"unknown calibration policy {policy!r}; known: {', '.join(POLICIES)}")
-        candidates = self.matching(flat)
-        if not candidates:
+        same_size = self.same_size(flat)
+        if not same_size:
             sizes = Counter(_size_text(f) for f in self.frames)
             has = ", ".join(f"{size} ×{n}" for size, n in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])))
             raise CalibrationError(
                 f"{flat.path}: no dark or bias in {self.folder} matches {_size_text(flat)} "
                 f"(library has: {has or 'no darks or biases'}){self._below_hint}"
             )
+        candidates = [f for f in same_size if mismatch(flat, f, match) is None]
+        closest = self._choose_by(policy, flat, same_size).calibration.frame
+        ruled_out = mismatch(flat, closest, match)
+        if not candidates:
+            raise CalibrationError(
+                f"{flat.path}: no dark or bias in {self.folder} of {_size_text(flat)} has the flat's settings "
+                f"({_settings_text(flat, match)}); the closest, {self._describe(closest)}, has {ruled_out}"
+                f"{_others_text(len(same_size) - 1)}")
+        choice = self._choose_by(policy, flat, candidates)
+        if ruled_out is None:
+            return choice
+        note = f"; closer {self._describe(closest)} ruled out: {ruled_out}"
+        cal = choice.calibration
+        return Choice(flat, Calibration("file", frame=cal.frame, why=cal.why + note), choice.score)
+
+    def _choose_by(self, policy: str, flat: Frame, candidates: list[Frame]) -> Choice:
         if policy == "original":
             return self._choose_original(flat, candidates)
         return self._choose_exposure_match(flat, candidates)
@@ -297,6 +367,23 @@ def _missing_notes(flat: Frame, chosen: Frame, role: Kind) -> str:
     return f" ({' and '.join(missing)} without temperature, taken as 0)"
 
 
+def _settings_text(flat: Frame, match: tuple[str, ...]) -> str:
+    known = [f"{name} {_shown(_fact(flat, name))}" for name in match if _fact(flat, name) is not None]
+    return ", ".join(known) or "none carried"
+
+
+def _others_text(n: int) -> str:
+    return f" (and {n} other{'s' if n != 1 else ''} ruled out too)" if n > 0 else ""
+
+
+def check_same_settings(flat: Frame, calibration: Frame, match: tuple[str, ...] = DEFAULT_MATCH) -> None:
+    """A fixed dark/bias must have the flat's camera settings (where both carry them)."""
+    differs = mismatch(flat, calibration, match)
+    if differs:
+        raise CalibrationError(f"dark/bias {calibration.path} does not match flat {flat.path}: {differs} "
+                               "(precalibration.match)")
+
+
 def check_same_geometry(flat: Frame, calibration: Frame) -> None:
     """A dark/bias must have the flat's width, height and binning."""
     if calibration.size_key != flat.size_key:
@@ -330,6 +417,7 @@ def calibration_for(flat: Frame, settings, library: Optional[Library], fixed: Op
             except FrameError as exc:
                 raise CalibrationError(f"{flat.path}: dark/bias {exc.path}: {exc.reason}") from None
         check_same_geometry(flat, fixed)
+        check_same_settings(flat, fixed, _match(settings))
         kind = calibration_kind(fixed, keywords)
         word = _ROLE_WORD.get(kind, "dark/bias") if kind else "dark/bias"
         return Calibration("file", frame=fixed, why=f"fixed {word} {fixed.path}")
@@ -338,8 +426,13 @@ def calibration_for(flat: Frame, settings, library: Optional[Library], fixed: Op
             if settings.library is None:
                 raise CalibrationError(f"{flat.path}: precalibration mode 'auto' but no library is set")
             library = Library.scan(settings.library, settings.recursive, settings.bias_dark_only, keywords)
-        return library.choose(flat, settings.policy).calibration
+        return library.choose(flat, settings.policy, _match(settings)).calibration
     raise ValueError(f"unknown precalibration mode {mode!r}")
+
+
+def _match(settings) -> tuple[str, ...]:
+    match = getattr(settings, "match", None)
+    return DEFAULT_MATCH if match is None else tuple(match)
 
 
 def _camera(frame: Frame) -> str:

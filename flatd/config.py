@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -80,6 +81,33 @@ def _expand_path(value: Any) -> Any:
 
 PathValue = Annotated[Path, BeforeValidator(_expand_path)]
 
+_KEYWORD = re.compile(r"^[A-Z0-9_-]{1,8}$")
+
+
+def _match_key(value: Any) -> Any:
+    """A matching setting: camera, gain, offset, readout, or a FITS keyword (upper-cased)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a setting name or header keyword")
+    if value.lower() in ("camera", "gain", "offset", "readout"):
+        return value.lower()
+    key = value.strip().upper()
+    if not _KEYWORD.match(key):
+        raise ValueError(f"{value!r} is not camera, gain, offset, readout or a FITS keyword "
+                         "(1-8 of A-Z, 0-9, '-', '_')")
+    return key
+
+
+MatchKey = Annotated[str, BeforeValidator(_match_key)]
+
+
+def _tolerance(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{value!r}: a tolerance is a number of 0 or more (or null for exact)")
+    return float(value)
+
+
+Tolerance = Annotated[float, BeforeValidator(_tolerance)]
+
 # ------------------------------------------------------------------- sections
 
 
@@ -128,13 +156,14 @@ class Output(Section):
 
         allowed = set(NAME_FIELDS)
         for _, field_name, _, _ in Formatter().parse(name):
-            if field_name is not None and field_name not in allowed:
-                raise ValueError(f"unknown field {{{field_name}}}; known: {', '.join(sorted(allowed))}")
+            if field_name is not None and field_name not in allowed and not _KEYWORD.match(field_name):
+                raise ValueError(f"unknown field {{{field_name}}}; known: {', '.join(sorted(allowed))}, "
+                                 "or a header keyword in capitals ({FOCALLEN})")
         return name
 
 
 NAME_FIELDS = ("filter", "binning", "size", "method", "date", "time", "datetime", "temperature",
-               "exposure", "instrument", "telescope", "count", "group")
+               "exposure", "instrument", "telescope", "count", "group", "gain", "offset", "readout", "bayer")
 
 
 class Inputs(Section):
@@ -155,6 +184,25 @@ class Grouping(Section):
         "mean-shift bandwidth in °C for temperature groups; null: no temperature grouping"))
     min_group_size: int = Field(5, ge=1, description="groups with fewer flats are left out and reported")
     folder: bool = Field(True, description="flats in different folders (sessions) never share a group")
+    keywords: dict[MatchKey, Optional[Tolerance]] = Field({}, description=(
+        "header keywords whose values flats of one group must share, each with a numeric tolerance or null "
+        "(exact), e.g. {FOCALLEN: 1.0, ROTATANG: 2.0}; a list means exact. Gain, offset, readout mode, "
+        "CFA pattern and row order always separate groups"))
+
+    @field_validator("keywords", mode="before")
+    @classmethod
+    def _list_means_exact(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return {key: None for key in value}
+        return value
+
+    @field_validator("keywords")
+    @classmethod
+    def _keywords_only(cls, value: dict) -> dict:
+        named = [k for k in value if k in ("camera", "gain", "offset", "readout")]
+        if named:
+            raise ValueError(f"{', '.join(named)}: always separate groups; list header keywords here")
+        return value
 
 
 class Precalibration(Section):
@@ -169,6 +217,9 @@ class Precalibration(Section):
     bias_dark_only: bool = Field(True, description="consider only library files typed BIAS or DARK")
     policy: Literal["original", "exposure-match"] = Field("original", description=(
         "original: lowest |dT| + 3 |dExposure|; exposure-match: a dark of the flat's own exposure first"))
+    match: list[MatchKey] = Field(["camera", "gain", "offset", "readout"], description=(
+        "settings a dark or bias must share with its flat wherever both carry them: camera, gain, offset, "
+        "readout (read through keywords:), or any header keyword; size and binning always"))
 
     @model_validator(mode="before")
     @classmethod

@@ -1,8 +1,9 @@
 """Grouping flats by size, temperature and filter, as the original program does.
 
-Nesting order: size (binning plus NAXIS1 x NAXIS2), then temperature (mean-shift
-clustering of CCD-TEMP), then filter (case-insensitive, a missing filter is its own
-group). Groups smaller than the minimum size are left out at each level, and every
+Nesting order: camera settings (gain, offset, readout mode, CFA pattern, row order,
+and the header keywords of grouping.keywords, each with its tolerance), then size
+(binning plus NAXIS1 x NAXIS2), then temperature (mean-shift clustering of CCD-TEMP),
+then filter (case-insensitive, a missing filter is its own group). Groups smaller than the minimum size are left out at each level, and every
 frame left out is returned with the reason, naming its group.
 
 Pure: no I/O. scikit-learn is imported only when temperatures must be clustered.
@@ -30,6 +31,7 @@ class GroupOptions:
     filter: bool = True
     temperature: float | None = 1.0  # mean-shift bandwidth in °C; None: no temperature grouping
     min_group_size: int = 1
+    keywords: tuple[tuple[str, float | None], ...] = ()  # header keywords that must agree, each with a tolerance
 
     def __post_init__(self) -> None:
         if self.temperature is not None:
@@ -47,6 +49,7 @@ class GroupOptions:
             filter=bool(grouping.filter),
             temperature=None if grouping.temperature is None else float(grouping.temperature),
             min_group_size=int(grouping.min_group_size),
+            keywords=tuple((key.upper(), tol) for key, tol in (getattr(grouping, "keywords", None) or {}).items()),
         )
 
 
@@ -65,6 +68,7 @@ class Group:
     filter: str | None  # as written in the most common frame; '' when missing; None when not grouped by filter
     temperature: float | None  # mean of the members' temperatures when grouped by temperature
     no_temperature: bool = False  # the group of flats without a temperature (grouping by temperature)
+    settings: tuple[str, ...] = ()  # the camera settings the members share, as text ('gain 120', 'RGGB')
 
     @property
     def label(self) -> str:
@@ -89,7 +93,7 @@ class Group:
             temp = format_temperature(self.temperature)
         else:
             temp = "no temperature" if self.no_temperature else None
-        return _describe(self.size_key, temp, self.filter)
+        return _describe(self.size_key, temp, self.filter) + list(self.settings)
 
 
 # --------------------------------------------------------------------------- text
@@ -211,11 +215,88 @@ class _Partial:
     temperature: float | None = None
     no_temperature: bool = False
     filter: str | None = None
+    settings: tuple[str, ...] = ()
 
     def describe(self) -> str:
         temp = format_temperature(self.temperature) if self.temperature is not None else (
             "no temperature" if self.no_temperature else None)
-        return ", ".join(_describe(self.size_key, temp, self.filter)) or "of all flats"
+        return ", ".join(_describe(self.size_key, temp, self.filter) + list(self.settings)) or "of all flats"
+
+
+# --------------------------------------------------------------------------- camera settings
+
+
+def _number_text(value: float) -> str:
+    return f"{value:g}"
+
+
+def camera_settings(frame: Frame) -> tuple[str, ...]:
+    """The settings a flat never shares a group across, as text: gain, offset, readout
+    mode, CFA pattern (with its offsets) and a bottom-up row order; missing ones left out."""
+    parts = []
+    if frame.gain is not None:
+        parts.append(f"gain {_number_text(frame.gain)}")
+    if frame.offset is not None:
+        parts.append(f"offset {_number_text(frame.offset)}")
+    if frame.readout_mode:
+        parts.append(f"readout {frame.readout_mode.strip()}")
+    if frame.bayer_pattern:
+        dx, dy = frame.bayer_offset
+        parts.append(frame.bayer_pattern + (f" (offset {dx},{dy})" if (dx, dy) != (0, 0) else ""))
+    if frame.row_order != "TOP-DOWN":
+        parts.append(f"rows {frame.row_order.lower()}")
+    return tuple(parts)
+
+
+def _settings_key(frame: Frame) -> tuple:
+    """camera_settings compared without case (a readout mode 'Fast' is 'fast')."""
+    return tuple(part.casefold() for part in camera_settings(frame))
+
+
+def _split_by_settings(p: "_Partial") -> list["_Partial"]:
+    groups: dict[tuple, list[Frame]] = {}
+    for f in p.frames:
+        groups.setdefault(_settings_key(f), []).append(f)
+    return [_Partial(groups[k], settings=p.settings + camera_settings(groups[k][0])) for k in sorted(groups)]
+
+
+def _keyword_value(frame: Frame, key: str) -> object:
+    """A header value for grouping: a finite number, folded text, or None when missing."""
+    value = frame.header_value(key)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else str(value)
+    text = str(value).strip()
+    return text.casefold() or None
+
+
+def _split_by_keyword(p: "_Partial", key: str, tolerance: float | None) -> list["_Partial"]:
+    """Frames whose `key` agrees: text exactly (any case); numbers within `tolerance` of
+    the first (lowest) value of their run; a missing value is a group of its own."""
+    numbers = sorted((v, i) for i, f in enumerate(p.frames)
+                     if isinstance(v := _keyword_value(f, key), float))
+    runs: list[tuple[float, list[int]]] = []
+    for value, i in numbers:
+        if runs and value - runs[-1][0] <= (tolerance or 0.0):
+            runs[-1][1].append(i)
+        else:
+            runs.append((value, [i]))
+    parts: list[tuple[str, list[Frame]]] = []
+    for value, members in runs:
+        frames = [p.frames[i] for i in sorted(members)]
+        values = [_keyword_value(f, key) for f in frames]
+        shown = _number_text(value) if max(values) == value else f"{_number_text(value)}..{_number_text(max(values))}"
+        parts.append((f"{key} {shown}", frames))
+    texts: dict[object, list[Frame]] = {}
+    for f in p.frames:
+        v = _keyword_value(f, key)
+        if not isinstance(v, float):
+            texts.setdefault(v, []).append(f)
+    for v in sorted(texts, key=lambda v: (v is None, str(v))):
+        written = str(texts[v][0].header_value(key)).strip() if v is not None else None
+        parts.append((f"{key} {written}" if v is not None else f"no {key}", texts[v]))
+    return [_Partial(frames, settings=p.settings + (text,)) for text, frames in parts]
 
 
 def _too_small(partial: _Partial, minimum: int, skipped: list[Skipped]) -> bool:
@@ -240,25 +321,23 @@ def group_frames(frames: Sequence[Frame], options: GroupOptions) -> tuple[list[G
         return [], skipped
     minimum = options.min_group_size
 
-    # Level 1: size.
-    if options.size:
-        by_size: dict[SizeKey, list[Frame]] = {}
-        for f in ordered:
-            by_size.setdefault(f.size_key, []).append(f)
-        level = [_Partial(by_size[k], size_key=k) for k in sorted(by_size)]
-    else:
-        counts = Counter(f.size_key for f in ordered)
-        # The majority size; ties go to the size of the earliest frame.
-        majority = max(counts, key=lambda k: (counts[k], -next(i for i, f in enumerate(ordered) if f.size_key == k)))
-        for f in ordered:
-            if f.size_key != majority:
-                skipped.append(Skipped(
-                    f.path,
-                    f"size {format_size(f.size_key)} differs from the group's {format_size(majority)}; "
-                    "enable size grouping",
-                ))
-        level = [_Partial([f for f in ordered if f.size_key == majority])]
+    # Level 0: camera settings, then the header keywords of grouping.keywords.
+    level = _split_by_settings(_Partial(ordered))
+    for key, tolerance in options.keywords:
+        level = [q for p in level for q in _split_by_keyword(p, key, tolerance)]
     level = [p for p in level if not _too_small(p, minimum, skipped)]
+
+    # Level 1: size.
+    next_level = []
+    for p in level:
+        if options.size:
+            by_size: dict[SizeKey, list[Frame]] = {}
+            for f in p.frames:
+                by_size.setdefault(f.size_key, []).append(f)
+            next_level += [_Partial(by_size[k], size_key=k, settings=p.settings) for k in sorted(by_size)]
+        else:
+            next_level.append(_Partial(_majority_size(p.frames, skipped), settings=p.settings))
+    level = [p for p in next_level if not _too_small(p, minimum, skipped)]
 
     # Level 2: temperature.
     if options.temperature is not None:
@@ -273,9 +352,9 @@ def group_frames(frames: Sequence[Frame], options: GroupOptions) -> tuple[list[G
             for label in sorted(clusters):
                 members = clusters[label]
                 centre = sum(f.temperature for f in members) / len(members)
-                next_level.append(_Partial(members, p.size_key, centre))
+                next_level.append(_Partial(members, p.size_key, centre, settings=p.settings))
             if unknown:
-                next_level.append(_Partial(unknown, p.size_key, None, no_temperature=True))
+                next_level.append(_Partial(unknown, p.size_key, None, no_temperature=True, settings=p.settings))
         level = [p for p in next_level if not _too_small(p, minimum, skipped)]
 
     # Level 3: filter.
@@ -290,15 +369,30 @@ def group_frames(frames: Sequence[Frame], options: GroupOptions) -> tuple[list[G
                 written = most_common_filter(members) if key else ""
                 # the group's own mean, as its master's name and CCD-TEMP give it
                 temp = None if p.temperature is None else sum(f.temperature for f in members) / len(members)
-                next_level.append(_Partial(members, p.size_key, temp, p.no_temperature, written))
+                next_level.append(_Partial(members, p.size_key, temp, p.no_temperature, written, p.settings))
         level = [p for p in next_level if not _too_small(p, minimum, skipped)]
 
     groups = []
     for p in level:
         groups.append(Group(tuple(sorted(p.frames, key=_frame_order)), p.size_key, p.filter,
-                            p.temperature, p.no_temperature))
+                            p.temperature, p.no_temperature, p.settings))
     groups.sort(key=_group_order)
     return groups, skipped
+
+
+def _majority_size(frames: list[Frame], skipped: list[Skipped]) -> list[Frame]:
+    """Without size grouping: the frames of the majority size (ties: the earliest frame's);
+    the others are left out with the reason."""
+    counts = Counter(f.size_key for f in frames)
+    majority = max(counts, key=lambda k: (counts[k], -next(i for i, f in enumerate(frames) if f.size_key == k)))
+    for f in frames:
+        if f.size_key != majority:
+            skipped.append(Skipped(
+                f.path,
+                f"size {format_size(f.size_key)} differs from the group's {format_size(majority)}; "
+                "enable size grouping",
+            ))
+    return [f for f in frames if f.size_key == majority]
 
 
 def _group_order(group: Group) -> tuple:
@@ -308,5 +402,6 @@ def _group_order(group: Group) -> tuple:
         temp is None,  # the no-temperature group after the clusters
         -(temp if temp is not None else 0.0),
         filter_key(group.filter),
+        group.settings,
         str(group.frames[0].path) if group.frames else "",
     )

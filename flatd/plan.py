@@ -21,7 +21,7 @@ from flatd.grouping import Group, GroupOptions, group_frames
 from flatd.jobs import Job, StackInput
 from flatd.stack.auto import AUTO, choose as choose_auto
 from flatd.stack.methods import Method
-from flatd.output.naming import master_name, name_fields, numbered_name
+from flatd.output.naming import master_name, name_fields, numbered_name, template_keywords
 
 # Kinds that are never combined into a master flat, even with ignore_type.
 NEVER_INPUTS = (Kind.MASTER,)
@@ -136,9 +136,10 @@ def plan_group(
     except CalibrationError as exc:
         return FailedGroup(group.label, group.frames, str(exc), eff.rule)
     directory = output_dir or resolve_output_dir(eff.output.directory, capture_root, group.frames[0].path.parent)
-    fields = name_fields(group.frames, method.label, group.label, now)
+    template = output_name or eff.output.name
+    fields = name_fields(group.frames, method.label, group.label, now, template_keywords(template))
     try:
-        name = master_name(output_name or eff.output.name, fields)
+        name = master_name(template, fields)
     except ValueError as exc:  # a template that gives no plain file name
         return FailedGroup(group.label, group.frames, f"output name: {exc}", eff.rule)
     settings = f"{method.description}|{eff.combine.normalize}|{[c.label for c in calibrations]}"

@@ -344,7 +344,24 @@ def session_time(frames: Sequence["Frame"], when: datetime) -> datetime:
     return min(local) if local else earliest(frames) or when
 
 
-def name_fields(frames: Sequence["Frame"], method_label: str, group_label: str, when: datetime) -> dict[str, str]:
+def template_keywords(template: str) -> list[str]:
+    """The header keywords a name template uses as fields ({FOCALLEN}): capitals only."""
+    try:
+        parsed = list(Formatter().parse(template))
+    except ValueError:
+        return []
+    return [key for _, key, _, _ in parsed if key and key.upper() == key and re.match(r"^[A-Z0-9_-]{1,8}$", key)]
+
+
+def _keyword_text(frames: Sequence["Frame"], key: str) -> str:
+    value = most_common(f.header_value(key) for f in frames)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "na" if value is None or str(value).strip() == "" else str(value).strip()
+
+
+def name_fields(frames: Sequence["Frame"], method_label: str, group_label: str, when: datetime,
+                keywords: Sequence[str] = ()) -> dict[str, str]:
     """The values of config.NAME_FIELDS for a group, as text (not yet sanitized).
 
     filter: most common FILTER ("nofilter" when none has one); binning "2x2"; size
@@ -353,7 +370,9 @@ def name_fields(frames: Sequence["Frame"], method_label: str, group_label: str, 
     all of :func:`session_time`; temperature: mean CCD-TEMP by :func:`temperature_text`
     ("na" when unknown); exposure: mean exposure (:func:`mean_as_written`) "%g" ("na");
     instrument, telescope: most common
-    ("none"); count: number of frames; group: `group_label`.
+    ("none"); count: number of frames; group: `group_label`; gain, offset, readout,
+    bayer: the camera settings ("na"); and each header keyword of `keywords` by its
+    name, most common value ("na").
     """
     if not frames:
         raise ValueError("name_fields needs at least one frame")
@@ -374,4 +393,13 @@ def name_fields(frames: Sequence["Frame"], method_label: str, group_label: str, 
         "telescope": str(most_common(f.telescope for f in frames) or "none"),
         "count": str(len(frames)),
         "group": group_label or "none",
+        "gain": _setting_text(most_common(f.gain for f in frames)),
+        "offset": _setting_text(most_common(f.offset for f in frames)),
+        "readout": str(most_common(f.readout_mode for f in frames) or "na"),
+        "bayer": str(most_common(f.bayer_pattern for f in frames) or "na"),
+        **{key: _keyword_text(frames, key) for key in keywords},
     }
+
+
+def _setting_text(value: object) -> str:
+    return "na" if value is None else f"{value:g}"

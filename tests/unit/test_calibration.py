@@ -405,18 +405,24 @@ def test_real_maxim_biases_and_darks_for_aspen_flat():
     skipped = {s.path.name for s in lib.skipped}
     assert {"aspen_trimmed.fit", "maximdl_6_18_header.fit", "celestron_nightscape_10100_astro_fx_v106.fit",
             "neon-on-dome-10-sec-high-res-though-scope.fit"} <= skipped
-    # Flat: 1 s at -7.9 °C; darks are 30 s at about -35 °C, so a bias wins on both
-    # policies: the one closest in temperature, biastest2 (-34.87 °C).
-    original = lib.choose(flat)
+    # The flat is from an Apogee Aspen, the biases and darks from an Alta: another
+    # camera is never used, and the reason names the frame that would have been chosen.
+    with pytest.raises(CalibrationError, match=r"the closest, bias biastest2.fit, has camera 'apogee alta', "
+                                               r"the flat's 'apogee aspen cg16m' \(and 9 others ruled out too\)"):
+        lib.choose(flat)
+    # Told to ignore the camera: 1 s at -7.9 °C; darks are 30 s at about -35 °C, so a
+    # bias wins on both policies: the one closest in temperature, biastest2 (-34.87 °C).
+    any_camera = ("gain", "offset", "readout")
+    original = lib.choose(flat, match=any_camera)
     assert original.calibration.frame.path.name == "biastest2.fit"
     assert original.score == pytest.approx(abs(flat.temperature + 34.86624375) + 3.0)
-    matched = lib.choose(flat, "exposure-match")
+    matched = lib.choose(flat, "exposure-match", match=any_camera)
     assert matched.calibration.frame.path.name == "biastest2.fit"
     assert "no dark within 0.5 s of the flat's 1.0 s" in matched.calibration.why
     # Without bias_dark_only the untyped SBIG frame becomes a candidate, but its size differs.
     everything = Library.scan(MAXIM, bias_dark_only=False)
     assert "neon-on-dome-10-sec-high-res-though-scope.fit" in names(everything.frames)
-    assert everything.choose(flat).calibration.frame.path.name == "biastest2.fit"
+    assert everything.choose(flat, match=any_camera).calibration.frame.path.name == "biastest2.fit"
 
 
 @pytest.mark.skipif(not MAXIM.is_dir() or not LOWELL.is_dir(), reason="realdata not available")
@@ -428,7 +434,7 @@ def test_real_flat_against_library_of_other_size():
 
 def test_darks_from_the_flats_own_camera_are_preferred(tmp_path):
     """Two cameras of the same size in one library: the flat's own camera wins even
-    where another camera's frame scores better; with none of its own, any will do."""
+    where another camera's frame scores better; with none of its own, the flat fails."""
     import numpy as np
     from astropy.io import fits
 
@@ -449,5 +455,10 @@ def test_darks_from_the_flats_own_camera_are_preferred(tmp_path):
     flat = read_frame(write("flat.fits", "FLAT", 1.0, -10.0, "Camera A"))
     stranger = read_frame(write("flat_c.fits", "FLAT", 1.0, -10.0, "Camera C"))
     library = Library.scan(lib)
-    assert library.choose(flat).calibration.frame.path.name == "own_bias.fits"
-    assert library.choose(stranger).calibration.frame.path.name == "other_bias.fits"
+    own = library.choose(flat).calibration
+    assert own.frame.path.name == "own_bias.fits"
+    assert "closer bias other_bias.fits ruled out: camera 'camera b', the flat's 'camera a'" in own.why
+    # A camera with no frame of its own gets none: never another camera's, silently.
+    with pytest.raises(CalibrationError, match="flat_c.fits: no dark or bias .* has the flat's settings "
+                                               r"\(camera 'camera c'\); the closest, bias other_bias.fits"):
+        library.choose(stranger)

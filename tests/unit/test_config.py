@@ -210,7 +210,8 @@ def test_bad_sizes(value):
          "/etc/flatd/flatd.yaml:1: at 'schedule': '0 9 * *' is not a cron line of 5 fields "
          "(minute hour day month weekday)"),
         ("output:\n  name: 'FLAT-{filtre}.fits'\n",
-         "/etc/flatd/flatd.yaml:2: at 'output.name': unknown field {filtre}; known: " + ", ".join(sorted(NAME_FIELDS))),
+         "/etc/flatd/flatd.yaml:2: at 'output.name': unknown field {filtre}; known: " + ", ".join(sorted(NAME_FIELDS))
+         + ", or a header keyword in capitals ({FOCALLEN})"),
         ("inputs:\n  ignore_type: perhaps\n",
          "/etc/flatd/flatd.yaml:2: at 'inputs.ignore_type': Input should be a valid boolean, unable to interpret input"),
         ("keywords:\n  filter: FWHEEL\n", "/etc/flatd/flatd.yaml:2: at 'keywords.filter': Input should be a valid list"),
