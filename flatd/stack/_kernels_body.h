@@ -247,24 +247,30 @@ static void K(sigma_iterative_range)(const float *v, ix vs, ix n, double low, do
     *ra = a; *rb = b;
 }
 
+/* The k-th smallest |v - centre| over sorted v[a..b): the k values nearest the centre
+ * are a window of k neighbours; a binary search finds it (shift right while the value
+ * that would enter is nearer than the one that would leave), and the k-th smallest is
+ * the window's wider end. The same differences as a merge outwards from the centre,
+ * in log2(m - k) steps instead of k unpredictable branches. */
+static inline double K(kth_deviation)(const float *v, ix vs, ix a, ix b, double centre, ix k) {
+    ix lo = a, hi = b - k;
+    while (lo < hi) {
+        ix mid = (lo + hi) >> 1;
+        int right = centre - (double)v[mid * vs] > (double)v[(mid + k) * vs] - centre;
+        lo = right ? mid + 1 : lo;
+        hi = right ? hi : mid;
+    }
+    double dl = centre - (double)v[lo * vs], dr = (double)v[(lo + k - 1) * vs] - centre;
+    return dl > dr ? dl : dr;
+}
+
 static void K(mad_range)(const float *v, ix vs, ix n, double low, double high, ix *ra, ix *rb) {
     ix a = 0, b = n, na, nb;
     while (b - a >= 2) {
-        ix m = b - a, p = a, left, right;
-        double centre = K(median_sorted)(v, vs, a, b), d1 = 0.0, d2 = 0.0;
-        /* the median of |x - centre|: merge the two runs that grow outwards from the centre */
-        while (p < b && (double)v[(p) * vs] < centre) p++;
-        left = p - 1; right = p;
-        for (ix t = 0; t < m / 2 + 1; t++) {
-            double d;
-            if (right < b && (left < a || (double)v[(right) * vs] - centre <= centre - (double)v[(left) * vs])) {
-                d = (double)v[(right) * vs] - centre; right++;
-            } else {
-                d = centre - (double)v[(left) * vs]; left--;
-            }
-            if (t == (m - 1) / 2) d1 = d;
-            if (t == m / 2) d2 = d;
-        }
+        ix m = b - a;
+        double centre = K(median_sorted)(v, vs, a, b);
+        double d1 = K(kth_deviation)(v, vs, a, b, centre, (m - 1) / 2 + 1);
+        double d2 = (m & 1) ? d1 : K(kth_deviation)(v, vs, a, b, centre, m / 2 + 1);
         double sigma = 1.4826 * ((d1 + d2) * 0.5);
         K(clip_range)(v, vs, a, b, centre, low * sigma, high * sigma, &na, &nb);
         if (na == nb) { K(middle)(a, b, ra, rb); return; }
