@@ -485,19 +485,17 @@ static void K(reject_linear_fit)(const Stack *S, ix r, ix c0, ix w, const Plan *
                 if (code[j] == 1) { y[m] = v[j * st]; pos[m] = j; m++; }
             if (m < 3) break;
             /* least squares y = slope * x + icpt, x = rank among the values kept; sums in
-             * four chains (the adds do not wait on each other); sum (x - xm)^2 in closed form */
+             * four chains (the adds do not wait on each other), sum y and sum (x - xm) y in
+             * one pass (the latter is sum (x - xm)(y - ym), as sum (x - xm) is exactly 0);
+             * sum (x - xm)^2 in closed form */
             double xm = (m - 1) * 0.5, ym, sxy, sxx = (double)m * ((double)m * m - 1) / 12.0, slope, icpt, sigma,
-                   dlow, dhigh, t[4] = {0.0, 0.0, 0.0, 0.0};
+                   dlow, dhigh, t[4] = {0.0, 0.0, 0.0, 0.0}, q[4] = {0.0, 0.0, 0.0, 0.0};
             ix j = 0;
             for (; j + 4 <= m; j += 4)
-                for (int u = 0; u < 4; u++) t[u] += y[j + u];
-            for (; j < m; j++) t[0] += y[j];
+                for (int u = 0; u < 4; u++) { t[u] += y[j + u]; q[u] += ((double)(j + u) - xm) * y[j + u]; }
+            for (; j < m; j++) { t[0] += y[j]; q[0] += ((double)j - xm) * y[j]; }
             ym = ((t[0] + t[1]) + (t[2] + t[3])) / m;
-            t[0] = t[1] = t[2] = t[3] = 0.0;
-            for (j = 0; j + 4 <= m; j += 4)
-                for (int u = 0; u < 4; u++) t[u] += ((double)(j + u) - xm) * (y[j + u] - ym);
-            for (; j < m; j++) t[0] += ((double)j - xm) * (y[j] - ym);
-            sxy = (t[0] + t[1]) + (t[2] + t[3]);
+            sxy = (q[0] + q[1]) + (q[2] + q[3]);
             slope = sxy / sxx;
             icpt = ym - slope * xm;
             t[0] = t[1] = t[2] = t[3] = 0.0;
@@ -525,44 +523,81 @@ static void K(reject_linear_fit)(const Stack *S, ix r, ix c0, ix w, const Plan *
     }
 }
 
+/* One column's test in progress: the sorted values v[lo..hi] left, with running sums of
+ * x - shift (a middle value, against cancellation) over them. */
+typedef struct {
+    const float *v;
+    ix lo, hi, k;
+    double shift, total, sq;
+} K(Esd);
+
+static inline void K(esd_start)(K(Esd) *E, const float *v, ix st, ix n) {
+    double total = 0.0, sq = 0.0, shift = (double)v[((n - 1) / 2) * st];
+    for (ix j = 0; j < n; j++) { double x = (double)v[j * st] - shift; total += x; sq += x * x; }
+    E->v = v; E->lo = 0; E->hi = n - 1; E->k = 0; E->shift = shift; E->total = total; E->sq = sq;
+}
+
+/* Test i: the value farthest from the mean (low deviations divided by the relaxation)
+ * leaves; without branches, so that two columns' chains overlap (the side taken is as
+ * unpredictable as the data). */
+static inline void K(esd_step)(K(Esd) *E, ix i, ix st, const double *rinv, const double *rinv1,
+                               const double *lam2, double inv_relax, uint8_t *side) {
+    ix m = E->hi - E->lo + 1;
+    double total = E->total;
+    double mean = E->shift + total * rinv[m], var = (E->sq - total * (total * rinv[m])) * rinv1[m];
+    double vl = (double)E->v[E->lo * st], vh = (double)E->v[E->hi * st];
+    double dlow = (mean - vl) * inv_relax, dhigh = vh - mean;
+    int up = dhigh > dlow;
+    double dev = up ? dhigh : dlow, x = (up ? vh : vl) - E->shift;
+    side[i] = (uint8_t)(2 * up);
+    E->hi -= up;
+    E->lo += 1 - up;
+    E->total = total - x;
+    E->sq -= x * x;
+    E->k = ((var > 0) & (dev > 0) & (dev * dev > lam2[i] * var)) ? i + 1 : E->k;
+}
+
+static inline void K(esd_mark)(const Stack *S, ix r, ix col, const K(Esd) *E, ix st, ix n, const uint8_t *side,
+                               uint8_t *keep, ix kst) {
+    ix lo = 0, hi = n - 1;
+    for (ix i = 0; i < E->k; i++) {
+        if (side[i] == 2) { keep[K(frame_of)(S, r, col, E->v, st, hi) * kst] = 2; hi--; }
+        else { keep[K(frame_of)(S, r, col, E->v, st, lo) * kst] = 0; lo++; }
+    }
+}
+
 /* params: outliers fraction, significance, low relaxation, r, lambda_1..lambda_r.
- * Each column is read in place in the sorted tile (frames found only for what is dropped); the steps
- * multiply by reciprocals prepared once, and R_i > lambda_i is tested as dev^2 > lambda_i^2
- * var (no square root, no division in the loop): rounding differs from the textbook
- * order in the last bits only (tests/unit/test_rejection.py skips a column within 1e-9
- * of a critical value). */
+ * Each column is read in place in the sorted tile (frames found only for what is dropped),
+ * two columns at a time; the steps multiply by reciprocals prepared once, and
+ * R_i > lambda_i is tested as dev^2 > lambda_i^2 var (no square root, no division in
+ * the loop): rounding differs from the textbook order in the last bits only
+ * (tests/unit/test_rejection.py skips a column within 1e-9 of a critical value). */
 static void K(reject_esd)(const Stack *S, ix r, ix c0, ix w, const Plan *P, uint8_t *keep, ix kst, Scratch *T) {
-    ix n = S->n, st = P->tile, nmax = (ix)P->p[3];
+    ix n = S->n, st = P->tile, nmax = (ix)P->p[3], c = 0;
     double inv_relax = 1.0 / P->p[2];
     const double *lam = P->p + 4;
     double *rinv = T->y, *rinv1 = T->wv, *lam2 = T->lam2; /* 1/m, 1/(m-1) for m <= n; lambda_i^2 */
-    uint8_t *side = T->side;
+    uint8_t *side0 = T->side, *side1 = T->code;
+    K(Esd) E0, E1;
     if (nmax > n) nmax = n;
     for (ix m = 2; m <= n; m++) { rinv[m] = 1.0 / m; rinv1[m] = 1.0 / (m - 1); }
     for (ix i = 0; i < nmax; i++) lam2[i] = lam[i] * lam[i];
     K(sorted_tile)(S, r, c0, w, P, T);
     for (ix i = 0; i < n; i++) memset(keep + i * kst, 1, (size_t)w); /* kept, unless found below */
-    for (ix c = 0; c < w; c++) {
-        const float *v = T->s + c;      /* v[j * st]: the column, sorted */
-        ix lo = 0, hi = n - 1, k = 0;
-        /* running sums of x - shift (a middle value, against cancellation) */
-        double shift = (double)v[((n - 1) / 2) * st], total = 0.0, sq = 0.0;
-        for (ix j = 0; j < n; j++) { double x = (double)v[j * st] - shift; total += x; sq += x * x; }
+    for (; c + 2 <= w; c += 2) {
+        K(esd_start)(&E0, T->s + c, st, n);
+        K(esd_start)(&E1, T->s + c + 1, st, n);
         for (ix i = 0; i < nmax; i++) {
-            ix m = hi - lo + 1;
-            double mean = shift + total * rinv[m], var = (sq - total * (total * rinv[m])) * rinv1[m], dev, x;
-            double dlow = (mean - (double)v[lo * st]) * inv_relax, dhigh = (double)v[hi * st] - mean;
-            if (dhigh > dlow) { dev = dhigh; side[i] = 2; x = (double)v[hi * st] - shift; hi--; }
-            else { dev = dlow; side[i] = 0; x = (double)v[lo * st] - shift; lo++; }
-            total -= x;
-            sq -= x * x;
-            if (var > 0 && dev > 0 && dev * dev > lam2[i] * var) k = i + 1;
+            K(esd_step)(&E0, i, st, rinv, rinv1, lam2, inv_relax, side0);
+            K(esd_step)(&E1, i, st, rinv, rinv1, lam2, inv_relax, side1);
         }
-        lo = 0; hi = n - 1;
-        for (ix i = 0; i < k; i++) {
-            if (side[i] == 2) { keep[K(frame_of)(S, r, c0 + c, v, st, hi) * kst + c] = 2; hi--; }
-            else { keep[K(frame_of)(S, r, c0 + c, v, st, lo) * kst + c] = 0; lo++; }
-        }
+        K(esd_mark)(S, r, c0 + c, &E0, st, n, side0, keep + c, kst);
+        K(esd_mark)(S, r, c0 + c + 1, &E1, st, n, side1, keep + c + 1, kst);
+    }
+    for (; c < w; c++) {
+        K(esd_start)(&E0, T->s + c, st, n);
+        for (ix i = 0; i < nmax; i++) K(esd_step)(&E0, i, st, rinv, rinv1, lam2, inv_relax, side0);
+        K(esd_mark)(S, r, c0 + c, &E0, st, n, side0, keep + c, kst);
     }
 }
 
