@@ -400,6 +400,27 @@ static void K(winsorized_pair)(const float *v0, const float *v1, ix vs, ix n, do
         K(winsorized_from)(v1, vs, *a1, *b1, low, high, a1, b1);
 }
 
+/* Four columns' first passes interleaved, as winsorized_pair. */
+static void K(winsorized_quad)(const float *v, ix vs, ix n, double low, double high, ix *a, ix *b) {
+    K(Winsor) W0, W1, W2, W3;
+    for (int u = 0; u < 4; u++) { a[u] = 0; b[u] = n; }
+    if (n < 2) return;
+    K(winsor_start)(&W0, v, vs, 0, n, K(median_sorted)(v, vs, 0, n));
+    K(winsor_start)(&W1, v + 1, vs, 0, n, K(median_sorted)(v + 1, vs, 0, n));
+    K(winsor_start)(&W2, v + 2, vs, 0, n, K(median_sorted)(v + 2, vs, 0, n));
+    K(winsor_start)(&W3, v + 3, vs, 0, n, K(median_sorted)(v + 3, vs, 0, n));
+    while (W0.active | W1.active | W2.active | W3.active) {
+        if (W0.active) K(winsor_round)(&W0);
+        if (W1.active) K(winsor_round)(&W1);
+        if (W2.active) K(winsor_round)(&W2);
+        if (W3.active) K(winsor_round)(&W3);
+    }
+#define SETTLE(u, W) if (!K(winsor_settle)(v + u, vs, 0, n, W.centre, W.sigma, low, high, &a[u], &b[u])) \
+        K(winsorized_from)(v + u, vs, a[u], b[u], low, high, &a[u], &b[u]);
+    SETTLE(0, W0) SETTLE(1, W1) SETTLE(2, W2) SETTLE(3, W3)
+#undef SETTLE
+}
+
 static void K(percentile_range)(const float *v, ix vs, ix n, double low, double high, ix *ra, ix *rb) {
     double centre = K(median_sorted)(v, vs, 0, n);
     ix na, nb;
@@ -417,6 +438,12 @@ static void K(reject_ranged)(const Stack *S, ix r, ix c0, ix w, const Plan *P, u
     K(copy_tile)(S, r, c0, w, s, st);
     K(cmpx)(s, w, st, P->rnet, P->nrnet);
     ix c = 0;
+    if (P->reject == REJ_WINSORIZED)
+        for (; c + 4 <= w; c += 4) {
+            ix aq[4], bq[4];
+            K(winsorized_quad)(s + c, vs, n, low, high, aq, bq);
+            for (int u = 0; u < 4; u++) { lo[c + u] = s[aq[u] * vs + c + u]; hi[c + u] = s[(bq[u] - 1) * vs + c + u]; }
+        }
     if (P->reject == REJ_WINSORIZED)
         for (; c + 2 <= w; c += 2) {
             ix a1, b1;
