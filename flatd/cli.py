@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="table of FITS files: kind, size, binning, filter, exposure, temperature")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    p.add_argument("--adu", action="store_true", help="also read the pixels and show each file's mean ADU")
+    p.add_argument("--adu", action="store_true", help="also read the pixels and show each file's mean ADU "
+                   "(and of its R, G and B pixels for colour sensors)")
     p.add_argument("--sort", default="path", help="sort by path, kind, size, binning, filter, exposure, temperature, date, adu")
     p.add_argument("--no-recursive", dest="recursive", action="store_false", help="do not look into sub-folders")
 
@@ -531,8 +532,8 @@ def _combine_rules(args):
 
 def _expand_output_name(name: str) -> str:
     """The original's -o accepted %d and %t for the date and time of the run. A name
-    that is not a plain file name, or has an extension flatd cannot write (.xisf,
-    .png...), is a usage error."""
+    that is not a plain file name, or has an extension flatd cannot write (.png,
+    .tif...), is a usage error; .xisf asks for an XISF master."""
     from datetime import datetime
 
     from flatd.output.naming import check_file_name, check_output_template
@@ -601,7 +602,7 @@ def cmd_combine(args) -> int:
     return EXIT_FAILED if (report.exit_code or missing or bad) else EXIT_OK
 
 
-FITS_SUFFIXES = (".fit", ".fits", ".fts", ".fz")
+FITS_SUFFIXES = (".fit", ".fits", ".fts", ".fz", ".xisf")
 
 
 def _check_move_destination(destination: Optional[str]) -> None:

@@ -15,6 +15,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       model_validator)
 
 from flatd.errors import FlatdError
+from flatd.output.carry import DEFAULT_CARRY, check_carry_key
 
 DEFAULT_CONFIG_PATHS = (
     Path("~/.config/flatd/flatd.yaml").expanduser(),
@@ -98,6 +99,7 @@ def _match_key(value: Any) -> Any:
 
 
 MatchKey = Annotated[str, BeforeValidator(_match_key)]
+CarryKey = Annotated[str, BeforeValidator(check_carry_key)]
 
 
 def _tolerance(value: Any) -> Any:
@@ -138,9 +140,16 @@ class Output(Section):
     directory: PathValue = Field(Path("masters"), description="relative to each capture folder, or absolute")
     name: str = Field("FLAT-{filter}-{binning}-{size}-{method}-{date}-{temperature}C.fits",
                       description="the file name of each master, with {fields} from its group")
+    format: Optional[Literal["fits", "fits.fz", "xisf"]] = Field(None, description=(
+        "how masters are written: fits, fits.fz (tile-compressed, lossless) or xisf (PixInsight); it replaces "
+        "the extension of the name; null: the name's extension decides"))
     rejection_map: bool = Field(False, description=(
         "add to each master an image extension REJMAP: per pixel, how many values were rejected low "
         "(plane 1) and high (plane 2), uint16; it costs 4 bytes a pixel of memory and of disk"))
+    carry: list[CarryKey] = Field(list(DEFAULT_CARRY), description=(
+        "header keywords copied from the inputs into each master when they all agree (numbers: within "
+        "half a unit of the coarser printed precision); a keyword the inputs disagree on, or that some "
+        "lack, is left out with a HISTORY line saying so"))
 
     @field_validator("name")
     @classmethod
@@ -220,6 +229,17 @@ class Precalibration(Section):
     match: list[MatchKey] = Field(["camera", "gain", "offset", "readout"], description=(
         "settings a dark or bias must share with its flat wherever both carry them: camera, gain, offset, "
         "readout (read through keywords:), or any header keyword; size and binning always"))
+    overscan: Literal["auto", "off"] = Field("auto", description=(
+        "auto: a frame (flat, dark or bias) with BIASSEC and TRIMSEC or DATASEC has its overscan subtracted "
+        "(per-row median of BIASSEC, robust polynomial fit along the rows) and is trimmed to TRIMSEC, else "
+        "DATASEC, before the bias or dark is subtracted; the master has the trimmed size. off: frames are "
+        "used as stored"))
+
+    @field_validator("overscan", mode="before")
+    @classmethod
+    def _overscan_word(cls, value: Any) -> Any:
+        """YAML reads an unquoted off as false (and on as true)."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="before")
     @classmethod
@@ -264,6 +284,10 @@ class CombineSettings(Section):
                                             "(sigma clip), or another method of the registry")
     normalize: Literal["none", "multiplicative"] = Field(
         "multiplicative", description="scale the flats to a common level before rejecting: none | multiplicative")
+    equalize_cfa: bool = Field(False, description=(
+        "colour (CFA) sensors: scale the master's R, G and B pixels so that each channel has the mean of the "
+        "whole master, for calibration tools that do not equalize the channels themselves; false keeps the "
+        "flat's colour balance (mono masters are never changed)"))
     rejection_warn: Optional[float] = Field(
         0.005, ge=0, le=1, allow_inf_nan=False,
         description="warn when the fraction of all values of a master that was rejected (0..1) exceeds by "

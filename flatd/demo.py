@@ -11,7 +11,10 @@ tests can check what flatd makes of it:
   alike in the flats and in the calibration library;
 * flats in several filters, two binnings and two set-points, with a sky level that
   drifts from frame to frame (twilight), and cosmic-ray hits whose positions are
-  recorded.
+  recorded;
+* a colour-camera rig as an ASIAIR writes it: an uncooled RGGB sensor with 2.4 µm
+  pixels and no FILTER keyword, whose red, green and blue pixels see 0.8, 1.0 and 0.6
+  of the light (`CFA_RESPONSE`), with its own bias and dark-flat in the library.
 
 A master made from a group, calibrated with the library's matching dark-flat and
 divided by its mean, matches `illumination(shape, binning)` within the shot noise of
@@ -23,7 +26,9 @@ Layout written under ROOT::
     captures/<night>/FLAT/<date>_<time>_<filter>_FLAT_<exp>s_<nnnn>.fits
     captures/<night>/LIGHT/...LIGHT...fits        (left out: not a flat)
     captures/<night>/notes.txt                    (left out: not FITS)
+    captures/<night 1>/Autorun/Flat/Flat_<exp>s_Bin1_183MC_gain<g>_<date>-<time>_<temp>C_<nnnn>.fit
     calibration/<date>/{BIAS,DARK,DARKFLAT}/...fits
+    calibration/<date>/ASIAIR/{Bias,DarkFlat}_...fit
     flatd.yaml                                    (paths relative to ROOT)
 """
 
@@ -50,6 +55,21 @@ OFFSET = 50
 UTC_OFFSET = timedelta(hours=1)  # the observatory keeps Central European Time
 
 BASE_SHAPE = (480, 640)  # rows, columns of a 1x1 frame at scale 1
+
+# The colour rig: an uncooled one-shot-colour camera on a small refractor, run by an ASIAIR.
+COLOUR_INSTRUMENT = "ZWO ASI183MC"
+COLOUR_TELESCOPE = "William Optics RedCat 51"
+COLOUR_SOFTWARE = "ZWO ASIAIR Plus"
+COLOUR_PIXEL_SIZE = 2.4
+COLOUR_FOCAL_LENGTH = 250.0
+COLOUR_GAIN = 111
+COLOUR_OFFSET = 10
+BAYER_PATTERN = "RGGB"
+CFA_RESPONSE = (0.8, 1.0, 0.6)  # R, G, B: the colour balance a master keeps
+COLOUR_SHAPE = (300, 400)  # rows, columns at scale 1 (even: whole 2x2 cells)
+COLOUR_TEMPERATURE = 18.0  # the sensor's temperature, uncooled
+# (exposure, mean sky level over all pixels, count)
+COLOUR_FLATS = (0.5, 20000.0, 8)
 MIN_GROUP_SIZE = 5
 FIRST_NIGHT = date(2026, 11, 24)  # the night written for the default seed
 DEFAULT_SEED = 2026
@@ -212,6 +232,17 @@ def _sensor_maps(sensor: Sensor, rows: int, cols: int) -> tuple[np.ndarray, np.n
     return columns, rate
 
 
+def cfa_response(shape: Sequence[int], bayer: str = BAYER_PATTERN,
+                 response: Sequence[float] = CFA_RESPONSE) -> np.ndarray:
+    """Each pixel's share of the light on a colour sensor: the R, G or B `response`."""
+    from flatd.stack.cfa import CHANNELS, Layout, channel_masks
+
+    out = np.zeros((int(shape[0]), int(shape[1])))
+    for colour, mask in channel_masks(out.shape, Layout(bayer)).items():
+        out[mask] = response[CHANNELS.index(colour)]
+    return out
+
+
 # --------------------------------------------------------------------------- session
 
 
@@ -219,7 +250,7 @@ def _sensor_maps(sensor: Sensor, rows: int, cols: int) -> tuple[np.ndarray, np.n
 class FlatGroup:
     """One flat sequence written: the frames flatd should combine into one master."""
 
-    filter: str
+    filter: Optional[str]
     binning: int
     setpoint: float
     exposure: float
@@ -229,6 +260,8 @@ class FlatGroup:
     files: tuple[Path, ...]
     levels: tuple[float, ...]  # mean sky level of each file
     temperatures: tuple[float, ...]  # CCD-TEMP of each file
+    bayer: Optional[str] = None  # colour rig: the CFA pattern (None: mono)
+    response: tuple[float, float, float] = (1.0, 1.0, 1.0)  # R, G, B pixels' share of the light
 
     @property
     def count(self) -> int:
@@ -281,26 +314,36 @@ class DemoSession:
     pattern: Pattern = DEFAULT_PATTERN
     sensor: Sensor = field(default_factory=Sensor)
     min_group_size: int = MIN_GROUP_SIZE
+    colour_groups: list[FlatGroup] = field(default_factory=list)  # the colour rig's (not in `groups`)
+
+    @property
+    def all_groups(self) -> list[FlatGroup]:
+        return self.groups + self.colour_groups
 
     @property
     def flat_files(self) -> list[Path]:
-        return [p for g in self.groups for p in g.files]
+        return [p for g in self.all_groups for p in g.files]
 
     @property
     def combinable(self) -> list[FlatGroup]:
-        """Groups that should become masters (at least min_group_size flats)."""
-        return [g for g in self.groups if not g.too_few]
+        """Groups that should become masters (at least min_group_size flats), colour ones too."""
+        return [g for g in self.all_groups if not g.too_few]
 
-    def group(self, filter: str, binning: int = 1, setpoint: Optional[float] = None) -> FlatGroup:
-        found = [g for g in self.groups if g.filter == filter and g.binning == binning
+    def group(self, filter: Optional[str], binning: int = 1, setpoint: Optional[float] = None) -> FlatGroup:
+        found = [g for g in self.all_groups if g.filter == filter and g.binning == binning
                  and (setpoint is None or g.setpoint == setpoint)]
         if len(found) != 1:
             raise LookupError(f"{len(found)} groups with filter {filter}, {binning}x{binning}, set-point {setpoint}")
         return found[0]
 
     def illumination(self, group: FlatGroup) -> np.ndarray:
-        """The pattern a calibrated master of `group`, divided by its mean, should show."""
-        return illumination(group.shape, group.binning, self.pattern)
+        """The pattern a calibrated master of `group`, divided by its mean, should show
+        (for the colour rig, times each pixel's colour response)."""
+        field_ = illumination(group.shape, group.binning, self.pattern)
+        if group.bayer:
+            field_ *= cfa_response(group.shape, group.bayer, group.response)
+            field_ /= field_.mean()
+        return field_
 
     def dark_flat_for(self, group: FlatGroup) -> CalibrationFile:
         """The library frame that matches `group` exactly (binning, set-point, exposure)."""
@@ -545,6 +588,8 @@ def write_demo(root: Path, seed: int = DEFAULT_SEED, scale: int = 1) -> DemoSess
     others += [light, notes]
 
     calibration_files = _write_library(w, calibration, first_night - timedelta(days=4), groups)
+    colour_groups = [_write_colour_rig(w, captures, nights[0], scale, cosmic)]
+    calibration_files += _write_colour_library(w, calibration, first_night - timedelta(days=4), colour_groups[0])
     config = root / "flatd.yaml"
     config.write_text(_rules_text(seed), encoding="utf-8")
     return DemoSession(
@@ -562,7 +607,81 @@ def write_demo(root: Path, seed: int = DEFAULT_SEED, scale: int = 1) -> DemoSess
         cosmic_rays=cosmic,
         pattern=pattern,
         sensor=sensor,
+        colour_groups=colour_groups,
     )
+
+
+def _colour_header(imagetyp: str, exposure: float, start: datetime, temperature: float) -> list[tuple]:
+    """An ASIAIR-style header: camera settings and the CFA layout, no FILTER, no set-point."""
+    return [
+        ("EXPOSURE", float(exposure), "[s] Exposure time"),
+        ("EXPTIME", float(exposure), "[s] Exposure time"),
+        ("DATE-OBS", _fits_time(start - UTC_OFFSET), "UTC date of observation start"),
+        ("IMAGETYP", imagetyp, "Type of image"),
+        ("XBINNING", 1, "X binning"),
+        ("YBINNING", 1, "Y binning"),
+        ("GAIN", COLOUR_GAIN, "Gain"),
+        ("OFFSET", COLOUR_OFFSET, "Offset"),
+        ("CCD-TEMP", float(temperature), "[C] Sensor temperature"),
+        ("XPIXSZ", COLOUR_PIXEL_SIZE, "[um] Pixel width"),
+        ("YPIXSZ", COLOUR_PIXEL_SIZE, "[um] Pixel height"),
+        ("BAYERPAT", BAYER_PATTERN, "Bayer pattern"),
+        ("XBAYROFF", 0, "Bayer pattern X offset"),
+        ("YBAYROFF", 0, "Bayer pattern Y offset"),
+        ("INSTRUME", COLOUR_INSTRUMENT, "Camera"),
+        ("TELESCOP", COLOUR_TELESCOPE, "Telescope"),
+        ("FOCALLEN", COLOUR_FOCAL_LENGTH, "[mm] Focal length"),
+        ("SITELAT", 50.1109, "[deg] Site latitude"),
+        ("SITELONG", 8.6821, "[deg] Site longitude"),
+        ("SWCREATE", COLOUR_SOFTWARE, "Software"),
+    ]
+
+
+def _colour_time(t: datetime) -> str:
+    return t.strftime("%Y%m%d-%H%M%S")
+
+
+def _write_colour_rig(w: _Writer, captures: Path, night: date, scale: int,
+                      cosmic: dict[str, tuple[tuple[int, int], ...]]) -> FlatGroup:
+    """The colour rig's dusk flats, in the ASIAIR's Autorun/Flat folder."""
+    exposure, level, count = COLOUR_FLATS
+    shape = (COLOUR_SHAPE[0] * scale, COLOUR_SHAPE[1] * scale)
+    response = cfa_response(shape)
+    light = (illumination(shape, 1, w.pattern) * response / response.mean()).astype(np.float32)
+    folder = captures / night.isoformat() / "Autorun" / "Flat"
+    t = datetime(night.year, night.month, night.day, 16, 52, 0) + timedelta(seconds=float(w.rng.uniform(0, 120)))
+    drift = float(w.rng.uniform(0.03, 0.05))
+    files, levels, temps = [], [], []
+    for i in range(count):
+        frame_level = level * (1.0 + drift - 2 * drift * i / max(count - 1, 1) + float(w.rng.normal(0.0, 0.006)))
+        temperature = w.temperature(COLOUR_TEMPERATURE)
+        name = f"Flat_{exposure:.1f}s_Bin1_183MC_gain{COLOUR_GAIN}_{_colour_time(t)}_{temperature:.1f}C_{i + 1:04d}.fit"
+        rng = w.noise_rng()
+        image = w.frame(shape, 1, temperature, exposure, np.float32(frame_level) * light, rng)
+        hits = w.cosmic_rays(image, rng)
+        if hits:
+            cosmic[name] = hits
+        w.write(folder / name, image, _colour_header("Flat", exposure, t, temperature))
+        files.append(folder / name)
+        levels.append(frame_level)
+        temps.append(temperature)
+        t += timedelta(seconds=exposure + float(w.rng.uniform(1.1, 1.9)))
+    return FlatGroup(None, 1, COLOUR_TEMPERATURE, exposure, level, night, shape, tuple(files), tuple(levels),
+                     tuple(temps), bayer=BAYER_PATTERN, response=CFA_RESPONSE)
+
+
+def _write_colour_library(w: _Writer, folder: Path, day: date, group: FlatGroup) -> list[CalibrationFile]:
+    """A bias and a dark-flat (the flats' exposure) for the colour rig."""
+    written = []
+    t = datetime(day.year, day.month, day.day, 21, 15, 0)
+    for kind, imagetyp, exposure in (("bias", "Bias", 0.0), ("dark-flat", "DarkFlat", group.exposure)):
+        temperature = w.temperature(group.setpoint)
+        path = folder / day.isoformat() / "ASIAIR" / f"{imagetyp}_{exposure:.1f}s_Bin1_183MC_{_colour_time(t)}_0001.fit"
+        image = w.frame(group.shape, 1, temperature, exposure, None, w.noise_rng())
+        w.write(path, image, _colour_header(imagetyp, exposure, t, temperature))
+        written.append(CalibrationFile(kind, 1, group.setpoint, temperature, exposure, None, group.shape, path))
+        t += timedelta(seconds=exposure + 5.0)
+    return written
 
 
 def _write_library(w: _Writer, folder: Path, day: date, groups: list[FlatGroup]) -> list[CalibrationFile]:

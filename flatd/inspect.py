@@ -29,6 +29,7 @@ class Row:
     frame: Frame | None
     error: str | None
     adu: float | None = None
+    channels: dict[str, float] | None = None  # colour frames with --adu: mean of R, G and B
 
 
 SORT_KEYS = ("path", "kind", "size", "binning", "filter", "exposure", "temperature", "date", "adu")
@@ -130,13 +131,45 @@ def inspect_paths(
             continue
         value = None
         error = None
+        channels = None
         if mean is not None:
             try:
-                value = float(mean(frame))
+                if frame.bayer_pattern:
+                    value, channels = channel_adu(frame)
+                else:
+                    value = float(mean(frame))
             except Exception as exc:  # FlatdError, OSError...: a reason in the table
                 error = "mean ADU: " + _without_path(str(getattr(exc, "reason", None) or exc), path)
-        rows.append(Row(path, frame, error, value))
+        rows.append(Row(path, frame, error, value, channels))
     return sort_rows(rows, sort)
+
+
+def channel_adu(frame: Frame, chunk_bytes: int = 8 * 2**20) -> tuple[float, dict[str, float]]:
+    """A colour frame's mean ADU and the mean of each CFA channel (R, G, B), read in
+    bands of bounded size (flatd.stack.cfa: the pattern, offsets and row order)."""
+    import numpy as np
+
+    from flatd.stack import cfa
+    from flatd.stack.pixels import open_pixels
+
+    layout = cfa.layout_of(frame)
+    totals = {c: [0.0, 0] for c in cfa.CHANNELS}
+    with open_pixels(frame) as src:
+        step = max(2, chunk_bytes // max(1, src.width * 4)) // 2 * 2
+        out = np.empty((min(step, src.height), src.width), dtype=np.float32)
+        scratch = None
+        for r0 in range(0, src.height, step):
+            r1 = min(src.height, r0 + step)
+            if scratch is None:
+                scratch = np.empty(src.raw_bytes(r0, r1), dtype=np.uint8)
+            band = out[: r1 - r0]
+            src.read_into(r0, r1, band, scratch=scratch)
+            for colour, (total, count) in cfa.channel_sums(band, layout, r0).items():
+                totals[colour][0] += total
+                totals[colour][1] += count
+    pixels = sum(n for _, n in totals.values())
+    overall = sum(t for t, _ in totals.values()) / pixels if pixels else float("nan")
+    return overall, {c: (t / n if n else float("nan")) for c, (t, n) in totals.items()}
 
 
 # ------------------------------------------------------------------- rendering
@@ -152,7 +185,10 @@ _PRINTABLE = {i: "?" for i in range(32)} | {i: "?" for i in range(127, 160)}
 _PATH_MIN_WIDTH = 16
 
 
-def _cells(row: Row, adu: bool) -> list[str]:
+CFA_CHANNELS = ("R", "G", "B")
+
+
+def _cells(row: Row, adu: bool, colour: bool = False) -> list[str]:
     frame = row.frame
     assert frame is not None
     facts = [
@@ -166,6 +202,8 @@ def _cells(row: Row, adu: bool) -> list[str]:
     ]
     if adu:
         facts.append(_fmt_number(row.adu, ".1f") or "—")
+    if colour:
+        facts += [_fmt_number((row.channels or {}).get(c), ".1f") for c in CFA_CHANNELS]
     return [str(row.path).translate(_PRINTABLE), *map(printable, facts)]
 
 
@@ -186,10 +224,14 @@ def render_table(rows: list[Row], console: "Console", adu: bool) -> None:
     if adu:
         headers.append("mean ADU")
         right.append(True)
+    colour = adu and any(row.channels for row in rows)
+    if colour:  # colour frames: a column per CFA channel (none for mono-only tables)
+        headers += [f"mean {c}" for c in CFA_CHANNELS]
+        right += [True] * len(CFA_CHANNELS)
 
     good = [row for row in rows if row.frame is not None]
     problems = [row for row in rows if row.error]
-    table_rows = [_cells(row, adu) for row in good]
+    table_rows = [_cells(row, adu, colour) for row in good]
 
     pieces: list[str] = []
     spans: list[Span] = []

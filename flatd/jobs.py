@@ -46,6 +46,14 @@ class Job:
     # rejects from clean data at this number of frames (flatd.stack.baseline) by more
     # than this (None: never, and no baseline is measured)
     rejection_warn: Optional[float] = 0.005
+    # output.carry: header keywords copied into the master when every input agrees
+    # (None: flatd.output.carry.DEFAULT_CARRY)
+    carry: Optional[tuple[str, ...]] = None
+    # combine.equalize_cfa: a colour master's CFA channels scaled to one mean
+    equalize_cfa: bool = False
+    # precalibration.overscan: auto subtracts the overscan and trims frames that carry
+    # BIASSEC and TRIMSEC/DATASEC (flatd.stack.geometry); off reads them as stored
+    overscan: str = "auto"
 
     @property
     def label(self) -> str:

@@ -21,7 +21,7 @@ from flatd.grouping import Group, GroupOptions, group_frames
 from flatd.jobs import Job, StackInput
 from flatd.stack.auto import AUTO, choose as choose_auto
 from flatd.stack.methods import Method
-from flatd.output.naming import master_name, name_fields, numbered_name, template_keywords
+from flatd.output.naming import master_name, name_fields, numbered_name, template_keywords, with_format
 
 # Kinds that are never combined into a master flat, even with ignore_type.
 NEVER_INPUTS = (Kind.MASTER,)
@@ -101,11 +101,32 @@ def plan_frames(
         groups, skipped = group_frames([f for f, _ in members], GroupOptions.from_settings(eff.grouping))
         plan.left_out.extend(skipped)
         for group in groups:
+            group, unfit = _fitting_geometry(group, eff)
+            plan.left_out.extend(unfit)
+            if group is None:
+                continue
             outcome = plan_group(group, eff, capture_root, libraries, now, output_dir, output_name,
                                  rules.keyword_map())
             (plan.jobs if isinstance(outcome, Job) else plan.failed).append(outcome)
     _make_names_distinct(plan.jobs)
     return plan
+
+
+def _fitting_geometry(group: Group, eff: Effective) -> tuple[Optional[Group], list[Skipped]]:
+    """The group without the flats whose overscan sections are unusable while the others
+    are trimmed (flatd.stack.geometry.screen_flats), and those left out with the reason.
+    A group left with fewer than min_group_size flats is left out whole."""
+    from flatd.stack.geometry import screen_flats
+
+    kept, unfit = screen_flats(group.frames, eff.precalibration.overscan)
+    left_out = [Skipped(f.path, why) for f, why in unfit]
+    if not unfit:
+        return group, []
+    if len(kept) < eff.grouping.min_group_size:
+        return None, left_out + [Skipped(f.path, f"group {group.label} has {len(kept)} flat(s) with usable overscan "
+                                                 f"sections, fewer than min_group_size {eff.grouping.min_group_size}")
+                                 for f in kept]
+    return replace(group, frames=tuple(kept)), left_out
 
 
 def plan_group(
@@ -136,7 +157,7 @@ def plan_group(
     except CalibrationError as exc:
         return FailedGroup(group.label, group.frames, str(exc), eff.rule)
     directory = output_dir or resolve_output_dir(eff.output.directory, capture_root, group.frames[0].path.parent)
-    template = output_name or eff.output.name
+    template = output_name or with_format(eff.output.name, eff.output.format)
     fields = name_fields(group.frames, method.label, group.label, now, template_keywords(template))
     try:
         name = master_name(template, fields)
@@ -147,6 +168,10 @@ def plan_group(
         settings += "|auto"
     if eff.output.rejection_map:
         settings += "|rejection_map"
+    if eff.precalibration.overscan != "auto":
+        settings += f"|overscan {eff.precalibration.overscan}"
+    if eff.combine.equalize_cfa:
+        settings += "|equalize_cfa"
     return Job(
         id=job_id(group.frames, settings),
         group=group,
@@ -160,6 +185,9 @@ def plan_group(
         auto_reason=auto_reason,
         rejection_map=eff.output.rejection_map,
         rejection_warn=eff.combine.rejection_warn,
+        overscan=eff.precalibration.overscan,
+        carry=tuple(eff.output.carry),
+        equalize_cfa=eff.combine.equalize_cfa,
     )
 
 

@@ -307,15 +307,21 @@ class Runner:
         """Stack and write; JobFailed says why not (transient when the output is at fault).
         Returns the master's path and what its combine rejected."""
         from flatd.output.masters import NoSpace, master_header, write_master  # astropy: only when a master is made
+        from flatd.stack.cfa import equalize_master
 
         try:
             result = self.engine.stack(job)
             rejection = Rejection.of(job, result)
+            cfa_notes = equalize_master(job.frames, result.image) if job.equalize_cfa else []
             header = master_header(
                 job.frames, [i.calibration for i in job.inputs], job.method,
                 job.normalize, result.factors, extra={JOB_CARD: job.id},
-                rejected=result.frame_fractions(), auto_reason=job.auto_reason,
+                rejected=result.frame_fractions(), auto_reason=job.auto_reason, carry=job.carry,
             )
+            for note in cfa_notes:
+                header.add_history(note)
+            if getattr(result, "geometry", None) is not None:
+                result.geometry.apply(header)  # flipped, overscan, trimmed: flatd.stack.geometry
         except OSError as exc:
             raise JobFailed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)) from None
         except (FlatdError, MemoryError) as exc:  # the flats' fault: the job fails with the reason

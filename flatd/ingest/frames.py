@@ -23,7 +23,7 @@ from flatd.log import printable
 
 BLOCK = 2880
 CARD = 80
-FITS_SUFFIXES = (".fit", ".fits", ".fts", ".fit.fz", ".fits.fz", ".fz")
+FITS_SUFFIXES = (".fit", ".fits", ".fts", ".fit.fz", ".fits.fz", ".fz", ".xisf")  # candidates: FITS and XISF
 IGNORED_PATTERNS = (re.compile(r"^[.~]"), re.compile(r"\.(tmp|part|partial|crdownload)$", re.I))
 # Headers longer than this are not FITS written by a camera; stop reading.
 MAX_HEADER_BLOCKS = 200
@@ -65,7 +65,7 @@ class KeywordMap:
     gain: tuple[str, ...] = ("GAIN", "CAMGAIN", "ISOSPEED", "ISO")
     offset: tuple[str, ...] = ("OFFSET", "BLKLEVEL", "CAMOFFST", "BLACKLEV")
     readout: tuple[str, ...] = ("READOUTM", "READMODE", "READOUT", "CAMMODE")
-    bayer: tuple[str, ...] = ("BAYERPAT", "COLORTYP", "CFA-PAT", "CFAPAT", "BAYPAT")
+    bayer: tuple[str, ...] = ("BAYERPAT", "COLORTYP", "CFA-PAT", "CFAPAT", "BAYPAT", "CFAIMAGE")
     xbayeroff: tuple[str, ...] = ("XBAYROFF", "BAYOFFX", "XBAYOFF")
     ybayeroff: tuple[str, ...] = ("YBAYROFF", "BAYOFFY", "YBAYOFF")
     roworder: tuple[str, ...] = ("ROWORDER",)
@@ -280,8 +280,13 @@ def read_header_cards(path: Path) -> tuple[dict[str, object], dict]:
 
     Returns the merged cards (primary first, the image extension's on top) and the
     layout: hdu index, data offset, data bytes, compressed flag, BITPIX and axes.
+    A name ending in .xisf is read as XISF (flatd.ingest.xisf), into the same cards.
     """
     path = Path(path)
+    if path.name.lower().endswith(".xisf"):
+        from flatd.ingest.xisf import read_xisf_cards
+
+        return read_xisf_cards(path)
     try:
         handle = open(path, "rb")
     except OSError as exc:

@@ -3,7 +3,8 @@
 Names come from :mod:`flatd.output.naming`. A master is written to a hidden temp file in the
 target folder, fsynced, then hard-linked to its final name, which fails instead of
 overwriting (invariant 2); the temp name is removed afterwards. A name ending in
-``.fits.fz`` gives a tile-compressed (lossless) master, any other a plain one.
+``.fits.fz`` gives a tile-compressed (lossless) master, ``.xisf`` an XISF one
+(:mod:`flatd.output.xisf`), any other a plain one.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import flatd
 from flatd.calibration import Calibration
 from flatd.errors import FlatdError
 from flatd.ingest.frames import Frame
+from flatd.output.carry import DEFAULT_CARRY, carry as carry_verdicts
 from flatd.fsops import TEMP_PREFIX, TEMP_SUFFIX, create_temp, fsync_dir, link_no_replace
-from flatd.output.naming import (ascii_text, check_file_name, earliest, is_compressed_name, mean_as_written, mean_value,
+from flatd.output.naming import (ascii_text, check_file_name, earliest, is_compressed_name, is_xisf_name,
+                                 mean_as_written, mean_value,
                           most_common, numbered_name, safe_component)
 
 # ------------------------------------------------------------------- header
@@ -71,6 +74,7 @@ def master_header(
     extra: Mapping[str, object] | None = None,
     rejected: Sequence[tuple[float, float]] | None = None,
     auto_reason: str | None = None,
+    carry: Sequence[str] | None = None,
 ) -> fits.Header:
     """The header of a master flat (see DESIGN "Master FITS").
 
@@ -92,6 +96,12 @@ def master_header(
     input's HISTORY line its own two fractions (one line per input, whatever their
     number: no indexed cards). `auto_reason` (method: auto): COMBAUTO = T and a COMMENT
     saying why this method was chosen.
+
+    `carry` (output.carry; None: its default list): keywords copied from the inputs when
+    they all agree (:mod:`flatd.output.carry`); each one not carried gets a HISTORY line.
+    The cards flatd writes itself keep flatd's value, except INSTRUME, TELESCOP and
+    SET-TEMP: when some input has that card, the inputs' cards decide (no mean of
+    different set-points, no CAMERA fallback over a disagreeing INSTRUME).
     """
     if not frames:
         raise ValueError("a master needs at least one input frame")
@@ -143,6 +153,7 @@ def master_header(
     pedestals = {c.pedestal for c in cals if c.mode == "pedestal"}
     if len(pedestals) == 1 and all(c.mode == "pedestal" for c in cals):
         header["PEDESTAL"] = (float(pedestals.pop()), "pedestal subtracted from every input")
+    carry_notes = _add_carried(header, frames, DEFAULT_CARRY if carry is None else carry)
     header["CREATOR"] = (f"flatd {flatd.__version__}", "software that made this master")
     header["DATE"] = (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "UTC time this file was written")
     if method.description:
@@ -160,12 +171,35 @@ def master_header(
             line += f"; rejected {float(low):.4e} low, {float(high):.4e} high"
         for part in _wrap_card(card_text(line, limit=None)):
             header.add_history(part)
+    for note in carry_notes:
+        for part in _wrap_card(card_text(note, limit=None)):
+            header.add_history(part)
     for key, value in (extra or {}).items():
         comment = None
         if isinstance(value, tuple):
             value, comment = value
         header[card_text(key).upper()] = (_card_value(value), card_text(comment)) if comment else _card_value(value)
     return header
+
+
+# Cards master_header computes from the frames' facts that output.carry may decide instead.
+CARRY_DECIDES = frozenset({"INSTRUME", "TELESCOP", "SET-TEMP"})
+
+
+def _add_carried(header: fits.Header, frames: Sequence[Frame], keys: Sequence[str]) -> list[str]:
+    """Write the carried cards into `header`; return the notes on those not carried."""
+    notes = []
+    for verdict in carry_verdicts(keys, [f.headers for f in frames]):
+        own = verdict.key in header and verdict.key not in CARRY_DECIDES
+        if verdict.carried and not own:
+            value = _card_value(verdict.value)
+            fits_comment = not isinstance(value, str) or len(value) <= 30  # else astropy cuts it, warning
+            header[verdict.key] = (value, "from the inputs, which all agree") if fits_comment else value
+        elif not verdict.carried:
+            if verdict.key in CARRY_DECIDES:
+                header.remove(verdict.key, ignore_missing=True)
+            notes.append(verdict.note)
+    return notes
 
 
 # ------------------------------------------------------------------- writing
@@ -336,7 +370,8 @@ def write_master(directory: Path, name: str, data: np.ndarray, header: fits.Head
     nothing stands under a final name. `directory` is created when missing.
     `rejection_map` (uint16 (2, H, W): values rejected low, high per pixel) is written
     after the image as an IMAGE extension named REJMAP, in the same file and the same
-    atomic write (its bytes are counted in the free-space check).
+    atomic write (its bytes are counted in the free-space check). A name ending in
+    .xisf gives an XISF master (Float32, the same keywords; no rejection map).
     """
     check_file_name(name)
     directory = Path(directory)
@@ -347,8 +382,13 @@ def write_master(directory: Path, name: str, data: np.ndarray, header: fits.Head
     clean = header.copy()
     for key in ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM"):
         clean.remove(key, ignore_missing=True, remove_all=True)
-    needed, write = _master_payload(array.astype(np.float32, copy=False), clean, is_compressed_name(name),
-                                    rejection_map)
+    if is_xisf_name(name):  # no rejection map in XISF
+        from flatd.output.xisf import xisf_payload
+
+        needed, write = xisf_payload(array.astype(np.float32, copy=False), clean)
+    else:
+        needed, write = _master_payload(array.astype(np.float32, copy=False), clean, is_compressed_name(name),
+                                        rejection_map)
     check_free_space(directory, needed)
 
     temp, fd = create_temp(directory, safe_component(name, "master"))

@@ -4,7 +4,7 @@ Header values never become paths unchecked (invariant 8): every value that goes 
 file or folder name passes through :func:`safe_component`, and the formatted name is
 checked to be one plain file name. The template's own extension, never a header value,
 says how a master is written: ``.fits``/``.fit``/``.fts`` plain, ``.fits.fz``
-tile-compressed; none gets ``.fits``; any other is refused.
+tile-compressed, ``.xisf`` XISF; none gets ``.fits``; any other is refused.
 """
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ MAX_COMPONENT = 64
 MAX_NAME_BYTES = 240
 PLAIN_SUFFIXES = (".fits", ".fit", ".fts")
 COMPRESSED_SUFFIXES = (".fits.fz",)
-MASTER_SUFFIXES = COMPRESSED_SUFFIXES + PLAIN_SUFFIXES  # longest first
+XISF_SUFFIXES = (".xisf",)
+MASTER_SUFFIXES = COMPRESSED_SUFFIXES + PLAIN_SUFFIXES + XISF_SUFFIXES  # longest first
+# output.format: the extension each format gives a master's name
+FORMAT_SUFFIXES = {"fits": ".fits", "fits.fz": ".fits.fz", "xisf": ".xisf"}
 DATE_FORMAT = "%Y%m%d-%H%M%S"
 TIME_FORMAT = "%H%M%S"
 DATETIME_FORMAT = "%Y%m%dT%H%M%S"
-# What reads as a file extension at the end of a template: ".png", ".xisf", ".gz"
+# What reads as a file extension at the end of a template: ".png", ".tif", ".gz"
 # (not ".5" or ".0C", which end numbers).
 _EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,9}$")
 
@@ -94,6 +97,22 @@ def is_compressed_name(name: str) -> bool:
     return name.lower().endswith(COMPRESSED_SUFFIXES)
 
 
+def is_xisf_name(name: str) -> bool:
+    """True when `name` asks for an XISF master (.xisf, any case)."""
+    return name.lower().endswith(XISF_SUFFIXES)
+
+
+def with_format(template: str, fmt: Optional[str]) -> str:
+    """The template with the extension of output.format `fmt` in place of its own
+    master extension (or added); `fmt` None leaves the template as it is."""
+    if fmt is None:
+        return template
+    tail = _template_tail(template).rstrip()
+    suffix = master_suffix(tail)
+    stem = template.rstrip()[: len(template.rstrip()) - len(suffix)] if suffix else template.rstrip()
+    return stem + FORMAT_SUFFIXES[fmt]
+
+
 def split_name(name: str) -> tuple[str, str]:
     """(stem, extension), a master extension whole: "m.fits.fz" -> ("m", ".fits.fz")."""
     suffix = master_suffix(name)
@@ -130,7 +149,7 @@ def check_output_template(template: str, what: str = "output.name") -> str:
         if match:
             raise ValueError(
                 f"{what} {template!r}: flatd cannot write {match.group(0)!r} files; a master is "
-                f"{', '.join(PLAIN_SUFFIXES)} (plain FITS) or .fits.fz (tile-compressed FITS, lossless)")
+                f"{', '.join(PLAIN_SUFFIXES)} (plain FITS), .fits.fz (tile-compressed FITS, lossless) or .xisf")
     return template
 
 
@@ -286,7 +305,7 @@ def master_name(template: str, fields: Mapping[str, object]) -> str:
     "-" before it), other floats "%g", a datetime as YYYYmmdd-HHMMSS ({time}: HHMMSS,
     {datetime}: YYYYmmddTHHMMSS). Missing values: filter "nofilter", temperature and
     exposure "na", others "none". The template's own extension decides the format
-    (.fits/.fit/.fts, .fits.fz); without one ".fits" is appended, whatever the field
+    (.fits/.fit/.fts, .fits.fz, .xisf); without one ".fits" is appended, whatever the field
     values end with; an over-long name is shortened (before the extension).
     Raises ValueError for an unknown field or extension, or a template that does not
     give one plain file name (a '/', '\\', ':' ... in the template's own text, a

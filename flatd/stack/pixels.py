@@ -289,7 +289,12 @@ def _same_cards(a, b) -> bool:
 
 
 def open_pixels(frame: Frame) -> PixelSource:
-    """Open a frame's pixels once; .rows(r0, r1) gives float32 bands; .close()."""
+    """Open a frame's pixels once; .rows(r0, r1) gives float32 bands; .close().
+    An .xisf frame gets an XisfPixelSource (flatd.stack.xisf_pixels), same interface."""
+    if str(frame.path).lower().endswith(".xisf"):
+        from flatd.stack.xisf_pixels import XisfPixelSource
+
+        return XisfPixelSource(frame)
     return PixelSource(frame)
 
 

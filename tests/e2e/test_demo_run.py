@@ -41,7 +41,7 @@ def demo_run(tmp_path_factory):
 def test_one_master_per_combinable_group(demo_run):
     session, _, proc, masters = demo_run
     assert len(masters) == len(session.combinable)
-    labels = {(fits.getheader(m)["FILTER"], fits.getheader(m)["XBINNING"], round(fits.getheader(m)["CCD-TEMP"]))
+    labels = {(fits.getheader(m).get("FILTER"), fits.getheader(m)["XBINNING"], round(fits.getheader(m)["CCD-TEMP"]))
               for m in masters}
     assert labels == {(g.filter, g.binning, round(g.setpoint)) for g in session.combinable}
 
@@ -50,7 +50,7 @@ def test_masters_match_the_illumination_within_the_noise(demo_run):
     session, _, _, masters = demo_run
     for group in session.combinable:
         (master,) = [m for m in masters
-                     if fits.getheader(m)["FILTER"] == group.filter and fits.getheader(m)["XBINNING"] == group.binning
+                     if fits.getheader(m).get("FILTER") == group.filter and fits.getheader(m)["XBINNING"] == group.binning
                      and abs(fits.getheader(m)["CCD-TEMP"] - group.setpoint) < 2]
         data = fits.getdata(master).astype(np.float64)
         residual = data / data.mean() - session.illumination(group)
@@ -66,7 +66,7 @@ def test_cosmic_ray_hits_are_gone_with_sigma_clip(demo_run):
     assert session.cosmic_rays, "the demo should have cosmic-ray hits"
     for group in session.combinable:
         (master,) = [m for m in masters
-                     if fits.getheader(m)["FILTER"] == group.filter and fits.getheader(m)["XBINNING"] == group.binning
+                     if fits.getheader(m).get("FILTER") == group.filter and fits.getheader(m)["XBINNING"] == group.binning
                      and abs(fits.getheader(m)["CCD-TEMP"] - group.setpoint) < 2]
         data = fits.getdata(master).astype(np.float64)
         expected = data.mean() * session.illumination(group)
@@ -151,3 +151,17 @@ def test_run_once_into_one_log_file_says_each_thing_once(tmp_path):
     (summary,) = [m for m in messages if m.startswith("run-once: ")]
     assert summary.startswith(f"run-once: {len(masters)} master(s) written, 0 group(s) failed")
     assert f" masters={len(masters)} failed=0" in summary
+
+
+def test_colour_master_keeps_its_mosaic_and_balance(demo_run):
+    from flatd.demo import CFA_RESPONSE
+    from flatd.stack.cfa import Layout, channel_means
+
+    session, _, _, masters = demo_run
+    (master,) = [m for m in masters if "BAYERPAT" in fits.getheader(m)]
+    header = fits.getheader(master)
+    assert (header["BAYERPAT"], header["XBAYROFF"], header["YBAYROFF"]) == ("RGGB", 0, 0)
+    assert "FILTER" not in header and header["XPIXSZ"] == 2.4
+    means = channel_means(fits.getdata(master).astype(np.float64), Layout("RGGB"))
+    assert means["R"] / means["G"] == pytest.approx(CFA_RESPONSE[0], rel=0.01)
+    assert means["B"] / means["G"] == pytest.approx(CFA_RESPONSE[2], rel=0.01)

@@ -279,7 +279,7 @@ def test_output_fits_fz_is_a_lossless_tile_compressed_master(tree, name):
         np.testing.assert_array_equal(hdul[1].data, fits.getdata(plain))
 
 
-@pytest.mark.parametrize("name", ["master.xisf", "master.png", "master.fits.gz", "master.fz"])
+@pytest.mark.parametrize("name", ["master.tif", "master.png", "master.fits.gz", "master.fz"])
 def test_output_with_an_unknown_extension_is_refused(tree, capsys, name):
     files = _flats(tree, n=3)
     assert main(["combine", "-m", "-o", str(tree.root / name), *files]) == 2

@@ -43,7 +43,7 @@ def test_run_once_writes_fits_fz_masters(tree, capsys):
 
 
 def test_rules_file_with_an_unknown_extension_is_a_usage_error(tree, capsys):
-    config = tree.rules(RULES.format(root=tree.root).replace(".fits.fz", ".xisf"))
+    config = tree.rules(RULES.format(root=tree.root).replace(".fits.fz", ".tiff"))
     assert main(["run-once", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "output.name" in err and "cannot write '.xisf' files" in err
+    assert "output.name" in err and "cannot write '.tiff' files" in err

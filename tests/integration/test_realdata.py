@@ -42,11 +42,13 @@ state: {tmp_path / 'state'}
     assert "20190326.0100.fits" in out and "min_group_size" in out  # the lone V flat
     data = fits.getdata(master)
     assert np.isfinite(data).all()
-    # The master has the shape of every input flat (bias-subtracted, normalized).
-    bias = fits.getdata(REALDATA / "lowell-nasa42" / "bias" / "20190326.0001.fits").astype(np.float64)
+    # The master has the shape of every input flat (bias-subtracted, normalized), trimmed
+    # to their TRIMSEC [18:1382,1:1370] (precalibration.overscan: auto).
+    trim = (slice(None), slice(17, 1382))
+    bias = fits.getdata(REALDATA / "lowell-nasa42" / "bias" / "20190326.0001.fits").astype(np.float64)[trim]
     m = _normalized(data)[100:-100, 100:-100]
     for name in ("20190326.0110.fits", "20190326.0115.fits"):
-        flat = fits.getdata(REALDATA / "lowell-nasa42" / "flat" / name).astype(np.float64) - bias
+        flat = fits.getdata(REALDATA / "lowell-nasa42" / "flat" / name).astype(np.float64)[trim] - bias
         f = _normalized(flat)[100:-100, 100:-100]
         assert np.corrcoef(m.ravel(), f.ravel())[0, 1] > 0.9
     # Nothing was moved or written beside the real data.
@@ -72,14 +74,23 @@ def test_qhy_twilight_flats_need_scaling_before_rejection(tmp_path):
 
 def test_maxim_flat_with_another_cameras_bias_fails_clearly(tmp_path, capsys):
     """The MaxIm test biases (Apogee Alta, ~35855 ADU) match the Aspen flat's size but
-    not its camera (~1327 ADU): subtracting one empties the flat. flatd says so, names
-    both files, writes nothing and exits 1; without calibration the flat combines."""
+    not its camera (~1327 ADU): subtracting one empties the flat. flatd refuses the other
+    camera's bias and names both files; told to ignore the camera (precalibration.match),
+    the empty flat is still caught. Either way it writes nothing and exits 1; without
+    calibration the flat combines."""
     flat = REALDATA / "maxim-apogee" / "aspen_trimmed.fit"
     out = tmp_path / "m.fits"
     assert main(["combine", "-m", "-a", str(REALDATA / "maxim-apogee"), "-ab", "-ax", "-o", str(out), str(flat)]) == 1
+    text = " ".join(capsys.readouterr().out.split())
+    assert "aspen_trimmed.fit" in text and "biastest2.fit" in text
+    assert "has camera 'apogee alta', the flat's 'apogee aspen cg16m'" in text
+    rules = tmp_path / "flatd.yaml"
+    rules.write_text("precalibration:\n  match: [gain, offset]\n")
+    assert main(["combine", "-c", str(rules), "-m", "-a", str(REALDATA / "maxim-apogee"), "-ab", "-ax",
+                 "-mg", "1", "-od", str(tmp_path / "masters"), str(flat)]) == 1
     text = capsys.readouterr().out
     assert "aspen_trimmed.fit" in text and "biastest2.fit" in text and "level is 0" in text
-    assert not out.exists()
+    assert not out.exists() and not list((tmp_path / "masters").glob("*.fits"))
     assert main(["combine", "-m", "-rp", "-o", str(out), str(flat)]) == 0
     assert fits.getheader(out)["NCOMBINE"] == 1
     assert np.median(fits.getdata(out)) == pytest.approx(1327, abs=1)

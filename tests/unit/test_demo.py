@@ -327,3 +327,34 @@ def test_scale(tmp_path):
     assert big.group("L", 2, 0.0).shape == (480, 640)
     frame = read_frame(big.group("R", 2, 0.0).files[0])
     assert (frame.width, frame.height) == (640, 480)
+
+
+# --------------------------------------------------------------------------- the colour rig
+
+
+def test_colour_rig_as_an_asiair_writes_it(demo):
+    from flatd.demo import BAYER_PATTERN, CFA_RESPONSE, COLOUR_INSTRUMENT, COLOUR_PIXEL_SIZE
+    from flatd.stack.cfa import Layout, channel_means
+
+    (group,) = demo.colour_groups
+    assert group in demo.combinable and group not in demo.groups
+    assert group.bayer == BAYER_PATTERN == "RGGB" and group.filter is None
+    assert demo.group(None, 1) is group
+    for path in group.files:
+        assert path.suffix == ".fit" and path.parent.name == "Flat" and path.parent.parent.name == "Autorun"
+        header = fits.getheader(path)
+        assert "FILTER" not in header and "SET-TEMP" not in header
+        assert header["XPIXSZ"] == COLOUR_PIXEL_SIZE == 2.4
+        frame = read_frame(path)
+        assert frame.kind is Kind.FLAT and frame.filter is None
+        assert frame.bayer_pattern == "RGGB" and frame.bayer_offset == (0, 0)
+        assert frame.instrument == COLOUR_INSTRUMENT and frame.gain is not None and frame.offset is not None
+        assert (frame.height, frame.width) == group.shape
+    data = fits.getdata(group.files[0]).astype(np.float64) - demo.sensor.bias_level
+    means = channel_means(data, Layout("RGGB"))
+    assert means["R"] / means["G"] == pytest.approx(CFA_RESPONSE[0] / CFA_RESPONSE[1], rel=0.02)
+    assert means["B"] / means["G"] == pytest.approx(CFA_RESPONSE[2] / CFA_RESPONSE[1], rel=0.02)
+    # its own bias and dark-flat in the library
+    kinds = {c.kind for c in demo.calibration_files if c.shape == group.shape}
+    assert kinds == {"bias", "dark-flat"}
+    assert read_frame(demo.dark_flat_for(group).path).bayer_pattern == "RGGB"

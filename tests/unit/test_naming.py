@@ -186,11 +186,11 @@ def test_master_name_keeps_a_master_extension(template, ext):
     assert is_compressed_name(name) == ext.lower().endswith(".fz")
 
 
-@pytest.mark.parametrize("template", ["master.xisf", "FLAT-{filter}.png", "m.fits.gz", "m.fz", "m.fit.fz",
+@pytest.mark.parametrize("template", ["master.png", "FLAT-{filter}.png", "m.fits.gz", "m.fz", "m.fit.fz",
                                       "m.jpeg ", "{filter}.tiff"])
 def test_unknown_extensions_are_refused(template):
     with pytest.raises(ValueError, match=r"-o .*cannot write '\.\w+' files; a master is \.fits, \.fit, \.fts "
-                                         r"\(plain FITS\) or \.fits\.fz"):
+                                         r"\(plain FITS\), \.fits\.fz .* or \.xisf"):
         check_output_template(template, "-o")
     with pytest.raises(ValueError, match="output.name"):
         master_name(template, fields())
@@ -199,8 +199,9 @@ def test_unknown_extensions_are_refused(template):
 def test_unknown_extension_in_the_rules_file():
     from flatd.config import ConfigError, parse_rules
 
-    with pytest.raises(ConfigError, match=r"output.name.*cannot write '.xisf' files"):
-        parse_rules('output: {name: "FLAT-{filter}.xisf"}')
+    with pytest.raises(ConfigError, match=r"output.name.*cannot write '.tif' files"):
+        parse_rules('output: {name: "FLAT-{filter}.tif"}')
+    assert parse_rules('output: {name: "FLAT-{filter}.xisf"}').output.name.endswith(".xisf")
     assert parse_rules('output: {name: "FLAT-{filter}.fits.fz"}').output.name.endswith(".fits.fz")
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from flatd.config import Engine as EngineSettings
     from flatd.jobs import Job
+    from flatd.stack.geometry import GeometryCards
 
 __all__ = ["Engine", "ProgressFactory", "StackError", "StackResult", "make_engine"]
 
@@ -38,6 +39,8 @@ class StackResult:
     rejected: Optional["np.ndarray"] = None
     # per pixel, how many values were rejected low ([0]) and high ([1]): uint16 (2, H, W); None unless asked
     rejection_map: Optional["np.ndarray"] = None
+    # what the master's header says of its geometry (row order, overscan, trim): flatd.stack.geometry
+    geometry: Optional["GeometryCards"] = None
 
     def rejected_fractions(self) -> Optional[tuple[float, float]]:
         """The fractions of all values (N x H x W) rejected low and high; None if not counted."""

@@ -33,6 +33,7 @@ from flatd.stack.engines import ProgressFactory, StackResult
 from flatd.errors import StackError
 from flatd.ingest.frames import Frame
 from flatd.jobs import StackInput
+from flatd.stack.geometry import Layouts
 from flatd.stack.pixels import PixelSource, open_pixels
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,37 +58,45 @@ class LocalEngine:
     def stack(self, job: "Job") -> StackResult:
         progress = self.progress(job.label, job.frames[0].height) if self.progress else None
         return stack_frames(job.inputs, job.method, job.normalize, self.settings.memory_limit,
-                            self.settings.workers, progress, rejection_map=getattr(job, "rejection_map", False))
+                            self.settings.workers, progress, rejection_map=getattr(job, "rejection_map", False),
+                            overscan=getattr(job, "overscan", "auto"))
 
 
 # --------------------------------------------------------------------------- stacking
 
 
-def _shape_text(frame: Frame) -> str:
-    return f"{frame.width}x{frame.height}"
+def _shape_text(frame: Frame, layouts: Optional[Layouts] = None) -> str:
+    width, height = layouts.size(frame) if layouts is not None else (frame.width, frame.height)
+    return f"{width}x{height}"
 
 
-def _validate(inputs: Sequence[StackInput], method: Method) -> None:
+def _validate(inputs: Sequence[StackInput], method: Method, layouts: Optional[Layouts] = None) -> None:
+    """The inputs can be stacked: enough of them, one size as presented (`layouts`:
+    flipped, trimmed), calibrations that make sense."""
     if not inputs:
         raise StackError("no frames to stack")
     if len(inputs) < method.min_frames:
         raise StackError(f"{method.description} needs at least {method.min_frames} frames, got {len(inputs)}")
     first = inputs[0].frame
+    shape = _shape_text(first, layouts)
+    note = layouts.note if layouts is not None else (lambda frame: "")
     for item in inputs:
         frame = item.frame
-        if (frame.width, frame.height) != (first.width, first.height):
+        if _shape_text(frame, layouts) != shape:
             raise StackError(
-                f"flat {frame.path} is {_shape_text(frame)} but flats are {_shape_text(first)} (as {first.path})",
+                f"flat {frame.path} is {_shape_text(frame, layouts)}{note(frame)} but flats are {shape} "
+                f"(as {first.path}{note(first)})",
                 frame.path,
             )
         cal = item.calibration
         if cal.mode == "file":
             if cal.frame is None:
                 raise StackError(f"flat {frame.path}: calibration mode 'file' without a frame", frame.path)
-            if (cal.frame.width, cal.frame.height) != (first.width, first.height):
+            if _shape_text(cal.frame, layouts) != shape:
                 word = "bias" if cal.frame.kind.value == "bias" else "dark"
                 raise StackError(
-                    f"{word} {cal.frame.path} is {_shape_text(cal.frame)} but flats are {_shape_text(first)}",
+                    f"{word} {cal.frame.path} is {_shape_text(cal.frame, layouts)}{note(cal.frame)} "
+                    f"but flats are {shape}{note(first)}",
                     cal.frame.path,
                 )
         elif cal.mode == "pedestal":
@@ -98,7 +107,8 @@ def _validate(inputs: Sequence[StackInput], method: Method) -> None:
 
 
 def plan_bands(n: int, n_cal: int, width: int, height: int, memory_limit: int, workers: int,
-               max_itemsize: int = 8, rejection_map: bool = False) -> tuple[int, int]:
+               max_itemsize: int = 8, rejection_map: bool = False,
+               raw_width: Optional[int] = None) -> tuple[int, int]:
     """(band_rows, workers) so that the buffers fit in `memory_limit`.
 
     Per worker and per row of band: the float32 stack N*W*4, each calibration band
@@ -106,9 +116,11 @@ def plan_bands(n: int, n_cal: int, width: int, height: int, memory_limit: int, w
     `rejection_map`, the band's (2, rows, W) uint16 counts W*4). Fixed: the output
     image H*W*4, with `rejection_map` the (2, H, W) uint16 map H*W*4 more, and a small
     reserve. (The level phase runs before any of these exist and is planned
-    apart: level_plan.)
+    apart: level_plan.) `raw_width`: the stored width when frames are trimmed (the raw
+    buffer and the conversion temporary hold whole stored rows).
     """
-    per_row = width * (4 * (n + n_cal) + max_itemsize + 8 + (4 if rejection_map else 0))
+    raw_width = max(width, raw_width or 0)
+    per_row = width * (4 * (n + n_cal) + (4 if rejection_map else 0)) + raw_width * (max_itemsize + 8)
     fixed = height * width * 4 * (2 if rejection_map else 1)
     budget = memory_limit - fixed - RESERVE_BYTES
     workers = max(1, min(workers, height))
@@ -141,44 +153,52 @@ def level_bytes(width: int, height: int, step: int, max_itemsize: int = 8) -> in
 
 
 def level_plan(width: int, height: int, memory_limit: int, workers: int, max_itemsize: int = 8,
-               n: int = 1) -> tuple[int, int]:
+               n: int = 1, raw_width: Optional[int] = None, odd: bool = False) -> tuple[int, int]:
     """(grid step, workers) for the level phase: the step of flatd.stack.levels (at least
     LEVEL_SAMPLE pixels) unless the memory limit asks for a coarser grid. Held at once:
     one calibration grid, and per worker level_bytes. Nothing else is allocated then, so
     the budget is the whole limit but half the reserve (the level sample was the
     reserve's to hold before it was planned: samples of small frames still fit there).
-    The samples of all `n` frames are held together (levels are relative)."""
+    The samples of all `n` frames are held together (levels are relative). `raw_width`:
+    the stored width when frames are trimmed (rows are read whole). `odd`: an odd step,
+    for a colour (CFA) sensor, so that the grid samples every colour of the mosaic (an
+    even step lands on one colour only, and the level would be that colour's)."""
     budget = memory_limit - RESERVE_BYTES // 2
     step = LV.grid_step(height, width)
+    if odd and step % 2 == 0:
+        step -= 1  # finer: still at least LEVEL_SAMPLE pixels
     workers = max(1, workers)
 
     def need(step: int, workers: int) -> int:
         rows, cols = LV.sample_shape(height, width, step)
         # every frame's sample (n of them), the reference, one calibration grid, and per worker its work
         return ((n + 1) * rows * cols * 4 + LV.reference_bytes(n)
-                + workers * (level_bytes(width, height, step, max_itemsize) + 2 * LV.MODE_SAMPLE * 4))
+                + workers * (level_bytes(max(width, raw_width or 0), height, step, max_itemsize)
+                             + 2 * LV.MODE_SAMPLE * 4))
 
     while need(step, workers) > budget and workers > 1:
         workers -= 1
     while need(step, workers) > budget and step < max(height, width):
-        step += 1
+        step += 2 if odd else 1
     return step, workers
 
 
 class _Sources:
-    """Every file opened once: flats, and each distinct calibration file."""
+    """Every file opened once: flats, and each distinct calibration file, as `layouts`
+    presents them (flipped, trimmed; as stored without)."""
 
-    def __init__(self, inputs: Sequence[StackInput]):
+    def __init__(self, inputs: Sequence[StackInput], layouts: Optional[Layouts] = None):
         self.flats: list[PixelSource] = []
         self.cals: dict[Path, PixelSource] = {}
+        opener = layouts.open if layouts is not None and not layouts.plain else open_pixels
         try:
             for item in inputs:
-                self.flats.append(open_pixels(item.frame))
+                self.flats.append(opener(item.frame))
                 cal = item.calibration
                 if cal.mode == "file":
                     key = Path(os.path.abspath(cal.frame.path))
                     if key not in self.cals:
-                        self.cals[key] = open_pixels(cal.frame)
+                        self.cals[key] = opener(cal.frame)
         except BaseException:
             self.close()
             raise
@@ -212,6 +232,7 @@ def stack_frames(
     workers: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     rejection_map: bool = False,
+    overscan: str = "auto",
 ) -> StackResult:
     """Calibrate, normalize and combine `inputs` band by band within `memory_limit`.
 
@@ -221,26 +242,33 @@ def stack_frames(
     (the result's levels are NaN). The result holds, per input, the values
     rejected low and high (`rejected`, int64 (N, 2)), and with `rejection_map` the
     per-pixel counts (uint16 (2, H, W): low, high), counted in the memory limit.
+    Frames are presented by flatd.stack.geometry: a calibration frame of another row
+    order flipped; with `overscan` 'auto', frames with BIASSEC and TRIMSEC/DATASEC
+    overscan-subtracted and trimmed (the master has the trimmed size).
     """
     if normalize not in ("none", "multiplicative"):
         raise StackError(f"normalize is 'none' or 'multiplicative', got {normalize!r}")
     inputs = list(inputs)
-    _validate(inputs, method)
+    layouts = Layouts(inputs, overscan)
+    _warn_unusable_sections(layouts)
+    _validate(inputs, method, layouts)
     n = len(inputs)
-    width, height = inputs[0].frame.width, inputs[0].frame.height
+    width, height = layouts.size(inputs[0].frame)
     workers = int(workers or default_workers())
     _raise_fd_limit(2 * n)
 
-    sources = _Sources(inputs)
+    sources = _Sources(inputs, layouts)
     try:
         cal_keys = [
             Path(os.path.abspath(item.calibration.frame.path)) if item.calibration.mode == "file" else None
             for item in inputs
         ]
         itemsizes = [s.itemsize for s in sources.flats] + [s.itemsize for s in sources.cals.values()]
+        raw_width = max(f.width for f in (*layouts.flats, *layouts.cals.values()))
         band_rows, band_workers = plan_bands(n, len(sources.cals), width, height, int(memory_limit), workers,
-                                             max(itemsizes), rejection_map)
-        step, level_workers = level_plan(width, height, int(memory_limit), band_workers, max(itemsizes), n)
+                                             max(itemsizes), rejection_map, raw_width)
+        step, level_workers = level_plan(width, height, int(memory_limit), band_workers, max(itemsizes), n,
+                                         raw_width, odd=any(item.frame.bayer_pattern for item in inputs))
         workers = band_workers
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flatd-stack") if workers > 1 else None
         try:
@@ -269,7 +297,16 @@ def stack_frames(
         sources.close()
     return StackResult(image=image, levels=[float(x) for x in levels],
                        factors=[float(f) for f in factors], band_rows=band_rows,
-                       rejected=rejected, rejection_map=rejmap)
+                       rejected=rejected, rejection_map=rejmap, geometry=layouts.cards())
+
+
+def _warn_unusable_sections(layouts: Layouts) -> None:
+    """A warning naming each file whose overscan sections cannot be used (read as stored)."""
+    from flatd.notify.events import WARNING, notice
+
+    for path, problem in layouts.problems():
+        notice("overscan_unusable", f"{path}: overscan not subtracted, frame not trimmed: {problem}",
+               WARNING, path=str(path))
 
 
 def _calibration_args(item: StackInput):
@@ -306,7 +343,7 @@ def _measure_levels(inputs, sources: _Sources, cal_keys, step: int, pool) -> lis
     `step`, after its calibration. Inputs are taken calibration file by calibration
     file, so one calibration grid is held at a time; the pool's workers read frames at
     once into one (N, S) array of samples."""
-    height, width = inputs[0].frame.height, inputs[0].frame.width
+    height, width = sources.flats[0].height, sources.flats[0].width
     rows, cols = LV.sample_shape(height, width, step)
     samples = np.empty((len(inputs), rows * cols), dtype=np.float32)
     by_cal: dict[Optional[Path], list[int]] = {}
@@ -331,7 +368,7 @@ def _combine_bands(inputs, sources: _Sources, cal_keys, factors, method: Method,
     n = len(inputs)
     height, width = image.shape
     local = threading.local()
-    max_raw = band_rows * width * max([s.itemsize for s in sources.flats] + [s.itemsize for s in sources.cals.values()])
+    max_raw = max(s.raw_bytes(0, band_rows) for s in (*sources.flats, *sources.cals.values()))
     pedestals = [_calibration_args(item) for item in inputs]
     cal_index = {key: k for k, key in enumerate(sources.cals)}
     cal_list = list(sources.cals.values())
