@@ -129,6 +129,16 @@ def _fitting_geometry(group: Group, eff: Effective) -> tuple[Optional[Group], li
     return replace(group, frames=tuple(kept)), left_out
 
 
+def _master_size(frames, overscan: str) -> Optional[str]:
+    """The master's size when its flats are trimmed to their data section, as '1365x1370'."""
+    from flatd.stack.geometry import frame_layout
+
+    if overscan == "off" or not frames:
+        return None
+    data = frame_layout(frames[0], frames[0].row_order, overscan).data
+    return f"{data.width}x{data.height}" if data is not None else None
+
+
 def plan_group(
     group: Group,
     eff: Effective,
@@ -159,6 +169,7 @@ def plan_group(
     directory = output_dir or resolve_output_dir(eff.output.directory, capture_root, group.frames[0].path.parent)
     template = output_name or with_format(eff.output.name, eff.output.format)
     fields = name_fields(group.frames, method.label, group.label, now, template_keywords(template))
+    fields["size"] = _master_size(group.frames, eff.precalibration.overscan) or fields["size"]
     try:
         name = master_name(template, fields)
     except ValueError as exc:  # a template that gives no plain file name

@@ -312,7 +312,9 @@ class Runner:
         try:
             result = self.engine.stack(job)
             rejection = Rejection.of(job, result)
-            cfa_notes = equalize_master(job.frames, result.image) if job.equalize_cfa else []
+            geometry = getattr(result, "geometry", None)
+            origin = geometry.origin if geometry is not None else (0, 0)
+            cfa_notes = equalize_master(job.frames, result.image, origin) if job.equalize_cfa else []
             header = master_header(
                 job.frames, [i.calibration for i in job.inputs], job.method,
                 job.normalize, result.factors, extra={JOB_CARD: job.id},
@@ -320,8 +322,8 @@ class Runner:
             )
             for note in cfa_notes:
                 header.add_history(note)
-            if getattr(result, "geometry", None) is not None:
-                result.geometry.apply(header)  # flipped, overscan, trimmed: flatd.stack.geometry
+            if geometry is not None:
+                geometry.apply(header)  # flipped, overscan, trimmed: flatd.stack.geometry
         except OSError as exc:
             raise JobFailed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)) from None
         except (FlatdError, MemoryError) as exc:  # the flats' fault: the job fails with the reason

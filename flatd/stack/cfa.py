@@ -128,9 +128,13 @@ def equalize(image: np.ndarray, layout: Layout) -> dict[str, float]:
     return factors
 
 
-def equalize_master(frames: Sequence, image: np.ndarray) -> list[str]:
+def equalize_master(frames: Sequence, image: np.ndarray, origin: tuple[int, int] = (0, 0)) -> list[str]:
     """combine.equalize_cfa on a master of `frames`, in place: HISTORY lines saying what
-    was done. StackError when a channel cannot be scaled."""
+    was done. `origin`: the stored pixel (x0, y0) that is the master's first when the
+    inputs were trimmed (the mosaic's phase moves with it). StackError when a channel
+    cannot be scaled."""
+    from dataclasses import replace
+
     from flatd.errors import StackError
 
     if not any(f.bayer_pattern for f in frames):
@@ -138,6 +142,9 @@ def equalize_master(frames: Sequence, image: np.ndarray) -> list[str]:
     layout = common_layout(frames)
     if layout is None:
         return ["equalize_cfa: not applied, the inputs' CFA layouts differ"]
+    if origin != (0, 0):
+        layout = replace(layout, offset=((layout.offset[0] + origin[0]) % 2, (layout.offset[1] + origin[1]) % 2),
+                         height=image.shape[0])
     try:
         factors = equalize(image, layout)
     except ValueError as exc:

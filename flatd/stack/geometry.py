@@ -355,6 +355,7 @@ class GeometryCards:
     cards: list = field(default_factory=list)  # (key, value, comment)
     history: list = field(default_factory=list)
     remove: tuple = ()
+    origin: tuple = (0, 0)  # (x0, y0): the stored pixel that is the master's first, after a trim
 
     def apply(self, header) -> None:
         """Write the cards into an astropy header: keys removed, cards set, HISTORY added."""
@@ -448,6 +449,8 @@ class Layouts:
              "inputs trimmed to"),
             ("DATASEC", f"[1:{w},1:{h}]", "the whole master is data"),
         ]
+        if same:
+            out.origin = (layout.data.x0, layout.data.y0)
         if frame.bayer_pattern and same:  # the mosaic's phase moves with the trim's first pixel
             xoff, yoff = frame.bayer_offset
             out.cards += [("XBAYROFF", (xoff + layout.data.x0) % 2, "Bayer x offset, after the trim"),

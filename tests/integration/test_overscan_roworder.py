@@ -40,7 +40,9 @@ def _run_lowell(tmp_path: Path, extra: str = "") -> tuple[np.ndarray, fits.Heade
     assert sorted(p.name for p in LOWELL.rglob("*")) == before  # nothing written beside the real data
     (master,) = sorted((tmp_path / "masters").glob("*.fits"))
     with fits.open(master) as hdul:
-        return hdul[0].data.astype(np.float64), hdul[0].header
+        data, header = hdul[0].data.astype(np.float64), hdul[0].header
+    assert f"-{data.shape[1]}x{data.shape[0]}-" in master.name  # the name gives the master's own size
+    return data, header
 
 
 def _low_columns(data: np.ndarray) -> int:

@@ -127,3 +127,15 @@ def test_equalize_master_notes():
     colour = [make_frame("c.fits", bayer_pattern="RGGB", height=4, width=4)]
     lines = equalize_master(colour, mosaic((4, 4), Layout("RGGB")))
     assert all(len(line) <= 72 for line in lines) and "R x" in lines[1]
+
+
+def test_equalize_master_after_a_trim_at_an_odd_pixel_follows_the_mosaic():
+    # stored RGGB from (0, 0); the master starts at stored pixel (1, 0): its first is G, then R
+    stored = mosaic((8, 9), Layout("RGGB"), (0.8, 1.0, 0.6))
+    master = stored[:, 1:].copy()
+    frames = [make_frame("c.fits", bayer_pattern="RGGB", height=8, width=9)]
+    equalize_master(frames, master, origin=(1, 0))
+    assert np.allclose(master, master.mean(), rtol=1e-6)
+    wrong = stored[:, 1:].copy()
+    equalize_master(frames, wrong)  # ignoring the trim mixes the channels up
+    assert not np.allclose(wrong, wrong.mean(), rtol=1e-3)

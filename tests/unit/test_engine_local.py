@@ -432,3 +432,18 @@ def test_memory_stays_under_the_limit_with_a_rejection_map(tmp_path):
     assert 1 <= stats["band_rows"] < h
     assert stats["peak"] <= limit + 2 * 2**20, stats
     assert stats["rss_growth"] <= limit + 16 * 2**20, stats
+
+
+def test_level_grid_of_a_colour_sensor_samples_every_colour():
+    """An even step lands on one colour of the mosaic only; a colour group's step is odd."""
+    from flatd.stack import levels as LV
+
+    even = LV.grid_step(2448, 3264)
+    assert even % 2 == 0  # the case that matters: 12 on this sensor
+    step, _ = S.level_plan(3264, 2448, 512 * 2**20, 2, 2, odd=True)
+    assert step % 2 == 1 and step <= even
+    rows, cols = LV.grid_slices(2448, 3264, step)
+    parities = {(r % 2, c % 2) for r in range(2448)[rows][:2] for c in range(3264)[cols][:2]}
+    assert parities == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    for limit in (6 * 2**20, 16 * 2**20):  # a tight limit coarsens the grid, and it stays odd
+        assert S.level_plan(3264, 2448, limit, 4, 2, odd=True)[0] % 2 == 1
