@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import os
@@ -150,6 +151,9 @@ class Output(Section):
         "header keywords copied from the inputs into each master when they all agree (numbers: within "
         "half a unit of the coarser printed precision); a keyword the inputs disagree on, or that some "
         "lack, is left out with a HISTORY line saying so"))
+    previews: bool = Field(True, description=(
+        "beside each master a PNG preview (auto-stretched, at most 1,200 px; in colour for a colour sensor) and, "
+        "when there is a previous master, a PNG of their ratio with the changed dust marked"))
 
     @field_validator("name")
     @classmethod
@@ -419,6 +423,34 @@ class Match(Section):
     header: dict[str, MatchText] = Field({}, description="header keywords and the glob each value must match")
 
 
+QcAction = Literal["leave-out", "warn"]
+
+
+class Quality(Section):
+    """Checks on every flat before it joins a group, and on every master (flatd.qc)."""
+
+    enabled: bool = Field(True, description="run the checks; false: combine whatever arrives, as before")
+    # ---- flat checks (flatd.qc.flats), on the level sample the stacker reads anyway
+    min_level: float = Field(0.15, ge=0, le=1, description=(
+        "lowest calibrated median of a flat, as a fraction of the sensor's full scale (DATAMAX, SATURATE or "
+        "the bit depth, else 65535); the manual asks for a third to a half"))
+    max_level: float = Field(0.75, gt=0, le=1, description="highest calibrated median, as a fraction of full scale")
+    level_action: QcAction = Field("leave-out", description="leave-out: the flat is not combined and stays where "
+                                   "it is; warn: it is combined and reported")
+    max_saturated: float = Field(0.001, ge=0, le=1, description=(
+        "largest fraction of a flat's pixels (of each CFA channel) at full scale"))
+    saturation_action: QcAction = Field("leave-out", description="what a flat over max_saturated gets")
+    odd_sigma: float = Field(8.0, gt=0, le=1000, description=(
+        "a flat whose normalized large-scale pattern (binned blocks) differs from the group's consensus by more "
+        "than this many times the blocks' own noise is the odd frame out (a cloud, a light leak, a moved panel)"))
+    odd_min_deviation: float = Field(0.002, ge=0, le=1, description=(
+        "and by at least this fraction of the level (clean sessions with very quiet blocks never trip it)"))
+    odd_action: QcAction = Field("leave-out", description="what the odd frame out gets")
+    # ---- master checks (flatd.qc.masters, flatd.qc.previous)
+    bad_keeps_inputs: bool = Field(False, description=(
+        "a master judged bad is written under its own name either way; true also leaves its inputs in place"))
+
+
 class Rule(Section):
     """Overrides for the flats a rule matches; the first rule that matches wins."""
 
@@ -429,9 +461,10 @@ class Rule(Section):
     grouping: Optional[dict[str, Any]] = Field(None, description="keys of grouping to override")
     precalibration: Optional[dict[str, Any]] = Field(None, description="keys of precalibration to override")
     combine: Optional[dict[str, Any]] = Field(None, description="keys of combine to override")
+    quality: Optional[dict[str, Any]] = Field(None, description="keys of quality to override")
 
 
-OVERRIDABLE = ("output", "inputs", "grouping", "precalibration", "combine")
+OVERRIDABLE = ("output", "inputs", "grouping", "precalibration", "combine", "quality")
 
 
 class Rules(Section):
@@ -443,6 +476,7 @@ class Rules(Section):
     grouping: Grouping = Field(Grouping(), description=Grouping.__doc__)
     precalibration: Precalibration = Field(Precalibration(), description=Precalibration.__doc__)
     combine: CombineSettings = Field(CombineSettings(), description="how each group is combined into a master")
+    quality: Quality = Field(Quality(), description=Quality.__doc__)
     engine: Engine = Field(Engine(), description="memory and workers of the combine")
     keywords: Keywords = Field(Keywords(), description=Keywords.__doc__)
     settle: Duration = Field(600.0, description="quiet time after the last new flat before its session is combined")
@@ -803,6 +837,7 @@ class Effective:
     grouping: Grouping
     precalibration: Precalibration
     combine: CombineSettings
+    quality: Quality = dataclasses.field(default_factory=Quality)
 
 
 def rule_label(rule: Rule, index: int) -> str:
@@ -826,4 +861,5 @@ def effective_for(rules: Rules, frame) -> Effective:
                     if value is not None and not value.is_absolute():
                         pre.__dict__[key] = base_dir / value
             return Effective(rule_label(rule, index), **sections)
-    return Effective(None, rules.output, rules.inputs, rules.grouping, rules.precalibration, rules.combine)
+    return Effective(None, rules.output, rules.inputs, rules.grouping, rules.precalibration, rules.combine,
+                     rules.quality)
