@@ -116,7 +116,7 @@ def _fitting_geometry(group: Group, eff: Effective) -> tuple[Optional[Group], li
     """The group without the flats whose overscan sections are unusable while the others
     are trimmed (flatd.stack.geometry.screen_flats), and those left out with the reason.
     A group left with fewer than min_group_size flats is left out whole."""
-    from flatd.stack.geometry import screen_flats
+    from flatd.stack.sections import screen_flats
 
     kept, unfit = screen_flats(group.frames, eff.precalibration.overscan)
     left_out = [Skipped(f.path, why) for f, why in unfit]
@@ -131,7 +131,7 @@ def _fitting_geometry(group: Group, eff: Effective) -> tuple[Optional[Group], li
 
 def _master_size(frames, overscan: str) -> Optional[str]:
     """The master's size when its flats are trimmed to their data section, as '1365x1370'."""
-    from flatd.stack.geometry import frame_layout
+    from flatd.stack.sections import frame_layout
 
     if overscan == "off" or not frames:
         return None
