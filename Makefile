@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 
-.PHONY: demo test install install-test deps bench bench-deps bench-speed bench-quality clean
+.PHONY: demo test test-deps install install-test deps bench bench-deps bench-speed bench-quality clean
 
 KERNELS := setup.py flatd/stack/_kernels.c flatd/stack/_kernels_body.h
 
@@ -44,7 +44,19 @@ demo: install
 	@echo "Inputs moved to:"
 	@find $(DEMO)/captures -type d -name 'originals-*' | sort | sed 's/^/  /'
 
-test: install-test
+# The status page's browser test runs headless Chromium: installed with apt-get when it is
+# missing (as root, or through sudo without a password prompt). Where it cannot be
+# installed, the test is skipped and says why; `make test` goes on either way.
+test-deps:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo "sudo -n"); \
+		APT="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get"; \
+		$$APT install -y chromium || { $$APT update && $$APT install -y chromium; } \
+		|| echo "test-deps: chromium could not be installed: the status page's browser test will be skipped" >&2; \
+	else echo "test-deps: no chromium and no apt-get: the status page's browser test will be skipped" >&2; fi
+
+test: install-test test-deps
 	$(BIN)/python -m pytest -q
 
 # Siril (siril-cli), the peer both benchmarks measure flatd against: installed with

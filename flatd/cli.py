@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would be done and why; change nothing")
     p.add_argument("--no-wait", action="store_true",
                    help="take complete files at once, without waiting until they are unchanged for `stable`")
+    _add_engine(p)
 
     p = sub.add_parser("watch", help="the service: watch the capture folders and process each settled session")
     _add_config(p)
@@ -80,8 +81,42 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("show", help="print the rules in force as YAML: defaults included, relative paths resolved")
     c.add_argument("file", nargs="?", type=Path, metavar="F")
 
+    p = sub.add_parser("engine", help="the stacking engine")
+    esub = p.add_subparsers(dest="engine_command", metavar="ACTION")
+    esub.required = True
+    c = esub.add_parser("check", help="connect to the Dask cluster: its workers, their flatd version, the paths they see")
+    _add_config(c)
+    _add_engine(c)
+
     _add_combine_parser(sub)
     return parser
+
+
+def _add_engine(p) -> None:
+    p.add_argument("--engine", metavar="ENGINE", help=(
+        "local, dask (engine.address of the rules file) or a scheduler address (tcp://host:8786); "
+        "overrides the rules file's engine.kind"))
+
+
+def with_engine(rules, value: Optional[str]):
+    """The rules with `--engine` in force: local, dask, or a Dask scheduler address."""
+    if not value:
+        return rules
+    engine = rules.engine.model_dump()
+    if value in ("local", "dask"):
+        engine["kind"] = value
+    elif "://" in value:
+        engine.update(kind="dask", address=value)
+    else:
+        raise UsageError(f"--engine {value!r}: local, dask or a scheduler address such as tcp://host:8786")
+    from pydantic import ValidationError
+
+    from flatd.config import Engine
+
+    try:
+        return rules.model_copy(update={"engine": Engine.model_validate(engine)})
+    except ValidationError as exc:
+        raise UsageError("--engine: " + "; ".join(e["msg"] for e in exc.errors())) from None
 
 
 def _add_combine_parser(sub) -> None:
@@ -117,6 +152,7 @@ def _add_combine_parser(sub) -> None:
     out.add_argument("-v", "--moveinputs", metavar="<directory>", help="after success move the inputs to this folder")
     p.add_argument("-t", "--ignoretype", action="store_true", help="take every file as a flat, whatever its type")
     p.add_argument("--memory-limit", metavar="SIZE", help="memory for the stack, e.g. 512MiB, 2GB")
+    _add_engine(p)
     p.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
     _add_config(p)
     _add_logging(p)
@@ -397,7 +433,7 @@ def _one_shot_output(args, report_wins: bool = False) -> bool:
 
 def cmd_run_once(args) -> int:
     report_here = _one_shot_output(args)
-    rules = _load_rules(args.config)
+    rules = with_engine(_load_rules(args.config), args.engine)
     if not rules.capture:
         raise UsageError("the rules file names no capture folder (capture: [- path: ...])")
     from flatd.runonce import run_once
@@ -419,8 +455,12 @@ def cmd_watch(args) -> int:
         raise UsageError("the rules file names no capture folder (capture: [- path: ...])")
     from flatd.config import find_config
     from flatd.service import Service
+    from flatd.web.server import WebError
 
-    return Service(find_config(config_path), rules).run()
+    try:
+        return Service(find_config(config_path), rules).run()
+    except WebError as exc:  # the endpoint cannot listen: restarting would not help
+        raise UsageError(str(exc)) from None
 
 
 def cmd_status(args) -> int:
@@ -512,7 +552,7 @@ def _combine_rules(args):
     inputs["move_to"] = args.moveinputs if args.moveinputs else (inputs["move_to"] if args.config else None)
     if args.ignoretype:
         inputs["ignore_type"] = True
-    engine = rules.engine.model_dump()
+    engine = with_engine(rules, args.engine).engine.model_dump()
     if args.memory_limit:
         try:
             engine["memory_limit"] = parse_size(args.memory_limit)
@@ -648,6 +688,7 @@ def print_report(report, dry_run: bool = False) -> None:
         job = outcome.job
         rule = f" (rule {safe(job.rule)})" if job.rule else ""
         group = safe(job.label)
+        _print_flat_checks(out, outcome, safe)
         if outcome.state == "would-run":
             how = job.method.description
             if job.auto_reason is not None:
@@ -665,6 +706,8 @@ def print_report(report, dry_run: bool = False) -> None:
         elif outcome.state == "done":
             out.print(f"[green]{verb}[/green] {safe(outcome.master)}  ({len(job.inputs)} flats, {group}{rule})")
             _print_rejection(out, outcome, safe)
+            _print_preview(out, outcome, safe)
+            _print_checks(out, outcome, safe)
             if outcome.moved:
                 out.print(f"  moved {len(outcome.moved)} inputs to {safe(outcome.moved[0][1].parent)}")
         elif outcome.state == "skipped":
@@ -672,6 +715,8 @@ def print_report(report, dry_run: bool = False) -> None:
         elif outcome.state == "moves-pending":
             out.print(f"[green]{verb}[/green] {safe(outcome.master)}  ({len(job.inputs)} flats, {group}{rule})")
             _print_rejection(out, outcome, safe)
+            _print_preview(out, outcome, safe)
+            _print_checks(out, outcome, safe)
             out.print(f"  [red]not all moved[/red]: {safe(outcome.reason)}")
         elif outcome.state in ("busy", "failed-before"):
             out.print(f"[red]not done[/red] group {group}{rule}: {safe(outcome.reason)}")
@@ -690,9 +735,53 @@ def print_report(report, dry_run: bool = False) -> None:
         out.print("no groups to combine")
 
 
+def _print_flat_checks(out, outcome, safe) -> None:
+    """The flat checks' warnings of a group (its left-out flats are listed with the other
+    files left out), and why a dry run did not screen it."""
+    for f in getattr(outcome, "findings", []):
+        if not f.leaves_out:
+            out.print(f"[yellow]warning[/yellow] {safe(f.path)}: {safe(f.reason)} (quality: warn, combined)")
+    if getattr(outcome, "checks_note", None):
+        out.print(f"[dim]{safe(outcome.checks_note)}[/dim]")
+
+
 # Inputs named in the report when they lost more than clean data's baseline plus
 # combine.rejection_warn, at most.
 REPORT_FRAMES = 5
+
+
+def _print_preview(out, outcome, safe) -> None:
+    """The PNG preview beside a master made now (output.previews)."""
+    from flatd.runner import preview_of
+
+    preview = preview_of(outcome.job, outcome.master)
+    if preview is not None:
+        out.print(f"  preview {safe(preview)}")
+
+
+def _print_checks(out, outcome, safe) -> None:
+    """The master checks' verdict and reasons (flatd.qc.masters), the previous master
+    compared with and the dust that changed since."""
+    qc = getattr(outcome, "qc", None)
+    if qc is None:
+        return
+    colour = {"good": "green", "warn": "yellow", "bad": "red"}.get(qc.status, "")
+    out.print(f"  checks: [{colour}]{safe(qc.status)}[/{colour}]" + (f": {safe('; '.join(qc.reasons))}"
+                                                                    if qc.reasons else ""))
+    previous = qc.previous
+    if previous is not None and previous.path is not None:
+        c = previous.comparison
+        out.print(f"  against {safe(previous.path.name)}: {100 * c.changed_fraction:.3g} % of pixels changed, "
+                  f"{len(c.blobs)} dust change(s)")
+        for blob in c.blobs[:10]:
+            out.print(f"    dust {safe(blob.kind)} at x={blob.x:.0f} y={blob.y:.0f} (r {blob.radius:.0f} px, "
+                      f"{blob.depth:.2f} %)")
+    for note in (previous.skipped if previous is not None else []):
+        out.print(f"  [yellow]previous master skipped[/yellow]: {safe(note)}")
+    from flatd.runner import keeps_inputs
+
+    if outcome.job.move_to and keeps_inputs(outcome.job, qc):
+        out.print("  inputs kept in place: the master is bad (quality.bad_keeps_inputs)")
 
 
 def _print_rejection(out, outcome, safe) -> None:
@@ -723,6 +812,23 @@ def _print_rejection(out, outcome, safe) -> None:
 
 CONFIG_COMMANDS = {"check": cmd_config_check, "show": cmd_config_show}
 
+
+def cmd_engine_check(args) -> int:
+    """Connect to the cluster; list its workers, their flatd version and whether each sees
+    every capture folder (through engine.path_map). Exit 0 when every worker can work,
+    1 when some or all cannot (another version, a folder not seen), 2 when the scheduler
+    cannot be reached."""
+    rules = with_engine(_load_rules(args.config), args.engine)
+    if rules.engine.kind != "dask":
+        print("engine: local (this process); nothing to check")
+        return 0
+    from flatd.stack.engines.dask import check_cluster
+
+    lines, code = check_cluster(rules.engine, [c.path for c in rules.capture])
+    for line in lines:
+        print(line)
+    return code
+
 COMMANDS = {
     "run-once": cmd_run_once,
     "watch": cmd_watch,
@@ -740,7 +846,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for usage errors
         return int(exc.code or 0)
-    handler = CONFIG_COMMANDS[args.config_command] if args.command == "config" else COMMANDS[args.command]
+    if args.command == "config":
+        handler = CONFIG_COMMANDS[args.config_command]
+    elif args.command == "engine":
+        handler = cmd_engine_check
+    else:
+        handler = COMMANDS[args.command]
     try:
         return handler(args)
     except UsageError as exc:

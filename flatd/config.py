@@ -372,12 +372,49 @@ class CombineSettings(Section):
         return {"type": PydanticCustomError("combine_parameter", message), "loc": (str(key),), "input": value}
 
 
+def _scheduler_address(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.match(r"^(tcp|tls|inproc|ws|wss|ucx)://\S{1,250}$", value):
+        raise ValueError(f"{value!r} is not a Dask scheduler address such as tcp://scheduler:8786")
+    return value
+
+
+def _path_map(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    for key, target in value.items():
+        for what in (key, target):
+            if not isinstance(what, str) or not what.startswith("/") or "\0" in what or len(what) > 4096:
+                raise ValueError(f"{what!r}: path_map maps absolute paths to absolute paths")
+    return value
+
+
 class Engine(Section):
-    kind: Literal["local"] = Field("local", description="the engine that stacks: local (in this process)")
+    """Which engine stacks the groups: this process, or a Dask cluster."""
+
+    kind: Literal["local", "dask"] = Field("local", description=(
+        "the engine that stacks: local (in this process) or dask (each group a task on a Dask cluster; "
+        "pip install 'flatd[dask]')"))
+    address: Annotated[Optional[str], BeforeValidator(_scheduler_address)] = Field(None, description=(
+        "kind dask: the scheduler, e.g. tcp://scheduler:8786"))
+    fallback: Literal["local", "fail"] = Field("local", description=(
+        "kind dask, when the scheduler cannot be reached or no worker runs this flatd version: local stacks in "
+        "this process (and says so); fail fails the job with the reason"))
+    path_map: Annotated[dict[str, str], BeforeValidator(_path_map)] = Field({}, description=(
+        "kind dask: where workers mount the capture and calibration folders elsewhere, {coordinator prefix: "
+        "worker prefix}, e.g. {/data: /mnt/nas/data}"))
+    connect_timeout: Duration = Field(10.0, description="kind dask: how long to wait for the scheduler")
     memory_limit: Size = Field(512 * 2**20, description="memory the stacking may use for pixel bands, "
                                                      "whatever the number and size of flats (512MiB, 2GB, bytes)")
     workers: Optional[int] = Field(None, ge=1, description="threads that combine bands; null: one per CPU "
                                                            "this process may use")
+
+    @model_validator(mode="after")
+    def _dask_needs_address(self) -> "Engine":
+        if self.kind == "dask" and self.address is None:
+            raise ValueError("kind 'dask' needs engine.address (tcp://scheduler:8786)")
+        return self
 
 
 class Keywords(Section):
@@ -447,8 +484,231 @@ class Quality(Section):
         "and by at least this fraction of the level (clean sessions with very quiet blocks never trip it)"))
     odd_action: QcAction = Field("leave-out", description="what the odd frame out gets")
     # ---- master checks (flatd.qc.masters, flatd.qc.previous)
+    noise_warn: float = Field(2.0, gt=0, description=(
+        "a master whose pixel-scale noise is more than this many times what its inputs predict (their photon "
+        "noise combined over N frames, plus their fixed pattern) is marked warn"))
+    noise_bad: float = Field(4.0, gt=0, description="...and bad above this many times")
+    master_rejection_warn: float = Field(0.03, ge=0, le=1, description=(
+        "warn when the combine rejected more of all values than the method rejects from clean data of the same "
+        "number of frames, by more than this fraction"))
+    master_rejection_bad: float = Field(0.10, ge=0, le=1, description="...bad above this fraction")
+    zero_warn: float = Field(0.0001, ge=0, le=1, description=(
+        "fraction of a master's pixels at or below zero above which it is marked warn (any non-finite pixel "
+        "makes it bad)"))
+    zero_bad: float = Field(0.01, ge=0, le=1, description="...bad above this fraction")
+    saturated_warn: float = Field(0.001, ge=0, le=1, description=(
+        "fraction of a master's pixels at the inputs' full scale above which it is marked warn"))
+    saturated_bad: float = Field(0.01, ge=0, le=1, description="...bad above this fraction")
+    field_warn: float = Field(4.0, gt=1, description=(
+        "brightest-to-darkest ratio of a master's blocks (99th over 1st percentile of 1/16-size blocks) above "
+        "which it is marked warn: vignetting this deep is seldom meant"))
+    field_bad: float = Field(10.0, gt=1, description="...bad above this ratio")
+    previous: bool = Field(True, description=(
+        "compare each master with the previous one of the same camera, filter, binning and optics (from the "
+        "ledger, else the output folder)"))
+    previous_sigma: float = Field(5.0, gt=0, description=(
+        "a pixel of the ratio new / previous (large-scale shape matched) has changed when it is more than this "
+        "many times the ratio's noise from 1; also the significance of a dust blob"))
+    previous_warn_fraction: float = Field(0.01, ge=0, le=1, description=(
+        "warn when more than this fraction of the pixels changed since the previous master"))
+    dust_min_depth: float = Field(0.005, gt=0, le=1, description=(
+        "shallowest dust change listed, as a fraction of the level (on the ratio smoothed at dust_scale)"))
+    dust_scale: float = Field(5.0, ge=1, le=1000, description="[pixels] smoothing of the ratio before dust is "
+                              "looked for: about a small donut's ring")
+    dust_warn: bool = Field(True, description="dust that appeared, moved or went since the previous master "
+                            "makes a warn")
     bad_keeps_inputs: bool = Field(False, description=(
         "a master judged bad is written under its own name either way; true also leaves its inputs in place"))
+
+
+_HOST = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})$")
+_TOKEN = re.compile(r"^[A-Za-z0-9._~-]{16,512}$")
+LISTEN_HINT = "a host:port such as 127.0.0.1:8765, or [::1]:8765 for IPv6"
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """(host, port) from "127.0.0.1:8765", "[::1]:8765" or "name:8765"; ValueError otherwise.
+    Port 0 takes any free port (the log says which)."""
+    import ipaddress
+
+    if not isinstance(value, str) or len(value) > 300:
+        raise ValueError(f"{str(value)[:40]!r} is not {LISTEN_HINT}")
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value[:40]!r} is not {LISTEN_HINT}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host[:40]!r} in brackets is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"{value[:40]!r}: write an IPv6 address in brackets, e.g. [::1]:8765")
+    elif not _HOST.match(host):
+        raise ValueError(f"{host[:40]!r} is not a host name or address")
+    if not port.isdigit() or len(port) > 5 or int(port) > 65535:
+        raise ValueError(f"port {port[:40]!r} is not a number from 0 to 65535")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; any other name or address reaches the network."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Http(Section):
+    """The optional HTTP endpoint of flatd watch: /healthz, /metrics and a status page."""
+
+    listen: Optional[str] = Field(None, description=(
+        "host:port the endpoint listens on, e.g. 127.0.0.1:8765, [::1]:8765 (IPv6 in brackets), 0.0.0.0:8765 "
+        "(every interface: needs http.token); port 0 takes any free port; null: no endpoint"))
+    token: Optional[str] = Field(None, description=(
+        "a secret every request must carry (Authorization: Bearer TOKEN, or ?token=TOKEN): 16 to 512 of "
+        "A-Z a-z 0-9 . _ ~ -; required when listen is not a loopback address; null: no token"))
+    refresh: Duration = Field(30.0, description="seconds between the status page's own reloads (1 s to 1 h)")
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, value: Any) -> Optional[str]:
+        if value is None:
+            return None
+        host, port = parse_listen(value)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not _TOKEN.match(value):
+            raise ValueError("a token is 16 to 512 of A-Z a-z 0-9 . _ ~ - (make one with: python3 -c "
+                             "'import secrets; print(secrets.token_urlsafe(32))')")
+        return value
+
+    @field_validator("refresh")
+    @classmethod
+    def _refresh(cls, value: float) -> float:
+        if not 1.0 <= value <= 3600.0:
+            raise ValueError(f"{value:g} s: the page reloads every 1 s to 1 h")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_beyond_loopback(cls, data: Any) -> Any:
+        """A listen address off loopback without a token is refused, at 'http.listen'."""
+        from pydantic_core import PydanticCustomError
+
+        if not isinstance(data, dict) or data.get("token") is not None:
+            return data
+        try:
+            host, _ = parse_listen(data.get("listen"))
+        except ValueError:
+            return data  # None, or the field validator says what is wrong
+        if is_loopback(host):
+            return data
+        message = (f"{host} is not a loopback address: anyone on the network could reach the endpoint; set "
+                   "http.token, or listen on 127.0.0.1")
+        raise ValidationError.from_exception_data(cls.__name__, [
+            {"type": PydanticCustomError("http_token", message), "loc": ("listen",), "input": data.get("listen")}])
+
+
+MAX_HOOK_TIMEOUT = 86400.0  # a day: a hook is killed at its timeout, and this is the longest one
+
+
+def _command(value: Any) -> list[str]:
+    """A hook command: a list of arguments, or a string split as a shell would (shlex), run without one."""
+    import shlex
+
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"{value[:60]!r}: cannot split this command: {exc}") from None
+    elif isinstance(value, list) and all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in value):
+        argv = [str(a) for a in value]
+    else:
+        raise ValueError("a command is a string (split like a shell would, but run without one) "
+                         "or a list of arguments")
+    if not argv or not argv[0].strip():
+        raise ValueError("an empty command")
+    if any("\0" in a for a in argv):
+        raise ValueError("a command cannot hold a NUL character")
+    return argv
+
+
+def _commands(value: Any) -> Any:
+    """A single command (a string) stands for a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+Command = Annotated[list[str], BeforeValidator(_command)]
+Commands = Annotated[list[Command], BeforeValidator(_commands)]
+
+
+class Hooks(Section):
+    """Commands run after each master, failed group and batch (flatd.notify.hooks): each gets a JSON
+    document on stdin and FLATD_* environment variables; none is run through a shell."""
+
+    after_master: Commands = Field([], description=(
+        "commands run after each master is written, e.g. [cp, -n, ...] or \"rsync -a ...\"; "
+        "the master's path is in $FLATD_MASTER (write sh -c '...' to use it in an argument)"))
+    on_failure: Commands = Field([], description="commands run after a group failed to make a master")
+    after_batch: Commands = Field([], description=(
+        "commands run once a batch is over: a capture folder's settled session (watch), or the whole run-once"))
+    timeout: Duration = Field(60.0, gt=0, le=MAX_HOOK_TIMEOUT, description=(
+        "how long a command may run; then it is killed, with its process group, and the failure is logged "
+        "(jobs never wait for hooks)"))
+
+
+def _url_list(value: Any) -> Any:
+    if not isinstance(value, list):
+        raise ValueError("a list of Apprise URLs, e.g. [\"json://localhost:8000/flatd\", \"tgram://bot/chat\"]")
+    return value
+
+
+def _apprise_url(value: Any) -> Any:
+    """A URL Apprise can read (Apprise is imported only when notify.urls lists some)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("an Apprise URL is a non-empty string such as json://host:port/path")
+    try:
+        import apprise
+    except ImportError:
+        raise ValueError("notifications need Apprise, which is not installed: pip install 'flatd[notify]'") from None
+    if apprise.Apprise.instantiate(value.strip()) is None:
+        raise ValueError("Apprise cannot read this URL (a service it knows, such as json://, mailto://, tgram://, "
+                         "ntfy://; see https://github.com/caronc/apprise/wiki)")
+    return value.strip()
+
+
+AppriseUrl = Annotated[str, BeforeValidator(_apprise_url)]
+
+
+class Notify(Section):
+    """Notifications through Apprise (flatd.notify.apprise_notify): one message per batch."""
+
+    urls: Annotated[list[AppriseUrl], BeforeValidator(_url_list)] = Field([], description=(
+        "Apprise URLs to notify (json://, form://, mailto://, tgram://, ntfy://, ...); empty: no notifications "
+        "(pip install 'flatd[notify]')"))
+    on: list[Literal["master", "failure", "quality"]] = Field(["master", "failure", "quality"], description=(
+        "what a batch's message tells: master (masters made), failure (groups that failed), quality "
+        "(warnings on a master: rejection, quality checks); a batch with none of these sends nothing"))
+    attach_preview: bool = Field(True, description=(
+        "attach each master's PNG preview where the service takes attachments"))
+    retries: int = Field(3, ge=0, le=10, description="attempts after a failed delivery, then the failure is logged")
+    retry_delay: Duration = Field(2.0, le=600, description="wait before the first retry; doubled at each one")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_is_a_word(cls, data: Any) -> Any:
+        """YAML 1.1 reads an unquoted `on:` key as true: it means on."""
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
 
 
 class Rule(Section):
@@ -462,9 +722,10 @@ class Rule(Section):
     precalibration: Optional[dict[str, Any]] = Field(None, description="keys of precalibration to override")
     combine: Optional[dict[str, Any]] = Field(None, description="keys of combine to override")
     quality: Optional[dict[str, Any]] = Field(None, description="keys of quality to override")
+    hooks: Optional[dict[str, Any]] = Field(None, description="keys of hooks to override")
 
 
-OVERRIDABLE = ("output", "inputs", "grouping", "precalibration", "combine", "quality")
+OVERRIDABLE = ("output", "inputs", "grouping", "precalibration", "combine", "quality", "hooks")
 
 
 class Rules(Section):
@@ -477,8 +738,11 @@ class Rules(Section):
     precalibration: Precalibration = Field(Precalibration(), description=Precalibration.__doc__)
     combine: CombineSettings = Field(CombineSettings(), description="how each group is combined into a master")
     quality: Quality = Field(Quality(), description=Quality.__doc__)
+    hooks: Hooks = Field(Hooks(), description=Hooks.__doc__)
+    notify: Notify = Field(Notify(), description=Notify.__doc__)
     engine: Engine = Field(Engine(), description="memory and workers of the combine")
     keywords: Keywords = Field(Keywords(), description=Keywords.__doc__)
+    http: Http = Field(Http(), description=Http.__doc__)
     settle: Duration = Field(600.0, description="quiet time after the last new flat before its session is combined")
     stable: Duration = Field(5.0, description="a file is complete once its size and mtime are unchanged this long")
     rescan: Duration = Field(300.0, description="full rescan of the capture folders, in case an event was missed")
@@ -838,6 +1102,7 @@ class Effective:
     precalibration: Precalibration
     combine: CombineSettings
     quality: Quality = dataclasses.field(default_factory=Quality)
+    hooks: Hooks = dataclasses.field(default_factory=Hooks)
 
 
 def rule_label(rule: Rule, index: int) -> str:
@@ -862,4 +1127,12 @@ def effective_for(rules: Rules, frame) -> Effective:
                         pre.__dict__[key] = base_dir / value
             return Effective(rule_label(rule, index), **sections)
     return Effective(None, rules.output, rules.inputs, rules.grouping, rules.precalibration, rules.combine,
-                     rules.quality)
+                     rules.quality, rules.hooks)
+
+
+def hooks_for(rules: Rules, label: Optional[str]) -> Hooks:
+    """The hooks in force for a job of the rule labelled `label` (None: the base hooks)."""
+    for index, rule in enumerate(rules.rules):
+        if label is not None and rule_label(rule, index) == label:
+            return Hooks.model_validate({**rules.hooks.model_dump(), **rule.hooks}) if rule.hooks else rules.hooks
+    return rules.hooks

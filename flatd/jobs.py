@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from flatd.calibration import Calibration
 from flatd.ingest.frames import Frame
@@ -54,6 +54,14 @@ class Job:
     # precalibration.overscan: auto subtracts the overscan and trims frames that carry
     # BIASSEC and TRIMSEC/DATASEC (flatd.stack.geometry); off reads them as stored
     overscan: str = "auto"
+    # the rules' quality section (flatd.config.Quality): the master checks' limits
+    # (flatd.qc.masters); None: the defaults
+    quality: Optional[Any] = None
+    # output.previews: a PNG preview beside the master (flatd.qc.previews)
+    previews: bool = True
+    # grouping.min_group_size: fewer flats left after the flat checks (flatd.qc.flats,
+    # which also read `quality`) and the group is not combined
+    min_group_size: int = 1
 
     @property
     def label(self) -> str:

@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS job_inputs (
     device INTEGER,
     inode INTEGER,
     note TEXT,
+    qc TEXT,
     PRIMARY KEY (job_id, path)
 );
 CREATE INDEX IF NOT EXISTS job_inputs_path ON job_inputs(path);
@@ -121,6 +122,10 @@ CREATE TABLE IF NOT EXISTS folders (
     notes TEXT
 );
 """
+
+
+# masters: the verdict of the master checks, its reasons, the previous master compared with
+MASTER_QC_COLUMNS = ("qc_status", "qc_reasons", "qc_previous")
 
 
 class LedgerLocked(FlatdError):
@@ -161,10 +166,11 @@ class InputRow:
     device: Optional[int] = None
     inode: Optional[int] = None
     note: Optional[str] = None  # why a move is no longer tried (the file changed, or is gone)
+    qc: Optional[str] = None  # left out by the flat checks (the reason): never moved, never combined
 
     @property
     def move_pending(self) -> bool:
-        return bool(self.move_dir) and not self.moved_to and not self.note
+        return bool(self.move_dir) and not self.moved_to and not self.note and not self.qc
 
 
 class OutputBusy(FlatdError):
@@ -285,9 +291,13 @@ class Ledger:
     def _add_missing_columns(self) -> None:
         """A ledger made by an older flatd gains the columns added since."""
         have = {row[1] for row in self.db.execute("PRAGMA table_info(job_inputs)")}
-        for column, kind in (("device", "INTEGER"), ("inode", "INTEGER"), ("note", "TEXT")):
+        for column, kind in (("device", "INTEGER"), ("inode", "INTEGER"), ("note", "TEXT"), ("qc", "TEXT")):
             if column not in have:
                 self.db.execute(f"ALTER TABLE job_inputs ADD COLUMN {column} {kind}")
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(masters)")}
+        for column in MASTER_QC_COLUMNS:  # the master checks' verdict (flatd.qc.masters)
+            if column not in have:
+                self.db.execute(f"ALTER TABLE masters ADD COLUMN {column} TEXT")
 
     @classmethod
     def open(cls, state_dir: Path) -> "Ledger":
@@ -379,13 +389,26 @@ class Ledger:
     # ------------------------------------------------------------------ jobs
 
     def consumed(self, path: Path, size: int, mtime: float) -> Optional[str]:
-        """The job that already combined this exact file (path, size, mtime), if any."""
+        """The job that already combined this exact file (path, size, mtime), if any. The
+        flats the flat checks left out of a master count too: never planned again until
+        they change (those of a group that failed wait with it, as its other flats do)."""
         row = self.db.execute(
             "SELECT j.id, j.master FROM job_inputs i JOIN jobs j ON j.id=i.job_id "
             f"WHERE i.path=? AND i.size=? AND abs(i.mtime-?)<1e-3 AND j.state IN ({','.join('?' * len(COMBINED))})",
             (str(path), size, mtime, *COMBINED),
         ).fetchone()
         return None if row is None else (row["master"] or row["id"])
+
+    def left_out_inputs(self, job_id: Optional[str] = None, limit: int = 50) -> list[sqlite3.Row]:
+        """Inputs the flat checks left out (of one job, or the latest of all), with the job's
+        label and state, newest first."""
+        try:
+            return list(self.db.execute(
+                "SELECT i.path, i.qc, j.id AS job_id, j.label, j.state, j.updated_at FROM job_inputs i "
+                "JOIN jobs j ON j.id=i.job_id WHERE i.qc IS NOT NULL" + (" AND j.id=?" if job_id else "")
+                + " ORDER BY j.updated_at DESC, i.path LIMIT ?", ((job_id,) if job_id else ()) + (int(limit),)))
+        except sqlite3.OperationalError:  # a read-only look at a ledger from before the column
+            return []
 
     def is_moved_input(self, path: Path) -> bool:
         """True for a file that flatd itself moved away after combining it."""
@@ -429,21 +452,45 @@ class Ledger:
              (job_id, PLANNED, label, rule, str(folder) if folder else None, str(output_dir), output_name, now, now)),
             ("DELETE FROM job_inputs WHERE job_id=?", (job_id,)),
         ]
+        # inputs the flat checks left out before (a master written, then a crash) stay left out
+        known = {r["path"]: r["qc"] for r in self.db.execute(
+            "SELECT path, qc FROM job_inputs WHERE job_id=? AND qc IS NOT NULL", (job_id,))}
         for path, size, mtime, calibration, move_dir, device, inode in inputs:
             statements.append((
-                "INSERT INTO job_inputs(job_id, path, size, mtime, calibration, move_dir, device, inode) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (job_id, str(path), size, mtime, calibration, str(move_dir) if move_dir else None, device, inode),
+                "INSERT INTO job_inputs(job_id, path, size, mtime, calibration, move_dir, device, inode, qc) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
+                (job_id, str(path), size, mtime, calibration, str(move_dir) if move_dir else None, device, inode,
+                 known.get(str(path))),
             ))
         self._write_many(statements)
 
     def set_state(self, job_id: str, state: str, reason: Optional[str] = None) -> None:
         self._write_many([("UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?", (state, reason, _now(), job_id))])
 
+    def inputs_left_out(self, job_id: str, left: Sequence[tuple[Path, str]], state: Optional[str] = None,
+                        reason: Optional[str] = None) -> None:
+        """The flat checks left these inputs (path, why) out of the job: recorded in one
+        transaction with the job's next `state` (writing: before its master is written, so
+        that no crash ever moves them with the others)."""
+        statements = [("UPDATE job_inputs SET qc=? WHERE job_id=? AND path=?", (why, job_id, str(path)))
+                      for path, why in left]
+        if state is not None:
+            statements.append(("UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?",
+                               (state, reason, _now(), job_id)))
+        self._write_many(statements)
+
+    def left_out_paths(self, job_id: str) -> set[str]:
+        """The paths of a job's inputs that the flat checks left out."""
+        return {r["path"] for r in self.db.execute(
+            "SELECT path FROM job_inputs WHERE job_id=? AND qc IS NOT NULL", (job_id,))}
+
     def master_written(self, job_id: str, master: Path, label: str, ncombine: int) -> None:
         now = _now()
         self._write_many([
             ("UPDATE jobs SET state=?, master=?, updated_at=? WHERE id=?", (WRITTEN, str(master), now, job_id)),
+            # flats left out by the checks leave the waiting list with the master (they stay in place)
+            ("DELETE FROM frames WHERE path IN (SELECT path FROM job_inputs WHERE job_id=? AND qc IS NOT NULL)",
+             (job_id,)),
             ("INSERT OR REPLACE INTO masters(path, job_id, label, ncombine, created_at) VALUES (?,?,?,?,?)",
              (str(master), job_id, label, ncombine, now)),
         ])
@@ -462,7 +509,8 @@ class Ledger:
         """Inputs of combined jobs still waiting to be moved away."""
         rows = self.db.execute(
             "SELECT i.* FROM job_inputs i JOIN jobs j ON j.id=i.job_id WHERE j.state=? "
-            "AND i.move_dir IS NOT NULL AND i.moved_to IS NULL AND i.note IS NULL ORDER BY i.job_id, i.path",
+            "AND i.move_dir IS NOT NULL AND i.moved_to IS NULL AND i.note IS NULL AND i.qc IS NULL "
+            "ORDER BY i.job_id, i.path",
             (MOVES_PENDING,))
         return [InputRow(**dict(r)) for r in rows]
 
@@ -489,6 +537,21 @@ class Ledger:
         self._write_many([("DELETE FROM job_inputs WHERE job_id=?", (i,)) for i in ids]
                          + [("DELETE FROM jobs WHERE id=?", (i,)) for i in ids])
         return len(ids)
+
+    def master_checked(self, master: Path, status: str, reasons: Sequence[str],
+                       previous: Optional[Path] = None) -> None:
+        """Record a master's verdict (good, warn, bad), its reasons and the previous master."""
+        self._write_many([("UPDATE masters SET qc_status=?, qc_reasons=?, qc_previous=? WHERE path=?",
+                           (status, "; ".join(reasons) or None, str(previous) if previous else None,
+                            str(master)))])
+
+    def done_masters(self, exclude: Optional[str] = None, limit: int = 500) -> list[str]:
+        """Paths of the masters of done jobs (all inputs moved, or owed), newest first, at
+        most `limit`; `exclude`: a job id left out."""
+        rows = self.db.execute(
+            "SELECT m.path FROM masters m JOIN jobs j ON j.id=m.job_id WHERE j.state IN (?, ?) AND m.job_id != ? "
+            "ORDER BY m.created_at DESC LIMIT ?", (DONE, MOVES_PENDING, exclude or "", int(limit)))
+        return [r["path"] if isinstance(r, sqlite3.Row) else r[0] for r in rows]
 
     def recent_masters(self, limit: int = 10) -> list[sqlite3.Row]:
         return list(self.db.execute("SELECT * FROM masters ORDER BY created_at DESC LIMIT ?", (limit,)))

@@ -183,6 +183,7 @@ def plan_group(
         settings += f"|overscan {eff.precalibration.overscan}"
     if eff.combine.equalize_cfa:
         settings += "|equalize_cfa"
+    settings += flat_checks_settings(eff.quality)
     return Job(
         id=job_id(group.frames, settings),
         group=group,
@@ -199,7 +200,25 @@ def plan_group(
         overscan=eff.precalibration.overscan,
         carry=tuple(eff.output.carry),
         equalize_cfa=eff.combine.equalize_cfa,
+        quality=eff.quality,
+        previews=eff.output.previews,
+        min_group_size=eff.grouping.min_group_size,
     )
+
+
+def flat_checks_settings(quality) -> str:
+    """The flat checks' part of a job's settings: only the limits of checks that leave
+    flats out (they change which flats are combined; `warn` ones change nothing)."""
+    if quality is None or not quality.enabled:
+        return ""
+    parts = []
+    if quality.level_action == "leave-out":
+        parts.append(f"level {quality.min_level:g}-{quality.max_level:g}")
+    if quality.saturation_action == "leave-out":
+        parts.append(f"saturated {quality.max_saturated:g}")
+    if quality.odd_action == "leave-out":
+        parts.append(f"odd {quality.odd_sigma:g}/{quality.odd_min_deviation:g}")
+    return f"|flat checks {', '.join(parts)}" if parts else ""
 
 
 def calibrations_for(frames: Sequence[Frame], eff: Effective, libraries: LibraryCache,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from flatd import ledger as L
 from flatd.calibration import LibraryCache
@@ -48,6 +48,10 @@ class Outcome:
     # nothing is recorded against the job, the next run tries it again by itself.
     transient: bool = False
     rejection: Optional["Rejection"] = None  # what the master's combine rejected (a master made now)
+    qc: Optional[Any] = None  # the master checks' figures and verdict (flatd.qc.masters.MasterQC; made now)
+    # the flat checks' findings (flatd.qc.flats.Finding): leave-out and warn; a dry run's from its screening
+    findings: list = field(default_factory=list)
+    checks_note: Optional[str] = None  # why a dry run did not screen the flats
 
     @property
     def failed(self) -> bool:
@@ -199,6 +203,7 @@ class Runner:
         self._engine = engine
         self.should_stop = should_stop
         self.lock_wait = lock_wait
+        self._flat_findings: dict[str, list] = {}  # per job id, the flat checks' findings (flatd.qc.flats)
 
     @property
     def engine(self) -> Engine:
@@ -212,14 +217,14 @@ class Runner:
         report = RunReport(plan=plan)
         now = now or datetime.now()
         for failed in plan.failed:
-            emit(E.JobFailed(failed.label, failed.reason, files=len(failed.frames)))
+            emit(E.JobFailed(failed.label, failed.reason, files=len(failed.frames), rule=failed.rule,
+                             inputs=tuple(f.path for f in failed.frames)))
         for job in plan.jobs:
             if self.should_stop():
                 break
-            if dry_run:
-                report.outcomes.append(self._dry_outcome(job, now))
-                continue
-            report.outcomes.append(self.run_job(job, now))
+            outcome = self._dry_outcome(job, now) if dry_run else self.run_job(job, now)
+            self._note_flat_checks(report, outcome, dry_run)
+            report.outcomes.append(outcome)
         return report
 
     def _dry_outcome(self, job: Job, now: datetime) -> Outcome:
@@ -246,7 +251,8 @@ class Runner:
             if known is not None and known.state == L.FAILED:
                 outcome = self._failed_before(job, known)
                 # still not done: said at every run, not only counted (a log is all cron keeps)
-                emit(E.JobFailed(job.label, outcome.reason, job=job.id, files=len(job.inputs)))
+                emit(E.JobFailed(job.label, outcome.reason, job=job.id, files=len(job.inputs), again=True,
+                                 rule=job.rule, inputs=job_facts(job)["inputs"]))
                 return outcome
             if known is not None and known.state in (L.DONE, L.MOVES_PENDING):
                 return Outcome(job, "skipped", master=Path(known.master) if known.master else None,
@@ -276,41 +282,52 @@ class Runner:
             )
         started = time.monotonic()
         master = find_master(job.output_dir, job.id) if self.ledger is not None else None
-        rejection = None
+        rejection = qc = None
         if master is not None:
-            emit(E.MasterWritten(job.id, master, len(job.inputs), found=True))
+            job, move_dirs = self._drop_left_out(job, move_dirs)
+            emit(E.MasterWritten(job.id, master, len(job.inputs), found=True, preview=preview_of(job, master),
+                                 **job_facts(job)))
         else:
             emit(E.GroupPlanned(job.id, job.label, len(job.inputs), job.method.description, job.rule or "-"))
             try:
-                master, rejection = self._make_master(job)
+                master, rejection, qc = self._make_master(job)
             except JobFailed as exc:
                 return self._fail(job, exc)
+            job, move_dirs = self._drop_left_out(job, move_dirs)
             emit(E.MasterWritten(job.id, master, len(job.inputs), round(time.monotonic() - started, 2),
                                  rejected_low=rejection.low if rejection else None,
-                                 rejected_high=rejection.high if rejection else None))
+                                 rejected_high=rejection.high if rejection else None,
+                                 preview=preview_of(job, master), **job_facts(job)))
             _emit_rejection_warning(job, master, rejection)
+            _emit_checked(job, master, qc)
         if self.ledger is not None:
             self.ledger.master_written(job.id, master, job.label, len(job.inputs))
+            if qc is not None:
+                self.ledger.master_checked(master, qc.status, qc.reasons, _previous_path(qc))
+        if keeps_inputs(job, qc):  # quality.bad_keeps_inputs: a bad master's inputs stay where they are
+            move_dirs = self._keep_inputs(job)
         moves = [(i.frame.path, d, input_identity(i.frame)) for i, d in zip(job.inputs, move_dirs)]
         moved, problems, owed = self._move_inputs(job.id, moves)
         if owed:
             self._state(job, L.MOVES_PENDING, "; ".join(problems))
             return Outcome(job, "moves-pending", master, moved,
                            f"{len(owed)} input(s) not moved yet, tried again at every run: " + "; ".join(problems),
-                           rejection=rejection)
+                           rejection=rejection, qc=qc)
         self._state(job, L.DONE, "; ".join(problems) or None)
         if problems:
-            return Outcome(job, "failed", master, moved, "; ".join(problems), rejection=rejection)
-        return Outcome(job, "done", master, moved, rejection=rejection)
+            return Outcome(job, "failed", master, moved, "; ".join(problems), rejection=rejection, qc=qc)
+        return Outcome(job, "done", master, moved, rejection=rejection, qc=qc)
 
-    def _make_master(self, job: Job) -> tuple[Path, Optional[Rejection]]:
-        """Stack and write; JobFailed says why not (transient when the output is at fault).
-        Returns the master's path and what its combine rejected."""
+    def _make_master(self, job: Job) -> tuple[Path, Optional[Rejection], Optional[Any]]:
+        """Stack, check and write; JobFailed says why not (transient when the output is at
+        fault). Returns the master's path, what its combine rejected and its checks (a bad
+        master is written under its own name: master_name_for)."""
         from flatd.output.masters import NoSpace, master_header, write_master  # astropy: only when a master is made
         from flatd.stack.cfa import equalize_master
 
         try:
-            result = self.engine.stack(job)
+            result = self._stack(job)
+            job = self._without_left_out(job, result)  # the flat checks' leave-outs are not in the master
             rejection = Rejection.of(job, result)
             geometry = getattr(result, "geometry", None)
             origin = geometry.origin if geometry is not None else (0, 0)
@@ -324,16 +341,17 @@ class Runner:
                 header.add_history(note)
             if geometry is not None:
                 geometry.apply(header)  # flipped, overscan, trimmed: flatd.stack.geometry
+            qc = self._check_master(job, result, rejection, header)
         except OSError as exc:
             raise JobFailed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)) from None
         except (FlatdError, MemoryError) as exc:  # the flats' fault: the job fails with the reason
             raise JobFailed(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the other groups
             raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
-        self._state(job, L.WRITING)
+        self._writing(job)
         try:
-            return write_master(job.output_dir, job.output_name, result.image, header,
-                                rejection_map=result.rejection_map if job.rejection_map else None), rejection
+            master = write_master(job.output_dir, master_name_for(job, qc), result.image, header,
+                                  rejection_map=result.rejection_map if job.rejection_map else None)
         except NoSpace as exc:
             raise JobFailed(exc.strerror, transient=True) from None
         except OSError as exc:
@@ -342,17 +360,126 @@ class Runner:
         except Exception as exc:  # noqa: BLE001
             raise JobFailed(f"cannot write the master in {job.output_dir}: {type(exc).__name__}: {exc}",
                             transient=True) from None
+        if job.previews:
+            _write_previews(job, master, result.image, origin, comparison=_comparison(qc))
+        return master, rejection, qc
+
+    def _keep_inputs(self, job: Job) -> list[None]:
+        """A bad master's inputs left in place (quality.bad_keeps_inputs), noted in the ledger."""
+        if self.ledger is not None:
+            for item in job.inputs:
+                self.ledger.input_not_moved(job.id, item.frame.path,
+                                            "kept in place: its master is bad (quality.bad_keeps_inputs)")
+        return [None] * len(job.inputs)
+
+    def _check_master(self, job: Job, result, rejection: Optional[Rejection], header) -> Optional[Any]:
+        """The master checks (flatd.qc.masters, flatd.qc.previous), their cards and HISTORY
+        added to `header`; None when quality.enabled is false. A failure of the checks
+        themselves is a warning, never the job's."""
+        from flatd.config import Quality
+
+        limits = job.quality or Quality()
+        if not limits.enabled:
+            return None
+        from flatd.output.masters import add_checks
+
+        try:
+            qc = check_job_master(job, result, rejection, header, limits, self.ledger)
+            add_checks(header, qc.cards(), qc.history())
+        except Exception as exc:  # noqa: BLE001 - a bug in a check must not lose the master
+            E.notice("master_checks_failed", f"{job.label}: master not checked: {type(exc).__name__}: {exc}",
+                     logging.WARNING, job=job.id)
+            return None
+        return qc
+
+    # ------------------------------------------------------------------ the flat checks (flatd.qc.flats)
+
+    def _stack(self, job: Job):
+        """The engine's result; the flat checks' findings kept for the job (and emitted),
+        also when too few flats are left (the engine's error carries them)."""
+        try:
+            result = self.engine.stack(job)
+        except FlatdError as exc:
+            self._checked(job, getattr(exc, "findings", None) or [])
+            raise
+        self._checked(job, getattr(result, "findings", None) or [])
+        return result
+
+    def _checked(self, job: Job, findings: list) -> None:
+        self._flat_findings[job.id] = list(findings)
+        for f in findings:
+            emit(E.FlatRejectedQc(f.path, f.check, f.figure, f.limit, f.reason, f.action, job=job.id,
+                                  group=job.label))
+
+    def _left_out_of(self, job: Job) -> list[tuple[Path, str]]:
+        return [(f.path, f.reason) for f in self._flat_findings.get(job.id, []) if f.leaves_out]
+
+    @staticmethod
+    def _without_left_out(job: Job, result) -> Job:
+        """The job with only the inputs the engine combined (result.kept)."""
+        kept = getattr(result, "kept", None)
+        if kept is None or len(kept) == len(job.inputs):
+            return job
+        return replace(job, inputs=tuple(job.inputs[i] for i in kept))
+
+    def _writing(self, job: Job) -> None:
+        """State writing, with the inputs the flat checks left out, in one transaction:
+        once a master can be on disk, the ledger knows which inputs it must never move."""
+        left = self._left_out_of(job)
+        if self.ledger is not None and left:
+            self.ledger.inputs_left_out(job.id, left, L.WRITING)
+        else:
+            self._state(job, L.WRITING)
+
+    def _record_left_out(self, job: Job) -> None:
+        """A failed job's left-out inputs, in the ledger (never planned again until they change)."""
+        left = self._left_out_of(job)
+        if self.ledger is not None and left and self.ledger.job(job.id) is not None:
+            self.ledger.inputs_left_out(job.id, left)
+
+    def _drop_left_out(self, job: Job, move_dirs: list) -> tuple[Job, list]:
+        """The job and its move folders without the inputs the flat checks left out (now,
+        or in the run that wrote the master found): those stay where they are."""
+        out = {str(p) for p, _ in self._left_out_of(job)}
+        if self.ledger is not None:
+            out |= self.ledger.left_out_paths(job.id)
+        if not out:
+            return job, move_dirs
+        pairs = [(i, d) for i, d in zip(job.inputs, move_dirs) if str(i.frame.path) not in out]
+        return replace(job, inputs=tuple(i for i, _ in pairs)), [d for _, d in pairs]
+
+    def _note_flat_checks(self, report: RunReport, outcome: Outcome, dry_run: bool) -> None:
+        """The outcome's flat-check findings (a dry run screens the job's samples now); the
+        flats left out join the report's left-out list with the figure that failed."""
+        from flatd.ingest.frames import Skipped
+
+        job = outcome.job
+        findings = self._flat_findings.pop(job.id, [])
+        if dry_run and outcome.state == "would-run" and outcome.reason is None:
+            from flatd.stack.samples import screen_job
+
+            findings, outcome.checks_note = screen_job(job)
+            left = {f.path for f in findings if f.leaves_out}
+            need = max(int(getattr(job, "min_group_size", 1) or 1), job.method.min_frames)
+            if left and len(job.inputs) - len(left) < need:
+                outcome.state = "would-fail"
+                outcome.reason = (f"{len(left)} flat(s) would be left out by the quality checks, "
+                                  f"{len(job.inputs) - len(left)} left: fewer than {need}; nothing would be combined")
+        outcome.findings = findings
+        report.plan.left_out.extend(Skipped(f.path, f"quality: {f.reason}") for f in findings if f.leaves_out)
 
     def _fail(self, job: Job, exc: JobFailed) -> Outcome:
         """Record a failed job: kept as failed (flatd retry), or rolled back when transient."""
         reason = str(exc)
+        self._record_left_out(job)
         if self.ledger is not None:
             if exc.transient:
                 self.ledger.forget_job(job.id)
             else:
                 self.ledger.set_state(job.id, L.FAILED, reason)
         retry = "; tried again at the next run" if exc.transient else ""
-        emit(E.JobFailed(job.label, reason, job=job.id, files=len(job.inputs), retried=exc.transient))
+        emit(E.JobFailed(job.label, reason, job=job.id, files=len(job.inputs), retried=exc.transient,
+                         rule=job.rule, inputs=job_facts(job)["inputs"]))
         return Outcome(job, "failed", reason=reason + retry, transient=exc.transient)
 
     def _state(self, job: Job, state: str, reason: Optional[str] = None) -> None:
@@ -470,6 +597,91 @@ class Runner:
         if not any(r.move_dir for r in inputs):
             self.ledger.inputs_consumed(job_id)
         return problems + more, owed
+
+
+def check_job_master(job: Job, result, rejection: Optional[Rejection], header, limits, ledger=None):
+    """A job's master checked: its figures, the previous master (when quality.previous),
+    the verdict (flatd.qc.masters.MasterQC)."""
+    from flatd.qc.masters import check_master
+    from flatd.qc.previous import check_previous
+    from flatd.stack.cfa import common_layout
+
+    previous = None
+    if limits.previous:
+        previous = check_previous(result.image, header, job.output_dir, ledger, job.id, limits)
+    if rejection is not None and rejection.threshold is None:
+        baseline = sum(_clean_baseline(job))  # not measured for the warning: measured here
+    else:
+        baseline = rejection.baseline if rejection is not None else None
+    return check_master(result.image, limits, frames=job.frames, method=job.method, levels=result.levels,
+                        factors=result.factors, patches=getattr(result, "noise_patches", None),
+                        noise_rows=getattr(result, "noise_rows", None),
+                        colour=common_layout(job.frames) is not None, rejection=rejection, baseline=baseline,
+                        previous=previous)
+
+
+def master_name_for(job: Job, qc) -> str:
+    """The job's output name; a bad master's gets -QCBAD before its extension."""
+    if qc is None or qc.status != "bad":
+        return job.output_name
+    from flatd.output.naming import split_name
+
+    stem, ext = split_name(job.output_name)
+    return f"{stem}-QCBAD{ext}"
+
+
+def keeps_inputs(job: Job, qc) -> bool:
+    """quality.bad_keeps_inputs and a bad master: its inputs stay in place."""
+    return qc is not None and qc.status == "bad" and bool(getattr(job.quality, "bad_keeps_inputs", False))
+
+
+def _comparison(qc):
+    previous = getattr(qc, "previous", None)
+    return previous.comparison if previous is not None else None
+
+
+def _previous_path(qc) -> Optional[Path]:
+    previous = getattr(qc, "previous", None)
+    return previous.path if previous is not None else None
+
+
+def _emit_checked(job: Job, master: Path, qc) -> None:
+    if qc is None:
+        return
+    comparison = _comparison(qc)
+    emit(E.MasterChecked(job.id, master, qc.status, tuple(qc.reasons), _previous_path(qc),
+                         len(comparison.blobs) if comparison is not None else 0))
+
+
+def _write_previews(job: Job, master: Path, image, origin=(0, 0), comparison=None) -> list[Path]:
+    """output.previews: the PNG pictures beside a master just written (flatd.qc.previews);
+    a failure is a warning, never the job's."""
+    try:
+        from flatd.qc.previews import master_layout, write_previews
+
+        layout = master_layout(job.frames, image.shape, origin)
+        bottom_up = job.frames[0].row_order == "BOTTOM-UP"
+        return write_previews(master, image, layout, comparison, bottom_up=bottom_up, job=job.id)
+    except Exception as exc:  # noqa: BLE001 - e.g. Pillow missing: the master is made all the same
+        E.notice("preview_failed", f"no preview of {master}: {type(exc).__name__}: {exc}", logging.WARNING,
+                 job=job.id)
+        return []
+
+
+def job_facts(job: Job) -> dict:
+    """What hooks and notifications are told of a job besides its master (flatd.notify.hooks)."""
+    return {"group": job.label, "rule": job.rule, "inputs": tuple(i.frame.path for i in job.inputs),
+            "calibration": tuple(i.calibration.label for i in job.inputs)}
+
+
+def preview_of(job: Job, master: Optional[Path]) -> Optional[Path]:
+    """The preview beside a master, when output.previews wrote one."""
+    if not job.previews or master is None:
+        return None
+    from flatd.qc.previews import preview_paths
+
+    preview = preview_paths(master)[0]
+    return preview if preview.exists() else None
 
 
 def _cleanup_temp_files(directory: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 from flatd.notify import events as E
 from flatd.config import Rules
 from flatd.ledger import Ledger, StateLock
+from flatd.notify import start_subscribers
 
 # run-once waits at most this long for files still being written (beyond `stable`).
 MAX_WAIT = 120.0
@@ -51,18 +52,22 @@ def run_once(rules: Rules, dry_run: bool = False, progress=None, wait: bool = Tr
         report.pending_moves = runner.retry_pending_moves(dry_run=True)
         each_capture(runner)
         return report
-    with StateLock(rules.state):
-        ledger = Ledger.open(rules.state)
-        try:
-            runner = Runner(ledger, make_engine(rules.engine, progress))
-            with E.ReportSubscriber() as seen:
-                report.recovered = runner.recover()
-            report.recovered_notes = [ev.message for ev in seen.of(E.JobRecovered)]
-            report.pending_moves = runner.retry_pending_moves()
-            each_capture(runner)
-        finally:
-            ledger.close()
-    E.emit(summary(report))
+    close_subscribers = start_subscribers(lambda: rules)  # hooks and notifications
+    try:
+        with StateLock(rules.state):
+            ledger = Ledger.open(rules.state)
+            try:
+                runner = Runner(ledger, make_engine(rules.engine, progress))
+                with E.ReportSubscriber() as seen:
+                    report.recovered = runner.recover()
+                report.recovered_notes = [ev.message for ev in seen.of(E.JobRecovered)]
+                report.pending_moves = runner.retry_pending_moves()
+                each_capture(runner)
+            finally:
+                ledger.close()
+        E.emit(summary(report))
+    finally:
+        close_subscribers(None)  # each hook within hooks.timeout; the message within CLOSE_WAIT
     return report
 
 

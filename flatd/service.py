@@ -36,12 +36,15 @@ from flatd.config import Rules
 from flatd.notify.events import BatchDone, emit, notice
 from flatd.ingest.intake import Intake, stat_file
 from flatd.ledger import JobState, Ledger, StateLock
+from flatd.notify import start_subscribers
+from flatd.sdnotify import Notifier
 
 # After SIGTERM/SIGINT: a running job may finish within STOP_GRACE seconds; then it is
 # abandoned at its next band; at STOP_DEADLINE the process exits whatever it is doing.
 STOP_GRACE = 4.0
 STOP_DEADLINE = 8.5
 TICK = 0.5  # seconds between looks at the tracker when no event comes
+SUBSCRIBERS_WAIT = 5.0  # at exit: seconds for a running hook or a notification still being sent
 
 
 class JobAbandoned(BaseException):
@@ -105,6 +108,9 @@ class Service:
         self.next_rescan = 0.0
         self.failed_jobs: set[str] = set()
         self.abandoned = False
+        self.ready = False  # observers started: /healthz and systemd's READY=1
+        self.web = None  # the HTTP endpoint (flatd.web), when http.listen is set
+        self.systemd = Notifier()  # READY, STATUS, WATCHDOG, STOPPING when $NOTIFY_SOCKET is set
 
     @property
     def tracker(self):
@@ -126,6 +132,7 @@ class Service:
         lock = StateLock(self.rules.state).acquire()
         _adopt_library_loggers()
         previous = self._install_signals()
+        close_subscribers = start_subscribers(lambda: self.rules)  # hooks, notifications: rules reloaded too
         try:
             self.ledger = self.intake.ledger = Ledger.open(self.rules.state)
             self.job_ledger = Ledger.open(self.rules.state)
@@ -137,13 +144,21 @@ class Service:
             self._forget_vanished_frames()
             self.failed_jobs = {j.id for j in self.ledger.jobs([JobState.FAILED])}
             self._configure(initial=True)
+            self._start_web()
             notice("service_started", f"watching {len(self.rules.capture)} capture folder(s); settle "
                    f"{self.rules.settle:g} s, stable {self.rules.stable:g} s, rescan {self.rules.rescan:g} s",
                    pid=os.getpid(), state=self.rules.state, folders=len(self.rules.capture))
+            self.ready = True
+            self.systemd.ready(f"watching {len(self.folders)} capture folder(s)")
             self._loop()
             return self._shutdown()
         finally:
             self._restore_signals(previous)
+            close_subscribers(SUBSCRIBERS_WAIT)
+            if self.web is not None:
+                self.web.stop()
+                self.web = None
+            self.systemd.close()
             self.observers.stop_all()
             if self.scheduler is not None:
                 self.scheduler.shutdown(wait=False)
@@ -153,6 +168,13 @@ class Service:
                     ledger.close()
             self.ledger = self.job_ledger = self.intake.ledger = None
             lock.release()
+
+    def _start_web(self) -> None:
+        """The HTTP endpoint, when http.listen is set; WebError when it cannot listen."""
+        if self.rules.http.listen:
+            from flatd.web import start_for
+
+            self.web = start_for(self)
 
     def _install_signals(self) -> dict:
         previous = {}
@@ -261,6 +283,7 @@ class Service:
     def _loop(self) -> None:
         errors = 0
         while not self.stop_requested.is_set():
+            self.systemd.watchdog()  # from this loop only: a hung loop stops the pings
             try:
                 self._drain(TICK)
                 if self.stop_requested.is_set():
@@ -329,7 +352,7 @@ class Service:
                     self.intake.touch(path, tracked)  # files that went with it leave the tracker
                 continue
             self.observers.ensure(capture)
-            if not self.intake.walk(path, self.stop_requested.is_set):
+            if not self.intake.walk(path, self._walk_stop):
                 return
         # `flatd retry` removed failed jobs: look at the folders again.
         failed = {j.id for j in self.ledger.jobs([JobState.FAILED])}
@@ -349,7 +372,13 @@ class Service:
                 best = state
         return best
 
+    def _walk_stop(self) -> bool:
+        """A long walk (a big share) is still the main loop at work: it pings the watchdog."""
+        self.systemd.watchdog()
+        return self.stop_requested.is_set()
+
     def _interrupted(self) -> bool:
+        self.systemd.watchdog()  # thousands of headers after a start: the loop is at work
         return self.stop_requested.is_set() or self.reload_requested.is_set()
 
     def _dispatch(self, now: float) -> None:
@@ -369,6 +398,8 @@ class Service:
             notice("session_settled", f"{state.path}: {reason}, {flats} flat(s) ready; processing",
                    folder=state.path, flats=flats, reason=reason)
             batches.append((state.capture, accepted))
+        if batches:
+            self.systemd.status(f"processing {len(batches)} capture folder(s)")
         if batches or self.moves_due:
             # With no batch, the worker only moves the inputs earlier jobs could not move.
             self.moves_due = False
@@ -424,6 +455,8 @@ class Service:
         self.ledger.folder_processed(folder, time.time(), json.dumps(notes))
         self.failed_jobs = {j.id for j in self.ledger.jobs([JobState.FAILED])}
         emit(BatchDone(folder, notes["masters"], len(notes["failed"])))
+        self.systemd.status(f"watching {len(self.folders)} capture folder(s); last batch {folder}: "
+                            f"{notes['masters']} master(s), {len(notes['failed'])} failed")
 
     # ------------------------------------------------------------------ reload, stop
 
@@ -448,6 +481,10 @@ class Service:
             notice("reload_state_ignored", f"the state folder cannot change while running ({self.rules.state} stays; "
                    "restart flatd to use the new one)", logging.WARNING)
             rules.__dict__["state"] = self.rules.state
+        if rules.http != self.rules.http:
+            notice("reload_http_ignored", "the http settings cannot change while running (the old ones stay; "
+                   "restart flatd to use the new ones)", logging.WARNING)
+            rules.__dict__["http"] = self.rules.http
         self.rules = rules
         self.ledger.keep_verdicts_for(_fingerprint(rules))
         self._configure()
@@ -457,6 +494,7 @@ class Service:
     def _shutdown(self) -> int:
         """Stop observers, let the running job finish or abandon it, exit within ~10 s."""
         notice("service_stopping", "stopping" + (": waiting for the running job" if self._busy() else ""))
+        self.systemd.stopping("stopping" + (": waiting for the running job" if self._busy() else ""))
         self.observers.signal_stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)

@@ -108,6 +108,7 @@ def _print_status(ledger: Ledger, rules: Optional[Rules], console, alive: bool) 
     _print_masters(ledger, console)
     left = _print_failed(ledger, console, failed_jobs)
     _print_pending_moves(ledger, console)
+    _print_left_out_flats(ledger, console)
     if left:
         console.print("\n[bold]Left in place by the last batch[/bold]")
         console.print("\n".join(left))
@@ -153,14 +154,36 @@ def _print_waiting(ledger: Ledger, rules: Optional[Rules], console, alive: bool,
         console.print(text)
 
 
+def _print_left_out_flats(ledger: Ledger, console, limit: int = 20) -> None:
+    """Flats the flat checks left out (in place, never combined), with the figure that failed."""
+    rows = ledger.left_out_inputs(limit=limit)
+    if not rows:
+        return
+    console.print("\n[bold]Flats left out by the quality checks[/bold] (left in place; a changed file is "
+                  "considered again)")
+    for row in rows:
+        console.print(f"  {_when(row['updated_at'])}  {safe(row['path'])} ({safe(row['label'])}): {safe(row['qc'])}")
+
+
 def _print_masters(ledger: Ledger, console) -> None:
     console.print("\n[bold]Last masters made[/bold]")
     masters = ledger.recent_masters(10)
     if not masters:
         console.print("  none yet")
     for row in masters:
-        console.print(f"  {_when(row['created_at'])}  {safe(row['path'])}  ({safe(row['label'])}, "
+        console.print(f"  {_when(row['created_at'])}  {_verdict(row)}  {safe(row['path'])}  ({safe(row['label'])}, "
                       f"{row['ncombine']} flats)")
+        reasons = row["qc_reasons"] if "qc_reasons" in row.keys() else None
+        if reasons:
+            console.print(f"      {safe(reasons)}")
+
+
+def _verdict(row) -> str:
+    """The master checks' verdict, as a column: good, warn, bad, or - (not checked)."""
+    status = row["qc_status"] if "qc_status" in row.keys() else None
+    colour = {"good": "green", "warn": "yellow", "bad": "red"}.get(status or "")
+    text = f"{safe(status or '-'):4}"
+    return f"[{colour}]{text}[/{colour}]" if colour else text
 
 
 def _print_failed(ledger: Ledger, console, failed_jobs) -> list[str]:

@@ -65,6 +65,32 @@ class FrameLeftOut(Event):
 
 
 @dataclass(frozen=True)
+class FlatRejectedQc(Event):
+    """A flat that failed a flat check (flatd.qc.flats): left out of its master, in place
+    (`action` leave-out), or combined all the same (warn); with the figure and the limit."""
+
+    name: ClassVar[str] = "flat_rejected_qc"
+    path: Path
+    check: str  # level | saturation | odd
+    figure: float
+    limit: float
+    reason: str = field(default="", metadata={"log": False})
+    action: str = "leave-out"
+    job: Optional[str] = None
+    group: Optional[str] = _quiet()
+
+    @property
+    def level(self) -> int:
+        return WARNING
+
+    @property
+    def message(self) -> str:
+        if self.action == "leave-out":
+            return f"left out {self.path} (not combined, not moved): {self.reason}"
+        return f"{self.path}: {self.reason}; combined all the same (warn)"
+
+
+@dataclass(frozen=True)
 class GroupPlanned(Event):
     name: ClassVar[str] = "group_planned"
     job: str
@@ -89,6 +115,12 @@ class MasterWritten(Event):
     # fractions of all values of the stack rejected low and high (None: not counted)
     rejected_low: Optional[float] = None
     rejected_high: Optional[float] = None
+    preview: Optional[Path] = None  # the PNG preview beside it (output.previews)
+    # the job's facts for hooks and notifications (flatd.notify.hooks): not log fields
+    group: Optional[str] = _quiet()
+    rule: Optional[str] = _quiet()
+    inputs: tuple = field(default=(), metadata={"log": False})  # the input flats' paths
+    calibration: tuple = field(default=(), metadata={"log": False})  # what was subtracted, per input
 
     @property
     def level(self) -> int:
@@ -150,6 +182,33 @@ class RejectionHigh(Event):
 
 
 @dataclass(frozen=True)
+class MasterChecked(Event):
+    """A master's checks (flatd.qc.masters): its verdict good, warn or bad, with the reasons;
+    warn and bad at WARNING."""
+
+    name: ClassVar[str] = "master_checked"
+    job: str
+    path: Path = field(metadata={"log": False})
+    status: str
+    reasons: tuple[str, ...] = field(default=(), metadata={"log": False})
+    previous: Optional[Path] = field(default=None, metadata={"log": False})  # the message names it
+    dust: int = 0  # blobs of dust that appeared or went since the previous master
+
+    @property
+    def level(self) -> int:
+        return INFO if self.status == "good" else WARNING
+
+    @property
+    def message(self) -> str:
+        text = f"{self.path.name}: checks {self.status}"
+        if self.reasons:
+            text += ": " + "; ".join(self.reasons)
+        if self.previous is not None:
+            text += f" (compared with {self.previous.name})"
+        return text
+
+
+@dataclass(frozen=True)
 class InputsMoved(Event):
     name: ClassVar[str] = "inputs_moved"
     job: str
@@ -171,6 +230,10 @@ class JobFailed(Event):
     job: Optional[str] = None
     files: Optional[int] = None
     retried: bool = field(default=False, metadata={"log": False})  # transient: tried again at the next run
+    # failed at an earlier run and not tried again: hooks and notifications told of it then
+    again: bool = field(default=False, metadata={"log": False})
+    rule: Optional[str] = _quiet()
+    inputs: tuple = field(default=(), metadata={"log": False})  # the group's flats' paths
 
     @property
     def level(self) -> int:
@@ -400,7 +463,8 @@ class ReportSubscriber:
     def summary(self) -> BatchDone:
         """Masters written, groups failed and files left out, as one event."""
         return BatchDone(None, len([e for e in self.of(MasterWritten) if not e.found]), len(self.of(JobFailed)),
-                         len([e for e in self.of(FrameLeftOut) if not e.quiet]))
+                         len([e for e in self.of(FrameLeftOut) if not e.quiet])
+                         + len([e for e in self.of(FlatRejectedQc) if e.action == "leave-out"]))
 
 
 BUS.subscribe(LogSubscriber())

@@ -49,6 +49,18 @@ def _wrap_card(text: str, width: int = 72) -> list[str]:
     return textwrap.wrap(text, width=width, subsequent_indent="  ", break_on_hyphens=False) or [""]
 
 
+def add_checks(header: fits.Header, cards: Mapping[str, tuple[object, str]], history: Sequence[str]) -> None:
+    """The master checks' cards (QCSTATUS and the figures: flatd.qc.masters) and their
+    HISTORY lines, made card-safe (ASCII, wrapped) so that no header text stops a write."""
+    for key, (value, comment) in cards.items():
+        value = _card_value(value)
+        room = 80 - 10 - 3 - (len(str(value)) + 2 if isinstance(value, str) else 20)
+        header[key] = (value, card_text(comment, max(room, 0)) if room > 0 else "")
+    for line in history:
+        for part in _wrap_card(card_text(line, limit=None)):
+            header.add_history(part)
+
+
 def _card_value(value: object) -> object:
     if isinstance(value, (bool, int, float, np.integer, np.floating)):
         return value

@@ -212,16 +212,19 @@ def _bwmv(x: np.ndarray, m: float, mad: float) -> float:
     return x.size * up / (down * down)
 
 
-def relative_levels(samples: np.ndarray, mapper=None) -> list[float]:
+def relative_levels(samples: np.ndarray, mapper=None, own=None) -> list[float]:
     """The level of each frame of `samples` (float32, shape (N, S): each frame's sample
     grid, raveled) on the scale of the others (see the module's docstring).
     `mapper(fn, indices)` returns [fn(i) for i in indices], in threads if it likes (the
-    engine's pool). The rows of `samples` are divided by their own levels in place."""
+    engine's pool). The rows of `samples` are divided by their own levels in place.
+    `own`: each row's robust_level, when already measured (the flat checks use them)."""
     mapper = mapper or (lambda fn, indices: [fn(i) for i in indices])
     samples = np.asarray(samples)
     if samples.ndim != 2 or samples.dtype != np.float32:
         raise ValueError("samples must be a float32 (frames, pixels) array")
-    own = list(mapper(lambda i: robust_level(samples[i]), range(samples.shape[0])))
+    if own is None:
+        own = list(mapper(lambda i: robust_level(samples[i]), range(samples.shape[0])))
+    own = list(own)
     usable = [i for i, level in enumerate(own) if math.isfinite(level) and level > 0]
     if len(usable) < 2:
         return own

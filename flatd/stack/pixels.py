@@ -20,7 +20,6 @@ from typing import Optional
 import numpy as np
 
 from flatd.errors import StackError
-from flatd.stack import _kernels
 from flatd.ingest.frames import Frame
 
 CLIP_MAX = 65535.0
@@ -36,6 +35,9 @@ _NATIVE_KINDS = {"u1": 1, "i1": 2, "u2": 3, "i2": 4, "u4": 5, "i4": 6, "u8": 7, 
 
 
 def _fill(kind: int, raw: np.ndarray, out: np.ndarray, scale, zero, mode, cal, ped, factor) -> None:
+    # imported here: the sample grid of a plain FITS file is read without the kernels (the dry run's checks)
+    from flatd.stack import _kernels
+
     rows, w = out.shape
     if raw.shape != (rows, w) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"fill: raw {raw.shape} and out {out.shape} {out.dtype} do not match")
@@ -101,8 +103,10 @@ class PixelSource:
         from flatd.ingest.frames import FrameError, read_header_from
         from flatd.fsops import FileIdentity
 
-        if not self.frame.inode:
+        if not self.frame.inode and not self.frame.file_size:
             return  # a frame not read from a file (tests, header dumps)
+        # inode 0 with a size: a frame opened on a Dask worker (flatd.stack.engines.dask),
+        # checked by size, mtime and header (FileIdentity skips device and inode then)
         planned = FileIdentity(self.frame.device, self.frame.inode, self.frame.file_size, self.frame.mtime)
         changes = planned.differences(os.fstat(fd))
         if not changes:

@@ -76,7 +76,7 @@ class XisfPixelSource(PixelSource):
         except OSError as exc:
             problem = f"read error: {exc.strerror or exc}"
         changes: list[str] = []
-        if self.frame.inode:
+        if self.frame.inode or self.frame.file_size:  # inode 0 with a size: on a Dask worker
             planned = FileIdentity(self.frame.device, self.frame.inode, self.frame.file_size, self.frame.mtime)
             changes = planned.differences(os.fstat(fd))
             if not changes and problem:

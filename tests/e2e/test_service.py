@@ -37,8 +37,9 @@ def test_a_slowly_written_flat_is_read_only_when_complete(tmp_path, watches):
     cap = tmp_path / "cap"
     night = cap / "night1"
     night.mkdir(parents=True)
+    # flats this dark (1000-2000 ADU) would be left out by the flat checks (quality.min_level)
     config = write_rules(tmp_path, grouping="{min_group_size: 5}", precalibration="{mode: none}",
-                         combine="{method: mean, normalize: none}", rescan="1h")
+                         combine="{method: mean, normalize: none}", rescan="1h", quality="{enabled: false}")
     w = watches(config).started()
     shape = (200, 300)
     for i in range(4):
@@ -157,11 +158,17 @@ def test_the_inotify_limit_is_reported_and_the_folder_is_polled(tmp_path, watche
 
 def test_kill_9_while_combining_then_restart(tmp_path, watches):
     """kill -9 at several moments of a run; each start finishes or redoes the job."""
+    kill_9_rounds(tmp_path, watches, "{memory_limit: 9MiB, workers: 1}")
+
+
+def kill_9_rounds(tmp_path, watches, engine: str) -> None:
+    """The kill -9 rounds with `engine` (the rules' engine section; tests/e2e/test_dask_service.py
+    runs them with the Dask engine)."""
     cap = tmp_path / "cap"
     night = cap / "night1"
     night.mkdir(parents=True)
     # Big enough frames and a tiny memory limit: the stack runs in many bands.
-    config = write_rules(tmp_path, engine="{memory_limit: 9MiB, workers: 1}", grouping="{min_group_size: 3}")
+    config = write_rules(tmp_path, engine=engine, grouping="{min_group_size: 3}")
     inputs = {}
     for filt in ("R", "G"):
         for i in range(8):
@@ -288,7 +295,8 @@ def test_status_while_watch_runs(tmp_path, watches):
     cap = tmp_path / "cap"
     bad = cap / "bad"
     rules = dict(settle="10m", rescan="1h",
-                 rules=f'\n  - match: {{path: "{bad}/**"}}\n    precalibration: {{mode: pedestal, pedestal: 60000}}')
+                 rules=f'\n  - match: {{path: "{bad}/**"}}\n    precalibration: {{mode: pedestal, pedestal: 60000}}'
+                       '\n    quality: {enabled: false}')  # the flat checks would fail it first (level 0)
     config = write_rules(tmp_path, **rules)
     # A failed group first, from run-once on the same ledger: after a pedestal above the
     # flats' level nothing is left to normalize.

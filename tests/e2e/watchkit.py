@@ -103,20 +103,23 @@ def subprocess_env() -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("FLATD_CONFIG", None)
     env.pop("JOURNAL_STREAM", None)
+    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # no test talks to a real systemd
+        env.pop(key, None)
     return env
 
 
 class WatchProcess:
     """`flatd watch --log-format json` in a subprocess; its log lines as parsed events."""
 
-    def __init__(self, config: Path, logdir: Path, name: str = "watch", prefix: Sequence[str] = ()):
+    def __init__(self, config: Path, logdir: Path, name: str = "watch", prefix: Sequence[str] = (),
+                 env: Optional[dict] = None):
         self.config = config
         self.stderr_path = logdir / f"{name}.stderr"
         self.stdout_path = logdir / f"{name}.stdout"
         self._stderr = open(self.stderr_path, "wb")
         self._stdout = open(self.stdout_path, "wb")
         self.proc = subprocess.Popen([*prefix, *flatd_command("watch", "--config", str(config), "--log-format", "json")],
-                                     stdout=self._stdout, stderr=self._stderr, env=subprocess_env(),
+                                     stdout=self._stdout, stderr=self._stderr, env={**subprocess_env(), **(env or {})},
                                      cwd=str(logdir))
 
     @property
@@ -179,8 +182,9 @@ def watches(tmp_path) -> Iterable[Callable[..., WatchProcess]]:
     """Start `flatd watch` processes; every one is killed when the test ends, whatever happens."""
     started: list[WatchProcess] = []
 
-    def start(config: Path, name: Optional[str] = None, prefix: Sequence[str] = ()) -> WatchProcess:
-        proc = WatchProcess(config, tmp_path, name or f"watch{len(started) + 1}", prefix)
+    def start(config: Path, name: Optional[str] = None, prefix: Sequence[str] = (),
+              env: Optional[dict] = None) -> WatchProcess:
+        proc = WatchProcess(config, tmp_path, name or f"watch{len(started) + 1}", prefix, env)
         started.append(proc)
         return proc
 

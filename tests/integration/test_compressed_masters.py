@@ -22,7 +22,8 @@ state: {root}/state
 
 
 def _masters(tree):
-    return sorted(p for p in (tree.root / "captures" / "masters").iterdir() if not p.name.startswith("."))
+    return sorted(p for p in (tree.root / "captures" / "masters").iterdir()
+                  if not p.name.startswith(".") and not p.name.endswith(".png"))  # previews aside
 
 
 def test_run_once_writes_fits_fz_masters(tree, capsys):

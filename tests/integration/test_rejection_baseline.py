@@ -32,6 +32,8 @@ grouping:
 combine:
 {combine}
   rejection_warn: 0.005
+quality:
+  enabled: false  # these flats' blobs are for the rejection report; the checks would leave them out
 stable: 0
 state: {root}/state
 """

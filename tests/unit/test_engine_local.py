@@ -312,8 +312,8 @@ def test_unknown_engine_kind_is_refused():
     from flatd.stack.engines import make_engine
     from flatd.errors import FlatdError
 
-    with pytest.raises(FlatdError, match="engine.kind 'dask' is not known"):
-        make_engine(Engine.model_construct(kind="dask", memory_limit=2**20, workers=1))
+    with pytest.raises(FlatdError, match="engine.kind 'cloud' is not known; the engines are: local, dask"):
+        make_engine(Engine.model_construct(kind="cloud", memory_limit=2**20, workers=1))
 
 
 def test_engine_kind_in_the_rules_file():

@@ -65,7 +65,10 @@ def test_truncated_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(StackError, match=r"t.fits changed since it was planned \(size .*nothing is moved"):
         read_image(frame)
     with pytest.raises(StackError, match="t.fits: truncated"):  # no identity to compare: the size check
-        read_image(dataclasses.replace(frame, inode=0))
+        read_image(dataclasses.replace(frame, inode=0, file_size=0))
+    # on a Dask worker (no device or inode that mean anything there): size, mtime and header
+    with pytest.raises(StackError, match=r"t.fits changed since it was planned \(size "):
+        read_image(dataclasses.replace(frame, device=0, inode=0))
 
 
 def test_pixel_errors_are_flatd_errors(tmp_path):

@@ -61,6 +61,7 @@ def test_system_service():
     assert one(unit, "Service", "MemoryDenyWriteExecute") == "yes"  # kernels built at install: no JIT
     assert "NUMBA_CACHE_DIR" not in open(SYSTEMD / "flatd.service").read()
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
+    _notify_and_watchdog(unit)
 
 
 def test_user_service():
@@ -70,8 +71,24 @@ def test_user_service():
     assert one(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one(unit, "Service", "Restart") == "on-failure"
     assert one(unit, "Install", "WantedBy") == "default.target"
+    _notify_and_watchdog(unit)
     text = (SYSTEMD / "flatd-user.service").read_text()
     assert "/etc/" not in text.split("[Service]", 1)[1]
+
+
+def _notify_and_watchdog(unit) -> None:
+    """Type=notify (flatd says READY=1 once the folders are watched), the main process
+    only, and a watchdog long enough for a rescan of a big share between two pings."""
+    from flatd.service import TICK
+
+    assert one(unit, "Service", "Type") == "notify"
+    assert one(unit, "Service", "NotifyAccess") == "main"
+    watchdog = one(unit, "Service", "WatchdogSec")
+    seconds = int(watchdog.removesuffix("min")) * 60 if watchdog.endswith("min") else int(watchdog.rstrip("s"))
+    assert 60 <= seconds <= 600 and seconds / 2 > 10 * TICK
+    assert one(unit, "Service", "Restart") == "on-failure"  # a watchdog timeout is a failure
+    families = unit["Service"].get("RestrictAddressFamilies")
+    assert families is None or "AF_UNIX" in families[0].split()  # $NOTIFY_SOCKET is an AF_UNIX socket
 
 
 def test_run_once_timer():

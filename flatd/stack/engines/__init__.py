@@ -2,13 +2,14 @@
 
 Engine settings (``engine:`` in the rules file: kind, memory_limit, workers) travel in
 one object, :class:`flatd.config.Engine`, handed to :func:`make_engine`. ``local`` is
-the streaming stacker (:mod:`flatd.stack.engines.local`); others (dask) come later.
+the streaming stacker (:mod:`flatd.stack.engines.local`); ``dask`` hands each group to a
+Dask cluster (:mod:`flatd.stack.engines.dask`).
 Light: the engine itself (numpy, the compiled kernels) is imported only when one is made.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from flatd.errors import FlatdError, StackError
@@ -41,6 +42,14 @@ class StackResult:
     rejection_map: Optional["np.ndarray"] = None
     # what the master's header says of its geometry (row order, overscan, trim): flatd.stack.geometry
     geometry: Optional["GeometryCards"] = None
+    # the same central rows (noise_rows: r0, r1) of the first few inputs (up to 4), calibrated,
+    # not normalized: float32 (k, rows, W); the master checks' photon-transfer noise (flatd.qc.masters)
+    noise_patches: Optional["np.ndarray"] = None
+    noise_rows: Optional[tuple[int, int]] = None
+    # the flat checks (flatd.qc.flats.Finding), leave-out and warn alike, and the indices of
+    # the inputs combined (None: all of them); levels, factors and rejected are of those
+    findings: list = field(default_factory=list)
+    kept: Optional[list[int]] = None
 
     def rejected_fractions(self) -> Optional[tuple[float, float]]:
         """The fractions of all values (N x H x W) rejected low and high; None if not counted."""
@@ -73,4 +82,8 @@ def make_engine(settings: Optional["EngineSettings"] = None, progress: Optional[
         from flatd.stack.engines.local import LocalEngine
 
         return LocalEngine(settings, progress)
-    raise FlatdError(f"engine.kind {settings.kind!r} is not known; the engines are: local")
+    if settings.kind == "dask":
+        from flatd.stack.engines.dask import DaskEngine
+
+        return DaskEngine(settings, progress)
+    raise FlatdError(f"engine.kind {settings.kind!r} is not known; the engines are: local, dask")

@@ -6,6 +6,9 @@ Two passes over the files:
    :mod:`flatd.stack.levels` (a dense grid over the whole frame, read a few rows at a
    time), after its calibration, by its robust estimator; with multiplicative
    normalization the factors follow.
+   With the flat checks (`quality`, flatd.qc.flats) the samples are read even with
+   normalize "none", and the checks run on them before any band is combined: the flats
+   they leave out are not read again.
 2. (bands) the image is cut into bands of rows; a worker thread fills a float32
    (N, rows, W) stack from each file's band (BZERO/BSCALE, minus the dark, bias or
    pedestal, clipped to [0, 65535] when something was subtracted, times the factor),
@@ -35,6 +38,7 @@ from flatd.ingest.frames import Frame
 from flatd.jobs import StackInput
 from flatd.stack.geometry import Layouts
 from flatd.stack.pixels import PixelSource, open_pixels
+from flatd.stack.samples import LEVEL_CHUNK_ROWS, check_samples, own_levels, read_samples
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatd.stack.methods import Method
@@ -48,6 +52,17 @@ RESERVE_BYTES = 4 * 2**20
 MAX_BAND_ROWS = 32
 
 
+class QcTooFew(StackError):
+    """The flat checks left too few flats to combine; `findings` says which and why."""
+
+    def __init__(self, reason: str, findings: Optional[list] = None):
+        super().__init__(reason)
+        self.findings = list(findings or [])
+
+    def __reduce__(self):  # pickled whole (the dask engine)
+        return (type(self), (str(self), self.findings))
+
+
 class LocalEngine:
     """The streaming stacker in this process, within `settings.memory_limit`."""
 
@@ -59,7 +74,8 @@ class LocalEngine:
         progress = self.progress(job.label, job.frames[0].height) if self.progress else None
         return stack_frames(job.inputs, job.method, job.normalize, self.settings.memory_limit,
                             self.settings.workers, progress, rejection_map=getattr(job, "rejection_map", False),
-                            overscan=getattr(job, "overscan", "auto"))
+                            overscan=getattr(job, "overscan", "auto"), quality=getattr(job, "quality", None),
+                            min_group_size=getattr(job, "min_group_size", 1))
 
 
 # --------------------------------------------------------------------------- stacking
@@ -142,10 +158,6 @@ def plan_bands(n: int, n_cal: int, width: int, height: int, memory_limit: int, w
     return int(rows), int(workers)
 
 
-# Rows of the level sample read at a time, per worker.
-LEVEL_CHUNK_ROWS = 8
-
-
 def level_bytes(width: int, height: int, step: int, max_itemsize: int = 8) -> int:
     """Memory one worker needs to measure one frame's level on the grid of `step`: the
     grid, robust_level's work arrays, and the row chunk it is read through."""
@@ -153,7 +165,8 @@ def level_bytes(width: int, height: int, step: int, max_itemsize: int = 8) -> in
 
 
 def level_plan(width: int, height: int, memory_limit: int, workers: int, max_itemsize: int = 8,
-               n: int = 1, raw_width: Optional[int] = None, odd: bool = False) -> tuple[int, int]:
+               n: int = 1, raw_width: Optional[int] = None, odd: bool = False,
+               checks: bool = False) -> tuple[int, int]:
     """(grid step, workers) for the level phase: the step of flatd.stack.levels (at least
     LEVEL_SAMPLE pixels) unless the memory limit asks for a coarser grid. Held at once:
     one calibration grid, and per worker level_bytes. Nothing else is allocated then, so
@@ -162,7 +175,9 @@ def level_plan(width: int, height: int, memory_limit: int, workers: int, max_ite
     The samples of all `n` frames are held together (levels are relative). `raw_width`:
     the stored width when frames are trimmed (rows are read whole). `odd`: an odd step,
     for a colour (CFA) sensor, so that the grid samples every colour of the mosaic (an
-    even step lands on one colour only, and the level would be that colour's)."""
+    even step lands on one colour only, and the level would be that colour's). `checks`:
+    the flat checks (flatd.qc.flats) run on the samples too, with QC_SAMPLE_COPIES more
+    copies of them at their peak."""
     budget = memory_limit - RESERVE_BYTES // 2
     step = LV.grid_step(height, width)
     if odd and step % 2 == 0:
@@ -172,7 +187,7 @@ def level_plan(width: int, height: int, memory_limit: int, workers: int, max_ite
     def need(step: int, workers: int) -> int:
         rows, cols = LV.sample_shape(height, width, step)
         # every frame's sample (n of them), the reference, one calibration grid, and per worker its work
-        return ((n + 1) * rows * cols * 4 + LV.reference_bytes(n)
+        return ((n + 1 + (QC_SAMPLE_COPIES * n if checks else 0)) * rows * cols * 4 + LV.reference_bytes(n)
                 + workers * (level_bytes(max(width, raw_width or 0), height, step, max_itemsize)
                              + 2 * LV.MODE_SAMPLE * 4))
 
@@ -181,6 +196,11 @@ def level_plan(width: int, height: int, memory_limit: int, workers: int, max_ite
     while need(step, workers) > budget and step < max(height, width):
         step += 2 if odd else 1
     return step, workers
+
+
+# The flat checks' peak, in copies of the samples: the normalized samples, their ratios
+# to the reference, and the blocks' working copy (flatd.qc.flats.odd_scores).
+QC_SAMPLE_COPIES = 3
 
 
 class _Sources:
@@ -233,6 +253,8 @@ def stack_frames(
     progress: Optional[Callable[[int, int], None]] = None,
     rejection_map: bool = False,
     overscan: str = "auto",
+    quality=None,
+    min_group_size: int = 1,
 ) -> StackResult:
     """Calibrate, normalize and combine `inputs` band by band within `memory_limit`.
 
@@ -245,6 +267,12 @@ def stack_frames(
     Frames are presented by flatd.stack.geometry: a calibration frame of another row
     order flipped; with `overscan` 'auto', frames with BIASSEC and TRIMSEC/DATASEC
     overscan-subtracted and trimmed (the master has the trimmed size).
+
+    `quality` (flatd.config.Quality, enabled): the flat checks (flatd.qc.flats) run on the
+    level samples, read then even with normalize "none", before any band is combined;
+    flats with a leave-out finding are not combined (the result's `findings` and `kept`
+    say which), and QcTooFew is raised when fewer than `min_group_size` or the method's
+    minimum remain.
     """
     if normalize not in ("none", "multiplicative"):
         raise StackError(f"normalize is 'none' or 'multiplicative', got {normalize!r}")
@@ -268,15 +296,35 @@ def stack_frames(
         band_rows, band_workers = plan_bands(n, len(sources.cals), width, height, int(memory_limit), workers,
                                              max(itemsizes), rejection_map, raw_width)
         step, level_workers = level_plan(width, height, int(memory_limit), band_workers, max(itemsizes), n,
-                                         raw_width, odd=any(item.frame.bayer_pattern for item in inputs))
+                                         raw_width, odd=any(item.frame.bayer_pattern for item in inputs),
+                                         checks=quality is not None and quality.enabled)
         workers = band_workers
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flatd-stack") if workers > 1 else None
         try:
             levels = [math.nan] * n
-            if normalize == "multiplicative":
+            checks = quality is not None and quality.enabled
+            findings: list = []
+            kept = None  # all of them
+            if normalize == "multiplicative" or checks:
                 # fewer workers than the bands (a tight memory limit): one frame at a time
-                levels = _measure_levels(inputs, sources, cal_keys, step,
-                                         pool if level_workers >= workers else None)
+                level_pool = pool if level_workers >= workers else None
+                run = lambda fn, items: _run(level_pool, fn, list(items))  # noqa: E731
+                samples, subtracted = read_samples(inputs, sources.flats, sources.cals, cal_keys, step, run, checks)
+                own = own_levels(samples, run)
+                if checks:
+                    geometry = layouts.cards()
+                    findings = check_samples(inputs, samples, own, subtracted, step, quality,
+                                             LV.sample_shape(height, width, step),
+                                             geometry.origin if geometry is not None else (0, 0), height, run)
+                    kept = _kept(inputs, findings, method, min_group_size)
+                    if len(kept) == n:
+                        kept = None
+                    else:
+                        inputs, cal_keys, samples, own = _subset(kept, inputs, sources, cal_keys, samples, own)
+                        n = len(inputs)
+                        levels = [math.nan] * n
+            if normalize == "multiplicative":
+                levels = LV.relative_levels(samples, mapper=run, own=own)
                 for item, level in zip(inputs, levels):
                     problem = check_level(level)
                     if problem:
@@ -286,6 +334,8 @@ def stack_frames(
                 factors = normalization_factors(levels)
             else:
                 factors = np.ones(n, dtype=np.float32)
+            samples = None  # freed before the bands (their memory is planned without it)
+            patches, noise_rows = _noise_patches(inputs, sources, cal_keys, height, width)
             image = np.empty((height, width), dtype=np.float32)
             rejmap = np.zeros((2, height, width), dtype=np.uint16) if rejection_map else None
             rejected = _combine_bands(inputs, sources, cal_keys, factors, method, image, band_rows, pool, progress,
@@ -296,8 +346,39 @@ def stack_frames(
     finally:
         sources.close()
     return StackResult(image=image, levels=[float(x) for x in levels],
-                       factors=[float(f) for f in factors], band_rows=band_rows,
-                       rejected=rejected, rejection_map=rejmap, geometry=layouts.cards())
+                       factors=[float(f) for f in factors], band_rows=band_rows, findings=findings, kept=kept,
+                       rejected=rejected, rejection_map=rejmap, geometry=layouts.cards(),
+                       noise_patches=patches, noise_rows=noise_rows)
+
+
+# The master checks' noise patches: the same central rows of the first NOISE_FRAMES inputs,
+# at most NOISE_BYTES of pixels in all (a few rows of a few frames: a read of well under 1 %).
+NOISE_FRAMES = 4
+NOISE_BYTES = 2**20
+NOISE_MAX_ROWS = 64
+
+
+def _noise_patches(inputs, sources: _Sources, cal_keys, height: int, width: int):
+    """(patches float32 (k, rows, W), (r0, r1)): central rows of the first k inputs,
+    calibrated, not normalized, for flatd.qc.masters' photon-transfer noise; (None, None)
+    with fewer than 2 inputs."""
+    k = min(NOISE_FRAMES, len(inputs))
+    if k < 2:
+        return None, None
+    rows = max(2, min(NOISE_MAX_ROWS, height, NOISE_BYTES // (4 * width * (k + 1))))
+    r0 = max(0, (height - rows) // 2) // 2 * 2  # an even start: the CFA phase of the master
+    r1 = min(height, r0 + rows)
+    patches = np.empty((k, r1 - r0, width), dtype=np.float32)
+    scratch = np.empty(max(s.raw_bytes(r0, r1) for s in (*sources.flats[:k], *sources.cals.values())),
+                       dtype=np.uint8)
+    for i in range(k):
+        cal = None
+        if cal_keys[i] is not None:
+            cal = np.empty((r1 - r0, width), dtype=np.float32)
+            sources.cals[cal_keys[i]].read_into(r0, r1, cal, scratch=scratch)
+        sources.flats[i].read_into(r0, r1, patches[i], pedestal=_calibration_args(inputs[i]), cal=cal,
+                                   scratch=scratch)
+    return patches, (r0, r1)
 
 
 def _warn_unusable_sections(layouts: Layouts) -> None:
@@ -340,25 +421,44 @@ def _run(pool: Optional[ThreadPoolExecutor], fn, jobs, on_done=None) -> list:
 
 def _measure_levels(inputs, sources: _Sources, cal_keys, step: int, pool) -> list[float]:
     """Each input's level (flatd.stack.levels.relative_levels) on the sample grid of
-    `step`, after its calibration. Inputs are taken calibration file by calibration
-    file, so one calibration grid is held at a time; the pool's workers read frames at
-    once into one (N, S) array of samples."""
-    height, width = sources.flats[0].height, sources.flats[0].width
-    rows, cols = LV.sample_shape(height, width, step)
-    samples = np.empty((len(inputs), rows * cols), dtype=np.float32)
-    by_cal: dict[Optional[Path], list[int]] = {}
-    for i, key in enumerate(cal_keys):
-        by_cal.setdefault(key, []).append(i)
-    for key, indices in by_cal.items():
-        cal = sources.cals[key].sample_grid(step, chunk_rows=LEVEL_CHUNK_ROWS) if key is not None else None
+    `step`, after its calibration (flatd.stack.samples.read_samples: the pool's workers
+    read frames at once into one (N, S) array of samples)."""
+    run = lambda fn, items: _run(pool, fn, list(items))  # noqa: E731
+    samples, _ = read_samples(inputs, sources.flats, sources.cals, cal_keys, step, run)
+    return LV.relative_levels(samples, mapper=run)
 
-        def read(i: int, cal=cal) -> None:
-            samples[i] = sources.flats[i].sample_grid(step, pedestal=_calibration_args(inputs[i]), cal=cal,
-                                                      chunk_rows=LEVEL_CHUNK_ROWS).ravel()
 
-        _run(pool, read, indices)
-        del cal
-    return LV.relative_levels(samples, mapper=lambda fn, items: _run(pool, fn, list(items)))
+def _kept(inputs, findings, method: Method, min_group_size: int) -> list[int]:
+    """The indices of the inputs no leave-out finding keeps out; QcTooFew when fewer than
+    `min_group_size` or the method's minimum are left (nothing is combined then)."""
+    from flatd.qc.flats import left_out_paths
+
+    out = left_out_paths(findings)
+    kept = [i for i, item in enumerate(inputs) if item.frame.path not in out]
+    if len(kept) < len(inputs):
+        need = max(int(min_group_size or 1), method.min_frames)
+        if len(kept) < need:
+            if not kept:
+                short = "none left"
+            elif min_group_size >= method.min_frames:
+                short = f"{len(kept)} left: fewer than min_group_size {min_group_size}"
+            else:
+                short = f"{len(kept)} left: {method.description} needs {method.min_frames}"
+            raise QcTooFew(f"{len(inputs) - len(kept)} flat(s) left out by the quality checks, {short}; "
+                           "nothing combined", findings)
+    return kept
+
+
+def _subset(kept: list[int], inputs, sources: _Sources, cal_keys, samples: np.ndarray, own):
+    """The inputs, calibration keys, samples and own levels of `kept`; the other flats'
+    files are closed."""
+    keep = set(kept)
+    for i, src in enumerate(sources.flats):
+        if i not in keep:
+            src.close()
+    sources.flats = [sources.flats[i] for i in kept]
+    return ([inputs[i] for i in kept], [cal_keys[i] for i in kept], np.ascontiguousarray(samples[kept]),
+            [own[i] for i in kept])
 
 
 def _combine_bands(inputs, sources: _Sources, cal_keys, factors, method: Method, image: np.ndarray,

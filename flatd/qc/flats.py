@@ -1,0 +1,490 @@
+"""Checks on each flat before it joins a group: level, saturation, odd frame out.
+
+Pure numpy, no I/O: every check works on the level samples the engine reads anyway
+(flatd.stack.levels: a grid of every `step`-th pixel of every `step`-th row, about
+50,000 per frame, calibrated), so the pixels are never read a second time.
+
+* **Full scale** (:func:`full_scale`): DATAMAX, else SATURATE, else 2**bits - 1 for
+  8- and 16-bit integer data, else 65,535 (32- and 64-bit integer files from cameras
+  hold 16-bit values, and the engine clips calibrated values to 65,535 anyway). A card
+  that is not a finite number in (0, 2**32) is passed over.
+* **Level**: the calibrated level (mono: the robust IKSS level of the sample; colour:
+  the median of each CFA channel's samples) as a fraction of full scale must lie in
+  [quality.min_level, quality.max_level].
+* **Saturation**: the fraction of samples (of each CFA channel) at full scale. The
+  samples are calibrated, so a raw value of full scale reads full scale minus what was
+  subtracted (dark, bias, pedestal, overscan). A sample counts as saturated at or above
+  ``full scale - offset - tolerance``: `offset` the median of what was subtracted from
+  that frame (handed in by the engine), `tolerance` 0.1 % of full scale or 5 times the
+  spread of what was subtracted, whichever is more (the per-pixel bias noise). Pixels
+  that close to full scale are past the linear range anyway.
+* **Odd frame out** (:func:`odd_frames`): each frame's sample is divided by its level
+  (per CFA channel on a colour sensor, so that a colour drift through twilight cancels)
+  and, sample by sample, by the median of the other frames (of at most REFERENCE_FRAMES
+  spread over the series): what is left, ``r = x / reference - 1``, is noise where the
+  frame is like the others, and a cloud, a light leak or a shifted vignetting where it
+  is not (the illumination pattern, dust and the CFA cancel). ``r`` is binned in blocks
+  of about BLOCK_PIXELS (32) pixels (the median of their samples: cosmic rays and hot
+  pixels drop out), then pooled 2 x 2, 4 x 4, ... (compact clusters of blocks, where the
+  noise is lower). At each scale every frame's blocks are compared with the median of
+  the other frames' blocks (taken anew at each scale: an odd frame's pull on the others'
+  references cancels), its overall offset removed; and, from 2 x 2 blocks on, once more
+  less a robustly fitted plane (a twilight gradient that drifts through a sky-flat
+  series is a plane; a cloud or a leak is not). A block's noise is the larger of the
+  spread over frames (1.4826 x the median |deviation| over the frames and the 3 x 3
+  neighbouring blocks: real drifts) and the noise the frame's own blocks predict
+  (their neighbour-difference scatter, / the scale, / sqrt of the light where the
+  vignetting dims it). A frame is odd when some block deviates by more than
+  quality.odd_sigma noise units and by more than quality.odd_min_deviation; the worst
+  frame is taken out and the others scored again without it. It needs at least
+  ODD_MIN_FRAMES frames. bench/qc_flats_probe.py measures what it catches and costs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+LEAVE_OUT, WARN = "leave-out", "warn"
+# Full scale when no card says it (16-bit cameras; the engine clips at this value).
+DEFAULT_FULL_SCALE = 65535.0
+# Block side of the odd-frame-out check, in pixels (at least 2 x 2 samples).
+BLOCK_PIXELS = 32
+# Fewer frames than this: no consensus to compare with, the odd check is skipped.
+ODD_MIN_FRAMES = 3
+# The sample-by-sample reference is the median of at most this many frames (the cost).
+REFERENCE_FRAMES = 9
+# Samples whose consensus is below this fraction of the level (overscan, unlit edges) are
+# left out of the odd check: their ratios are noise over nothing.
+DARK_LEVEL = 0.1
+CHANNELS = ("R", "G", "B")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check a flat failed: the figure, the limit, a one-line reason and the action."""
+
+    path: Path
+    check: str  # level | saturation | odd
+    figure: float
+    limit: float
+    reason: str
+    action: str = LEAVE_OUT
+    channel: Optional[str] = None
+
+    @property
+    def leaves_out(self) -> bool:
+        return self.action == LEAVE_OUT
+
+    def line(self) -> str:
+        """'name: reason' with what is done about it."""
+        done = "left out" if self.leaves_out else "combined anyway (warn)"
+        return f"{self.path.name}: {self.reason}; {done}"
+
+
+# --------------------------------------------------------------------------- full scale
+
+
+def _card_number(value) -> Optional[float]:
+    """A header value usable as full scale: a finite number in (0, 2**32), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) and 0 < number < 2.0**32 else None
+
+
+def full_scale(frame) -> float:
+    """The sensor's full scale in ADU: DATAMAX, SATURATE, the bit depth, else 65535."""
+    headers = getattr(frame, "headers", None) or {}
+    for key in ("DATAMAX", "SATURATE"):
+        number = _card_number(headers.get(key))
+        if number is not None:
+            return number
+    bitpix = getattr(frame, "bitpix", None)
+    if bitpix == 8:
+        return 255.0
+    return DEFAULT_FULL_SCALE
+
+
+# --------------------------------------------------------------------------- CFA positions
+
+
+def sample_channels(layout, shape: tuple[int, int], step: int) -> Optional[np.ndarray]:
+    """Per sample of the grid (flatd.stack.levels.grid_slices), its channel 0, 1, 2 (R, G,
+    B) for a colour `layout` (flatd.stack.cfa.Layout of the presented frame); None for mono."""
+    if layout is None:
+        return None
+    colours = layout.colours(0)
+    rows = (step // 2 + step * np.arange(shape[0])) % 2
+    cols = (step // 2 + step * np.arange(shape[1])) % 2
+    table = np.array([CHANNELS.index(c) for c in colours], dtype=np.int8).reshape(2, 2)
+    return table[rows[:, None], cols[None, :]]
+
+
+def presented_layout(frame, origin: tuple[int, int] = (0, 0), height: Optional[int] = None):
+    """The CFA layout of `frame` as the engine presents it (trimmed at `origin`); None for mono."""
+    from dataclasses import replace
+
+    from flatd.stack.cfa import layout_of
+
+    layout = layout_of(frame)
+    if layout is None or origin == (0, 0):
+        return layout
+    return replace(layout, offset=((layout.offset[0] + origin[0]) % 2, (layout.offset[1] + origin[1]) % 2),
+                   height=height or layout.height)
+
+
+def _parts(sample: np.ndarray, channels: Optional[np.ndarray]) -> list[tuple[Optional[str], np.ndarray]]:
+    """(channel, its samples): one part (None) for mono, R, G, B for colour (a channel
+    the grid does not sample, as with an even step, left out)."""
+    if channels is None:
+        return [(None, sample.ravel())]
+    parts = [(name, sample[channels == k]) for k, name in enumerate(CHANNELS)]
+    return [(name, values) for name, values in parts if values.size]
+
+
+# --------------------------------------------------------------------------- level and saturation
+
+
+def channel_levels(sample: np.ndarray, channels: Optional[np.ndarray], level: Optional[float] = None) -> dict:
+    """{channel: level}: mono, {None: `level`} (the robust level, when given); colour, each
+    channel's median (finite samples)."""
+    if channels is None and level is not None:
+        return {None: float(level)}
+    out = {}
+    for name, values in _parts(sample, channels):
+        values = values[np.isfinite(values)]
+        out[name] = float(np.median(values)) if values.size else math.nan
+    return out
+
+
+def check_level(path: Path, levels: dict, full: float, quality, calibration: Optional[str] = None) -> list[Finding]:
+    """The level of each channel as a fraction of full scale, within [min_level, max_level];
+    a level too low names the `calibration` subtracted (a wrong dark or bias empties a flat)."""
+    out = []
+    why = f" (calibration: {calibration})" if calibration else ""
+    for channel, level in levels.items():
+        fraction = level / full if math.isfinite(level) else math.nan
+        what = f"level{' ' + channel if channel else ''} {fraction:.3g} of full scale ({full:.0f})"
+        if not fraction >= quality.min_level:
+            out.append(Finding(path, "level", fraction, quality.min_level,
+                               f"{what}, below quality.min_level {quality.min_level:g}{why}", quality.level_action,
+                               channel))
+        elif fraction > quality.max_level:
+            out.append(Finding(path, "level", fraction, quality.max_level,
+                               f"{what}, above quality.max_level {quality.max_level:g}", quality.level_action, channel))
+    return out
+
+
+def saturation_threshold(full: float, offset: float = 0.0, spread: float = 0.0) -> float:
+    """The calibrated value at and above which a sample counts as saturated (see the module)."""
+    return full - offset - max(0.001 * full, 5.0 * spread)
+
+
+def check_saturation(path: Path, sample: np.ndarray, channels: Optional[np.ndarray], threshold: float,
+                     full: float, quality) -> list[Finding]:
+    """The fraction of samples (per channel) at or above `threshold`, at most max_saturated."""
+    out = []
+    for channel, values in _parts(sample, channels):
+        if not values.size:
+            continue
+        fraction = float(np.count_nonzero(values >= threshold)) / values.size
+        if fraction > quality.max_saturated:
+            where = f" of the {channel} pixels" if channel else ""
+            out.append(Finding(path, "saturation", fraction, quality.max_saturated,
+                               f"{fraction * 100:.3g} %{where} at full scale ({full:.0f}), above "
+                               f"quality.max_saturated {quality.max_saturated * 100:g} %",
+                               quality.saturation_action, channel))
+    return out
+
+
+# --------------------------------------------------------------------------- odd frame out
+
+
+def block_side(step: int) -> int:
+    """Samples per side of a block of about BLOCK_PIXELS pixels (at least 2)."""
+    return max(2, int(round(BLOCK_PIXELS / max(1, step))))
+
+
+def normalized(sample: np.ndarray, channels: Optional[np.ndarray], levels: dict) -> np.ndarray:
+    """The sample divided by its level (each channel by its own on a colour sensor), float32."""
+    out = np.array(sample, dtype=np.float32, copy=True)
+    if channels is None:
+        out /= np.float32(levels[None])
+        return out
+    for k, name in enumerate(CHANNELS):
+        level = levels.get(name, math.nan)
+        out[channels == k] /= np.float32(level) if level and math.isfinite(level) else np.float32(math.nan)
+    return out
+
+
+def _blocks(x: np.ndarray, b: int) -> np.ndarray:
+    """(N, by, bx): the median of each b x b block of samples of x (N, rows, cols), NaN
+    left out (a block of NaN only is NaN)."""
+    n, rows, cols = x.shape
+    by, bx = rows // b, cols // b
+    cut = x[:, :by * b, :bx * b].reshape(n, by, b, bx, b).transpose(0, 1, 3, 2, 4).reshape(n, by, bx, b * b)
+    if np.isnan(cut).any():
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(cut, axis=-1)
+    k = b * b // 2
+    if b * b % 2:
+        cut.partition(k, axis=-1)
+        return cut[..., k].copy()
+    cut.partition((k - 1, k), axis=-1)
+    return 0.5 * (cut[..., k - 1] + cut[..., k])
+
+
+def _pool(x: np.ndarray) -> np.ndarray:
+    """2 x 2 means of (N, by, bx) (an odd last row or column dropped)."""
+    n, by, bx = x.shape
+    x = x[:, : by // 2 * 2, : bx // 2 * 2]
+    return 0.25 * (x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2])
+
+
+def _local_median(a: np.ndarray) -> np.ndarray:
+    """(by, bx): the median over the 3 x 3 neighbouring blocks (edges repeated) of the
+    median of `a` (N, by, bx) over the frames: a spread that a chance of five close values
+    does not shrink, and that one odd frame does not inflate."""
+    n, by, bx = a.shape
+    per_block = np.median(np.ascontiguousarray(a.reshape(n, -1).T), axis=1).reshape(by, bx)
+    padded = np.pad(per_block, 1, mode="edge")
+    near = np.stack([padded[dy:dy + by, dx:dx + bx] for dy in range(3) for dx in range(3)], axis=-1)
+    return np.median(near, axis=-1)
+
+
+def _middle(x: np.ndarray) -> np.ndarray:
+    """(P, 2 or 3): per place of x (N >= 3, ...), its sorted values N//2 - 1 to N//2 (N
+    even) or N//2 + 1 (N odd) over the frames (NaN sorts last), by a partial sort."""
+    n = x.shape[0]
+    t = np.ascontiguousarray(x.reshape(n, -1).T)
+    kth = list(range(n // 2 - 1, n // 2 + 1 + n % 2))
+    t.partition(kth, axis=1)
+    return t[:, kth[0]:kth[-1] + 1]
+
+
+def _reference_frames(n: int) -> list[int]:
+    """At most REFERENCE_FRAMES frames of n, spread over the series: the references' own."""
+    return sorted(set(np.linspace(0, n - 1, min(n, REFERENCE_FRAMES)).round().astype(int).tolist()))
+
+
+def _others(x: np.ndarray) -> np.ndarray:
+    """(N, ...): per place, the median of the other reference frames' values (all the
+    reference frames' for a frame that is not one of them)."""
+    from flatd.stack.levels import _median_of_others
+
+    n = x.shape[0]
+    ref = _reference_frames(n)
+    middle = _middle(x[ref])
+    m = len(ref)
+    common = (middle[:, 1] if m % 2 else 0.5 * (middle[:, 0] + middle[:, 1])).reshape(x.shape[1:])
+    out = np.empty_like(x)
+    for i in range(n):
+        out[i] = _median_of_others(x[i].ravel(), middle).reshape(x.shape[1:]) if i in ref else common
+    return out
+
+
+def _ratio_blocks(norm: np.ndarray, b: int, mapper=None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, consensus): per frame, the median over each b x b block of its samples over the
+    median of the other frames' at the same place, minus 1 (N, by, bx; 0 where not
+    finite), and that median (rows, cols). The reference frames are at most
+    REFERENCE_FRAMES, spread over the series; each is left out of its own reference (the
+    median frame would read exactly 0 otherwise). The ratio cancels vignetting, dust and
+    the CFA. One frame's ratios at a time per thread of `mapper(fn, indices)` (the memory:
+    a few frames' samples)."""
+    from flatd.stack.levels import _median_of_others
+
+    n = norm.shape[0]
+    ref = set(_reference_frames(n))
+    middle = _middle(norm[sorted(ref)])
+    m = len(ref)
+    consensus = (middle[:, 1] if m % 2 else 0.5 * (middle[:, 0] + middle[:, 1])).reshape(norm.shape[1:])
+    rows, cols = consensus.shape
+    x = np.empty((n, rows // b, cols // b), dtype=np.float32)
+
+    dark = ~(consensus >= DARK_LEVEL)  # overscan strips, unlit edges: no pattern to compare
+
+    def one(i: int) -> None:
+        other = _median_of_others(norm[i].ravel(), middle).reshape(consensus.shape) if i in ref else consensus
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.divide(norm[i], other)[None]
+        r -= np.float32(1.0)
+        r[~np.isfinite(r)] = 0.0
+        r[0][dark] = 0.0
+        x[i] = _blocks(r, b)[0]
+
+    (mapper or (lambda fn, items: [fn(i) for i in items]))(one, range(n))
+    return x, consensus
+
+
+def _to_others(x: np.ndarray) -> np.ndarray:
+    """(N, by, bx): each frame's blocks less the median of the other frames' at the same
+    place, less its median over the blocks. Taken at each scale, so that the pull of an
+    odd frame on the others' sample references (it is one of their others) cancels."""
+    n = x.shape[0]
+    r = x - _others(x)
+    r[~np.isfinite(r)] = 0.0
+    r -= np.median(r.reshape(n, -1), axis=1)[:, None, None]
+    return r
+
+
+def _noise(r: np.ndarray) -> np.ndarray:
+    """Per frame, the block-to-block noise of its ratio map r (N, by, bx): 1.4826 MAD of
+    neighbour differences / sqrt 2 (a smooth cloud edge or gradient does not inflate it)."""
+    d = np.abs(np.diff(r, axis=2)).reshape(r.shape[0], -1)
+    sigma = 1.4826 * np.median(d, axis=1) / math.sqrt(2.0) if d.shape[1] else np.zeros(r.shape[0])
+    return np.where(np.isfinite(sigma), sigma, 0.0)
+
+
+def _without_planes(x: np.ndarray) -> np.ndarray:
+    """(N, by, bx) less each frame's robustly fitted plane a + b x + c y (a twilight
+    gradient that drifts through the series; a cloud or a leak stays in the residual)."""
+    n, by, bx = x.shape
+    yy, xx = np.mgrid[0:by, 0:bx]
+    design = np.stack([np.ones(by * bx), (xx.ravel() - bx / 2) / bx, (yy.ravel() - by / 2) / by], axis=1)
+    values = x.reshape(n, -1).astype(np.float64)
+    weights = np.ones_like(values)
+    for _ in range(2):  # fit, clip what stands out (the fault itself), fit again: all frames at once
+        normal = (weights @ (design[:, :, None] * design[:, None, :]).reshape(-1, 9)).reshape(n, 3, 3)
+        rhs = (weights * values) @ design
+        coef = np.linalg.solve(normal + 1e-12 * np.eye(3), rhs[..., None])[..., 0]
+        resid = values - coef @ design.T
+        mad = np.median(np.abs(resid), axis=1)
+        weights = np.where((np.abs(resid) <= 3 * 1.4826 * mad[:, None]) | (mad[:, None] <= 0), 1.0, 0.0)
+    return resid.reshape(n, by, bx).astype(x.dtype)
+
+
+@dataclass(frozen=True)
+class OddScore:
+    """A frame's worst block: deviation from the group (fraction), in noise units, where."""
+
+    z: float
+    deviation: float
+    x: int  # pixels, the block's corner in the presented frame
+    y: int
+    size: int  # the block's side in pixels
+
+
+def _score(r: np.ndarray, expected: np.ndarray, min_deviation: float) -> np.ndarray:
+    """|r| over its noise (the spread over frames and neighbours, at least `expected`);
+    0 where |r| <= min_deviation."""
+    spread = 1.4826 * _local_median(np.abs(r))
+    z = np.abs(r) / np.maximum(np.maximum(spread[None], expected), 1e-12)
+    z[np.abs(r) <= min_deviation] = 0.0
+    return z
+
+
+def odd_scores(norm: np.ndarray, step: int, min_deviation: float, mapper=None) -> list[OddScore]:
+    """Per frame of `norm` (N >= 3, rows, cols: samples divided by their levels), its worst
+    block over the scales b, 2b, 4b... samples, as it is and less a fitted plane, among the
+    blocks deviating by more than `min_deviation` (z 0 if none)."""
+    n = norm.shape[0]
+    b = block_side(step)
+    x, consensus = _ratio_blocks(norm, b, mapper)
+    sigma = _noise(_to_others(x))  # the base blocks' noise, per frame
+    light = _blocks(consensus[None], b)[0]
+    light = np.clip(light / np.nanmedian(light), 0.05, None)  # photon noise grows where the light falls
+    light[~np.isfinite(light)] = 1.0
+    best = [OddScore(0.0, 0.0, 0, 0, 0)] * n
+    size = 1
+    while min(x.shape[1:]) >= 1:
+        expected = sigma[:, None, None] / size / np.sqrt(light)[None]
+        r = _to_others(x)
+        # less a plane at the pooled scales (at the finest, noise hides a twilight gradient)
+        views = [r, _without_planes(r)] if size > 1 and min(r.shape[1:]) >= 3 else [r]
+        for view in views:
+            z = _score(view, expected, min_deviation)
+            for i in range(n):
+                k = int(np.argmax(z[i]))
+                if z[i].flat[k] > best[i].z:
+                    by, bx = divmod(k, z.shape[2])
+                    side = b * size * step
+                    best[i] = OddScore(float(z[i].flat[k]), float(view[i].flat[k]),
+                                       step // 2 + bx * side, step // 2 + by * side, side)
+        if min(x.shape[1:]) < 4:
+            break
+        x, light = _pool(x), _pool(light[None])[0]
+        size *= 2
+    return best
+
+
+def odd_frames(paths: Sequence[Path], norm: np.ndarray, step: int, quality, mapper=None) -> list[Finding]:
+    """The frames whose large-scale pattern differs from the group's (see the module): the
+    worst one over quality.odd_sigma is taken out and the rest scored again without it
+    (an odd frame pulls the others' reference its way), until none is left or fewer than
+    ODD_MIN_FRAMES remain."""
+    b = block_side(step)
+    if min(norm.shape[1] // b, norm.shape[2] // b) < 2:
+        return []  # a frame too small for 2 x 2 blocks: nothing large-scale to compare
+    out = []
+    left = list(range(len(paths)))
+    while len(left) >= ODD_MIN_FRAMES:
+        scores = odd_scores(norm[left] if len(left) < len(paths) else norm, step, quality.odd_min_deviation, mapper)
+        j = max(range(len(left)), key=lambda k: scores[k].z)
+        score = scores[j]
+        if not score.z > quality.odd_sigma:
+            break
+        out.append(Finding(paths[left[j]], "odd", score.z, quality.odd_sigma,
+                           f"odd frame out: {score.size}x{score.size} px at x={score.x}, y={score.y} is "
+                           f"{score.deviation * 100:+.2g} % off the group's pattern, {score.z:.1f} times its "
+                           f"noise (quality.odd_sigma {quality.odd_sigma:g})", quality.odd_action))
+        del left[j]
+    return out
+
+
+# --------------------------------------------------------------------------- all checks
+
+
+@dataclass
+class FlatSample:
+    """What the engine hands over for one flat: its calibrated sample grid (rows, cols),
+    its robust level (None: measured here), and what was subtracted (median, spread)."""
+
+    frame: object
+    sample: np.ndarray
+    level: Optional[float] = None
+    offset: float = 0.0
+    spread: float = 0.0
+    calibration: Optional[str] = None  # what was subtracted (named when the level is too low)
+
+
+def check_flats(flats: Sequence[FlatSample], step: int, quality, origin: tuple[int, int] = (0, 0),
+                height: Optional[int] = None, mapper=None) -> list[Finding]:
+    """Every check on every flat of a group (quality: flatd.config.Quality; disabled: none).
+    `origin`/`height`: where the presented frames start in the stored ones (the CFA phase);
+    `mapper(fn, indices)`: runs fn on each index, in threads if it likes (the engine's pool)."""
+    if quality is None or not quality.enabled or not flats:
+        return []
+    findings: list[Finding] = []
+    kept: list[Path] = []
+    norms = np.empty((len(flats), *np.shape(flats[0].sample)), dtype=np.float32)
+    for item in flats:
+        frame, sample = item.frame, np.asarray(item.sample, dtype=np.float32)
+        channels = sample_channels(presented_layout(frame, origin, height), sample.shape, step)
+        full = full_scale(frame)
+        levels = channel_levels(sample, channels, item.level)
+        found = check_level(frame.path, levels, full, quality, item.calibration)
+        found += check_saturation(frame.path, sample, channels,
+                                  saturation_threshold(full, item.offset, item.spread), full, quality)
+        findings += found
+        if not any(f.leaves_out for f in found) and all(math.isfinite(v) and v > 0 for v in levels.values()):
+            norms[len(kept)] = normalized(sample, channels, levels)
+            kept.append(frame.path)
+    if len(kept) >= ODD_MIN_FRAMES:
+        findings += odd_frames(kept, norms[:len(kept)], step, quality, mapper)
+    return findings
+
+
+def left_out_paths(findings: Sequence[Finding]) -> set:
+    """The paths of the flats that a leave-out finding keeps out of the master."""
+    return {f.path for f in findings if f.leaves_out}

@@ -1,0 +1,417 @@
+"""A new master against the previous one of the same camera, filter, binning and optics.
+
+As BANZAI does: the ratio new / previous, its large-scale shape matched out (each CFA
+colour to its median, then a low-order 2-D polynomial surface fitted to block medians,
+robustly), and the fraction of pixels whose ratio differs by more than N sigma of its
+own pixel noise. Dust that appeared, moved or went shows as blobs on the ratio smoothed
+at dust scale: darker now (appeared) or brighter now (went); a moved donut is one of
+each. numpy only.
+
+`compare(master, previous) -> Comparison` is the seam the previews use (the ratio PNG
+marks the blobs). `find_previous` looks in the ledger's masters of done jobs, then in the
+output folder; a previous master that cannot be used (another size, unreadable,
+truncated, no data, mostly non-finite) is reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+
+MAD_SIGMA = 1.4826
+MAX_SIDE = 1024  # the ratio is binned (b x b) until its longer side is at most this
+MAX_FLAGGED = 200_000  # more changed pixels than this: too widespread to list as blobs
+MAX_BLOBS = 50
+MAX_TRIES = 5  # previous masters tried, newest first, before giving up
+IDENTITY = ("INSTRUME", "FILTER", "XBINNING", "YBINNING", "TELESCOP", "FOCALLEN")
+OPTICS = ("TELESCOP", "FOCALLEN")  # compared when both masters have them
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A place where dust appeared (darker now) or went (brighter now): centre (x, y) and
+    radius in master pixels, depth in % of the level."""
+
+    x: float
+    y: float
+    radius: float
+    depth: float
+    kind: str  # "appeared" | "went"
+
+
+@dataclass
+class Comparison:
+    """`ratio`: new / previous with the large-scale shape matched out (about 1.0), at
+    `binning` master pixels per ratio pixel; `changed_fraction`: of its finite pixels,
+    those more than `nsigma` x `sigma` from 1; `blobs`: the dust that changed."""
+
+    ratio: np.ndarray
+    changed_fraction: float
+    blobs: list[Blob]
+    sigma: float = math.nan
+    binning: int = 1
+    nsigma: float = 5.0
+    widespread: bool = False  # too many changed pixels to list blobs
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def compare(master: np.ndarray, previous: np.ndarray, sigma: float = 5.0, min_depth: float = 0.005,
+            scale: float = 5.0) -> Comparison:
+    """Compare two masters of one size. ValueError (with the reason) when they cannot be:
+    another size, or too few pixels finite and positive in both."""
+    master, previous = np.asarray(master), np.asarray(previous)
+    if master.shape != previous.shape or master.ndim != 2:
+        raise ValueError(f"previous master is {_size(previous)}, this one {_size(master)}")
+    ratio = raw_ratio(master, previous)
+    b = binning_for(ratio.shape)
+    ratio = bin_image(ratio, b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = ratio / large_scale(ratio)
+    r = ratio - 1.0
+    finite = np.isfinite(r)
+    noise = robust_std(r[finite])
+    changed = float(np.count_nonzero(np.abs(r[finite]) > sigma * noise) / max(finite.sum(), 1))
+    blobs, widespread = find_blobs(r, noise, sigma, min_depth, max(3.0, scale / b), b)
+    return Comparison(ratio.astype(np.float32), changed, blobs, noise, b, sigma, widespread)
+
+
+def _size(a: np.ndarray) -> str:
+    return "x".join(str(s) for s in a.shape[::-1])
+
+
+def raw_ratio(master: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """new / previous where both are finite and positive (NaN elsewhere), each CFA
+    position (row and column parity) scaled to median 1. ValueError when under half of
+    the pixels can be compared."""
+    a, b = np.asarray(master, np.float32), np.asarray(previous, np.float32)
+    with np.errstate(all="ignore"):
+        ratio = a / b
+        ok = np.isfinite(ratio) & (a > 0) & (b > 0)
+    count = int(np.count_nonzero(ok))
+    if count < 0.5 * a.size or count < 16:
+        raise ValueError(f"only {count} of {a.size} pixels are finite and positive in both masters")
+    ratio[~ok] = np.nan
+    for py in (0, 1):
+        for px in (0, 1):
+            part = ratio[py::2, px::2]
+            step = max(1, int(math.sqrt(part.size / 250_000)))
+            sample = part[::step, ::step]
+            sample = sample[np.isfinite(sample)]
+            med = float(np.median(sample)) if sample.size else math.nan
+            if math.isfinite(med) and med > 0:
+                part /= np.float32(med)
+    return ratio
+
+
+def binning_for(shape) -> int:
+    return max(1, math.ceil(max(shape) / MAX_SIDE))
+
+
+def bin_image(image: np.ndarray, b: int) -> np.ndarray:
+    """Means of b x b blocks of finite pixels (NaN when none); b == 1 returns the image."""
+    if b == 1:
+        return image
+    h, w = image.shape
+    cut = image[: h // b * b, : w // b * b].reshape(h // b, b, w // b, b)
+    good = np.isfinite(cut)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(good, cut, 0).sum(axis=(1, 3), dtype=np.float64) / good.sum(axis=(1, 3))
+
+
+def robust_std(values: np.ndarray) -> float:
+    if values.size == 0:
+        return math.nan
+    return float(MAD_SIGMA * np.median(np.abs(values - np.median(values))))
+
+
+def large_scale(ratio: np.ndarray, blocks: int = 16, rounds: int = 3) -> np.ndarray:
+    """The ratio's large-scale shape: a 2-D polynomial (degree 3 with enough blocks, else
+    lower) fitted to block medians, blocks beyond 3 sigma of the fit left out."""
+    h, w = ratio.shape
+    by, bx = max(1, h // blocks), max(1, w // blocks)
+    ny, nx = h // by, w // bx
+    cut = ratio[: ny * by, : nx * bx].reshape(ny, by, nx, bx).transpose(0, 2, 1, 3).reshape(ny, nx, -1)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(cut, axis=2)
+    yc = (np.arange(ny) + 0.5) * by
+    xc = (np.arange(nx) + 0.5) * bx
+    yy, xx = np.meshgrid(yc, xc, indexing="ij")
+    keep = np.isfinite(med)
+    degree = 3 if keep.sum() >= 40 else 2 if keep.sum() >= 15 else 1 if keep.sum() >= 3 else 0
+    coef = None
+    for _ in range(rounds):
+        if keep.sum() < _terms(degree):
+            break
+        coef = np.linalg.lstsq(_design(xx[keep], yy[keep], w, h, degree), med[keep], rcond=None)[0]
+        resid = med - _design(xx.ravel(), yy.ravel(), w, h, degree).dot(coef).reshape(med.shape)
+        spread = robust_std(resid[keep])
+        if not spread > 0:
+            break
+        keep = np.isfinite(med) & (np.abs(resid) < 3 * spread)
+    if coef is None:
+        level = np.nanmedian(med) if np.isfinite(med).any() else 1.0
+        return np.full(ratio.shape, level)
+    u = 2 * (np.arange(w) + 0.5) / w - 1
+    v = 2 * (np.arange(h) + 0.5) / h - 1
+    surface = np.zeros((h, w))
+    terms = [(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)]
+    for c, (i, j) in zip(coef, terms):  # separable: no (pixels x terms) matrix
+        surface += c * np.outer(v ** j, u ** i)
+    return surface
+
+
+def _terms(degree: int) -> int:
+    return (degree + 1) * (degree + 2) // 2
+
+
+def _design(x: np.ndarray, y: np.ndarray, w: int, h: int, degree: int) -> np.ndarray:
+    u, v = 2 * x / w - 1, 2 * y / h - 1
+    cols = [u ** i * v ** j for i in range(degree + 1) for j in range(degree + 1 - i)]
+    return np.stack(cols, axis=-1)
+
+
+# --------------------------------------------------------------------------- blobs
+
+
+def box(image: np.ndarray, size: int) -> np.ndarray:
+    """The mean over a size x size box of the finite pixels around each (NaN when none)."""
+    size = max(1, int(size))
+    good = np.isfinite(image)
+    return _box_sum(np.where(good, image, 0.0), size) / np.maximum(_box_sum(good.astype(np.float64), size), 1)
+
+
+def _box_sum(a: np.ndarray, size: int) -> np.ndarray:
+    lo, hi = size // 2, size - size // 2
+    out = a
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (lo + 1, hi)
+        c = np.cumsum(np.pad(out, pad), axis=axis)
+        n = out.shape[axis]
+        upper = np.take(c, np.arange(size, size + n), axis=axis)
+        lower = np.take(c, np.arange(0, n), axis=axis)
+        out = upper - lower
+    return out
+
+
+def find_blobs(r: np.ndarray, noise: float, nsigma: float, min_depth: float, scale: float,
+               binning: int = 1) -> tuple[list[Blob], bool]:
+    """Blobs of the relative ratio `r` smoothed over `scale` pixels beyond
+    max(min_depth, nsigma x its smoothed noise); single wild pixels are clipped first.
+    Returns (blobs, widespread)."""
+    size = int(round(scale)) | 1
+    clip = max(5 * noise, 4 * min_depth) if math.isfinite(noise) else 4 * min_depth
+    detect = box(np.clip(r, -clip, clip), size)
+    depth = box(r, size)
+    finite = np.isfinite(detect)
+    threshold = max(min_depth, nsigma * robust_std(detect[finite]))
+    blobs: list[Blob] = []
+    flagged = 0
+    for kind, mask in (("appeared", detect < -threshold), ("went", detect > threshold)):
+        flagged += int(mask.sum())
+        if flagged > MAX_FLAGGED:
+            return [], True
+        for pixels in components(mask):
+            if len(pixels[0]) < size:
+                continue
+            blobs.append(_blob(pixels, depth, kind, binning))
+    blobs.sort(key=lambda blob: -blob.depth)
+    return blobs[:MAX_BLOBS], False
+
+
+def _blob(pixels: tuple[np.ndarray, np.ndarray], depth: np.ndarray, kind: str, b: int) -> Blob:
+    ys, xs = pixels
+    values = depth[ys, xs]
+    weights = np.abs(np.nan_to_num(values)) + 1e-12
+    y = float((ys * weights).sum() / weights.sum())
+    x = float((xs * weights).sum() / weights.sum())
+    radius = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / 2 * b
+    extreme = float(np.nanmin(values) if kind == "appeared" else np.nanmax(values))
+    return Blob(round((x + 0.5) * b - 0.5, 1), round((y + 0.5) * b - 0.5, 1), round(float(radius), 1),
+                round(abs(extreme) * 100, 3), kind)
+
+
+def components(mask: np.ndarray) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """The 8-connected regions of `mask`: (rows, cols) of each."""
+    seen = np.zeros(mask.shape, dtype=bool)
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        queue, ys, xs = deque([(y0, x0)]), [], []
+        while queue:
+            y, x = queue.popleft()
+            ys.append(y)
+            xs.append(x)
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    v, u = y + dy, x + dx
+                    if 0 <= v < h and 0 <= u < w and mask[v, u] and not seen[v, u]:
+                        seen[v, u] = True
+                        queue.append((v, u))
+        yield np.array(ys), np.array(xs)
+
+
+# --------------------------------------------------------------------------- finding the previous master
+
+
+def identity(cards: Mapping[str, object]) -> dict[str, Optional[str]]:
+    """What makes two masters comparable: camera, filter, binning, optics (as text)."""
+    out = {}
+    for key in IDENTITY:
+        value = cards.get(key)
+        out[key] = None if value is None or str(value).strip() == "" else str(value).strip().lower()
+    for key in ("XBINNING", "YBINNING"):
+        out[key] = out[key] or "1"
+    return out
+
+
+def same_setup(new: Mapping[str, object], old: Mapping[str, object]) -> bool:
+    """Same camera, filter and binning; same optics when both say."""
+    a, b = identity(new), identity(old)
+    for key in IDENTITY:
+        if key in OPTICS and (a[key] is None or b[key] is None):
+            continue
+        if a[key] != b[key]:
+            return False
+    return True
+
+
+def is_master_flat(cards: Mapping[str, object]) -> bool:
+    return str(cards.get("IMAGETYP", "")).strip().lower() == "master flat"
+
+
+def candidates(output_dir: Optional[Path], ledger=None, job_id: Optional[str] = None) -> list[Path]:
+    """Earlier masters, newest first: the ledger's of done jobs, else the output folder's."""
+    paths: list[Path] = []
+    if ledger is not None:
+        try:
+            paths = [Path(p) for p in ledger.done_masters(exclude=job_id)]
+        except Exception:  # noqa: BLE001 - a ledger of an older flatd: the folder
+            paths = []
+        paths = [p for p in paths if p.exists()]
+    if not paths and output_dir is not None:
+        paths = _folder_masters(Path(output_dir))
+    return paths
+
+
+def _folder_masters(directory: Path) -> list[Path]:
+    try:
+        entries = [e for e in os.scandir(directory) if not e.name.startswith(".") and e.is_file()]
+    except OSError:
+        return []
+    entries.sort(key=lambda e: -e.stat().st_mtime)
+    return [Path(e.path) for e in entries]
+
+
+@dataclass
+class PreviousCheck:
+    """What the comparison with the previous master found (`path` None: none usable)."""
+
+    path: Optional[Path] = None
+    comparison: Optional[Comparison] = None
+    skipped: list[str] = field(default_factory=list)  # earlier masters that could not be used, why
+
+    def cards(self) -> dict[str, tuple[object, str]]:
+        if self.path is None or self.comparison is None:
+            return {}
+        from flatd.output.naming import ascii_text
+
+        c = self.comparison
+        name = ascii_text(self.path.name)[:68].replace("'", "_")
+        comment = "previous master compared with"
+        return {
+            "QCPREV": (name, comment if len(name) + len(comment) <= 80 - 15 else ""),
+            "QCCHANGE": (float(f"{c.changed_fraction:.4g}"), f"fraction of pixels beyond {c.nsigma:g} sigma"),
+            "QCNDUST": (len(c.blobs), "dust blobs that appeared or went"),
+        }
+
+    def history(self) -> list[str]:
+        lines = [f"QC previous master skipped: {s}" for s in self.skipped]
+        if self.comparison is not None:
+            for blob in self.comparison.blobs:
+                lines.append(f"QC dust {blob.kind} at x={blob.x:.0f} y={blob.y:.0f} r={blob.radius:.0f} "
+                             f"depth {blob.depth:.2f} %")
+        return lines
+
+    def judge(self, limits) -> list[tuple[str, str]]:
+        """(status, reason) pairs: a warning when much changed, or dust appeared or went."""
+        c = self.comparison
+        if c is None:
+            return []
+        out = []
+        if c.changed_fraction > limits.previous_warn_fraction:
+            out.append(("warn", f"{100 * c.changed_fraction:.3g} % of pixels changed beyond {c.nsigma:g} sigma "
+                                f"since {self.path.name}"))
+        if limits.dust_warn and (c.blobs or c.widespread):
+            appeared = sum(1 for b in c.blobs if b.kind == "appeared")
+            went = len(c.blobs) - appeared
+            what = "changes too widespread to list" if c.widespread else f"{appeared} appeared, {went} went"
+            out.append(("warn", f"dust changed since {self.path.name}: {what}"))
+        return out
+
+
+def load_master(path: Path) -> tuple[dict, np.ndarray]:
+    """(cards, pixels) of a master file; ValueError with the reason when unusable."""
+    from flatd.ingest.frames import FrameError, read_frame, read_header_cards
+    from flatd.stack.pixels import read_image
+
+    try:
+        cards, _ = read_header_cards(path)
+        image = read_image(read_frame(path))
+    except FrameError as exc:
+        raise ValueError(getattr(exc, "reason", None) or str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: a reason, never a crash
+        raise ValueError(f"unreadable: {type(exc).__name__}: {exc}") from None
+    return cards, image
+
+
+def check_previous(master: np.ndarray, cards: Mapping[str, object], output_dir: Optional[Path], ledger=None,
+                   job_id: Optional[str] = None, limits=None) -> PreviousCheck:
+    """Find the newest usable previous master of the same setup and compare with it.
+    Unusable ones (another size, unreadable, truncated, no data, NaN) are skipped with the
+    reason; earlier bad (QCSTATUS) masters and other setups are passed over quietly."""
+    from flatd.ingest.frames import FrameError, read_header_cards
+
+    check = PreviousCheck()
+    tries = 0
+    for path in candidates(output_dir, ledger, job_id):
+        try:
+            old, _ = read_header_cards(path)
+        except (FrameError, OSError, ValueError):
+            continue  # not a FITS/XISF at all (a preview, a note): not a master
+        if not is_master_flat(old) or (job_id and old.get("FLATDJOB") == job_id):
+            continue
+        if str(old.get("QCSTATUS", "")).strip().lower() == "bad" or not same_setup(cards, old):
+            continue
+        tries += 1
+        try:
+            _, pixels = load_master(path)
+            check.comparison = compare(master, pixels, **_settings(limits))
+        except (ValueError, MemoryError) as exc:
+            check.skipped.append(f"{path.name}: {exc}")
+            if tries >= MAX_TRIES:
+                break
+            continue
+        check.path = path
+        break
+    return check
+
+
+def _settings(limits) -> dict:
+    if limits is None:
+        return {}
+    return {"sigma": limits.previous_sigma, "min_depth": limits.dust_min_depth, "scale": limits.dust_scale}
