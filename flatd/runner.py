@@ -219,6 +219,8 @@ class Runner:
         for failed in plan.failed:
             emit(E.JobFailed(failed.label, failed.reason, files=len(failed.frames), rule=failed.rule,
                              inputs=tuple(f.path for f in failed.frames)))
+        if not dry_run:
+            self._prepare(plan.jobs)
         for job in plan.jobs:
             if self.should_stop():
                 break
@@ -226,6 +228,17 @@ class Runner:
             self._note_flat_checks(report, outcome, dry_run)
             report.outcomes.append(outcome)
         return report
+
+    def _prepare(self, jobs) -> None:
+        """Hand an engine that can run jobs side by side (the Dask engine) the batch's jobs
+        that will be stacked: not done, not failed before."""
+        prepare = getattr(self._engine, "prepare", None)
+        if prepare is None:
+            return
+        known = (lambda j: self.ledger.job(j.id)) if self.ledger is not None else (lambda j: None)
+        todo = [j for j in jobs if (row := known(j)) is None or row.state not in (L.DONE, L.MOVES_PENDING, L.FAILED)]
+        if todo:
+            prepare(todo)
 
     def _dry_outcome(self, job: Job, now: datetime) -> Outcome:
         known = self.ledger.job(job.id) if self.ledger is not None else None

@@ -122,6 +122,7 @@ class DaskEngine:
         self._compatible: Optional[list[str]] = None
         self._lock = threading.Lock()
         self._fell_back = False
+        self._pending: dict[str, tuple[object, str]] = {}  # job id -> (future, key): submitted ahead
 
     # ---- connecting
     def client(self):
@@ -150,7 +151,23 @@ class DaskEngine:
             raise EngineUnavailable(f"engine.address {self.settings.address}: no worker runs flatd {__version__}")
         return self._compatible
 
+    def prepare(self, jobs: Sequence["Job"]) -> None:
+        """Submit every job of a batch at once, so that the workers stack them side by side
+        while this process writes the masters one after another; `stack` then waits for
+        its job's task. Nothing is submitted when the cluster cannot be used (`stack`
+        falls back then, job by job)."""
+        try:
+            workers = self.compatible_workers()
+        except EngineUnavailable:
+            return
+        for job in jobs:
+            if job.id not in self._pending:
+                self._pending[job.id] = self._submit(job, workers)
+
     def close(self) -> None:
+        for future, _ in self._pending.values():
+            future.cancel()
+        self._pending.clear()
         with self._lock:
             if self._client is not None:
                 self._client.close()
@@ -158,11 +175,14 @@ class DaskEngine:
 
     # ---- stacking
     def stack(self, job: "Job") -> StackResult:
+        submitted = self._pending.pop(job.id, None)
+        if submitted is not None:
+            return self._result(*submitted)
         try:
             workers = self.compatible_workers()
         except EngineUnavailable as exc:
             return self._fall_back(job, exc)
-        return self._stack_remote(job, workers)
+        return self._result(*self._submit(job, workers))
 
     def _fall_back(self, job: "Job", exc: EngineUnavailable) -> StackResult:
         if self.settings.fallback != "local":
@@ -179,11 +199,15 @@ class DaskEngine:
             self._client = None
         return self._local.stack(job)
 
-    def _stack_remote(self, job: "Job", workers: list[str]) -> StackResult:
-        client = self.client()
+    def _submit(self, job: "Job", workers: list[str]) -> tuple[object, str]:
         key = f"flatd-stack-{job.id}-{os.urandom(4).hex()}"
-        future = client.submit(stack_on_worker, remote_job(job, self.settings.path_map), self.settings,
-                               __version__, key=key, pure=False, workers=workers, allow_other_workers=False)
+        future = self.client().submit(stack_on_worker, remote_job(job, self.settings.path_map), self.settings,
+                                      __version__, key=key, pure=False, workers=workers,
+                                      allow_other_workers=False)
+        return future, key
+
+    def _result(self, future, key: str) -> StackResult:
+        client = self.client()
         try:
             result = future.result()
         except StackError:
