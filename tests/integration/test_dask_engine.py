@@ -99,14 +99,16 @@ def _run_once(root: Path, engine: str, method: str = "auto") -> tuple[int, list[
 
 
 def test_run_once_on_the_cluster_writes_the_same_master_and_moves_the_inputs(tmp_path, cluster, capsys):
-    for where in ("local", "dask"):
+    for where in ("local", "dask"):  # two groups: submitted to the cluster at once
         _flats(tmp_path / where / "cap" / "night1")
-    code, (local,) = _run_once(tmp_path / "local", "{kind: local}")
-    assert code == 0
-    code, (remote,) = _run_once(tmp_path / "dask", f"{{kind: dask, address: '{cluster.scheduler_address}'}}")
-    assert code == 0, capsys.readouterr().out
-    assert fits.getdata(remote).tobytes() == fits.getdata(local).tobytes()
-    assert fits.getheader(remote)["NCOMBINE"] == 7
+        _flats(tmp_path / where / "cap" / "night2", seed=2)
+    code, local = _run_once(tmp_path / "local", "{kind: local}")
+    assert code == 0 and len(local) == 2
+    code, remote = _run_once(tmp_path / "dask", f"{{kind: dask, address: '{cluster.scheduler_address}'}}")
+    assert code == 0 and len(remote) == 2, capsys.readouterr().out
+    for here, there in zip(local, remote):
+        assert fits.getdata(there).tobytes() == fits.getdata(here).tobytes()
+        assert fits.getheader(there)["NCOMBINE"] == 7
     assert not list((tmp_path / "dask" / "cap" / "night1").glob("flat_*.fits"))
     assert len(list((tmp_path / "dask" / "cap" / "night1" / "originals").glob("flat_*.fits"))) == 7
 
