@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 
-.PHONY: demo test test-deps install install-test deps bench bench-deps bench-speed bench-quality clean
+.PHONY: demo test test-deps install install-test deps bench bench-deps bench-speed bench-quality bench-qc clean
 
 KERNELS := setup.py flatd/stack/_kernels.c flatd/stack/_kernels_body.h
 
@@ -80,6 +80,12 @@ bench-speed: install bench-deps
 
 bench-quality: install bench-deps
 	$(BIN)/python bench/quality.py
+
+# Issue 12's figures: the quality checks on seeded clean and faulty sessions, and what they
+# add to a run of 32 flats of 3264 x 2448 (bench/qc.py; QC_ARGS="--parts clean,faults" and
+# the like pass options through; the time part needs bench/speed.py's cached flats).
+bench-qc: install
+	$(BIN)/python bench/qc.py $(QC_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info .pytest_cache .hypothesis flatd/stack/_kernels*.so

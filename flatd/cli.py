@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", default="path", help="sort by path, kind, size, binning, filter, exposure, temperature, date, adu")
     p.add_argument("--no-recursive", dest="recursive", action="store_false", help="do not look into sub-folders")
 
+    p = sub.add_parser("qc", help="check flats and master flats now: figures and verdicts; changes nothing")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILES")
+    p.add_argument("--against", type=Path, metavar="PREVIOUS", help="compare each master with this previous master")
+    p.add_argument("--pictures", type=Path, metavar="DIR", help="write the masters' previews into DIR")
+    _add_config(p)
+
     p = sub.add_parser("demo", help="write a demo capture session and calibration library")
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--seed", type=int, default=2026)
@@ -394,6 +400,19 @@ def cmd_inspect(args) -> int:
     render_table(rows, _console(), adu=args.adu)
     missing = [p for p in args.paths if not os.path.lexists(p)]
     return EXIT_FAILED if missing else EXIT_OK
+
+
+def cmd_qc(args) -> int:
+    from flatd.qc.command import QcUsage, run_qc
+
+    rules = _load_rules(args.config, required=False)
+    try:
+        console = _console()
+        if not console.is_terminal:  # into a file or a pipe, table rows stay whole
+            console.width = max(console.width, 200)
+        return run_qc(args.files, rules, console, args.against, args.pictures)
+    except QcUsage as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_demo(args) -> int:
@@ -836,6 +855,7 @@ COMMANDS = {
     "retry": cmd_retry,
     "inspect": cmd_inspect,
     "demo": cmd_demo,
+    "qc": cmd_qc,
     "combine": cmd_combine,
 }
 

@@ -470,8 +470,9 @@ class Quality(Section):
     # ---- flat checks (flatd.qc.flats), on the level sample the stacker reads anyway
     min_level: float = Field(0.15, ge=0, le=1, description=(
         "lowest calibrated median of a flat, as a fraction of the sensor's full scale (DATAMAX, SATURATE or "
-        "the bit depth, else 65535); the manual asks for a third to a half"))
-    max_level: float = Field(0.75, gt=0, le=1, description="highest calibrated median, as a fraction of full scale")
+        "the bit depth, else 65535), of its brightest CFA channel on a colour sensor (the weaker channels sit "
+        "where the light's colour puts them); the manual asks for a third to a half"))
+    max_level: float = Field(0.75, gt=0, le=1, description="highest calibrated median, as a fraction of full scale (of each CFA channel)")
     level_action: QcAction = Field("leave-out", description="leave-out: the flat is not combined and stays where "
                                    "it is; warn: it is combined and reported")
     max_saturated: float = Field(0.001, ge=0, le=1, description=(

@@ -14,7 +14,12 @@ tests can check what flatd makes of it:
   recorded;
 * a colour-camera rig as an ASIAIR writes it: an uncooled RGGB sensor with 2.4 µm
   pixels and no FILTER keyword, whose red, green and blue pixels see 0.8, 1.0 and 0.6
-  of the light (`CFA_RESPONSE`), with its own bias and dark-flat in the library.
+  of the light (`CFA_RESPONSE`), with its own bias and dark-flat in the library;
+* a third night with problems (`problem_groups`): a twilight series of R flats with
+  night 1's camera and optics, of which one is over-exposed (saturated), one has a light
+  leak and one a cloud (`faults`: the flat checks leave them out), and whose illumination
+  (`PROBLEM_PATTERN`) has one dust donut moved since night 1 (`moved_donut`: the
+  comparison with night 1's R master finds one donut that went and one that appeared).
 
 A master made from a group, calibrated with the library's matching dark-flat and
 divided by its mean, matches `illumination(shape, binning)` within the shot noise of
@@ -23,7 +28,7 @@ pattern show).
 
 Layout written under ROOT::
 
-    captures/<night>/FLAT/<date>_<time>_<filter>_FLAT_<exp>s_<nnnn>.fits
+    captures/<night>/FLAT/<date>_<time>_<filter>_FLAT_<exp>s_<nnnn>.fits   (night 3: R, 3 faulty)
     captures/<night>/LIGHT/...LIGHT...fits        (left out: not a flat)
     captures/<night>/notes.txt                    (left out: not FITS)
     captures/<night 1>/Autorun/Flat/Flat_<exp>s_Bin1_183MC_gain<g>_<date>-<time>_<temp>C_<nnnn>.fit
@@ -262,10 +267,26 @@ class FlatGroup:
     temperatures: tuple[float, ...]  # CCD-TEMP of each file
     bayer: Optional[str] = None  # colour rig: the CFA pattern (None: mono)
     response: tuple[float, float, float] = (1.0, 1.0, 1.0)  # R, G, B pixels' share of the light
+    pattern: Optional[Pattern] = None  # its own illumination (None: the session's)
+    faults: tuple[tuple[Path, str], ...] = ()  # (file, fault) the flat checks must leave out
 
     @property
     def count(self) -> int:
         return len(self.files)
+
+    @property
+    def left_out(self) -> tuple[Path, ...]:
+        """The faulty flats: never combined, never moved."""
+        return tuple(path for path, _ in self.faults)
+
+    @property
+    def combined(self) -> tuple[Path, ...]:
+        """The flats its master is made of."""
+        return tuple(p for p in self.files if p not in self.left_out)
+
+    @property
+    def combined_levels(self) -> tuple[float, ...]:
+        return tuple(v for p, v in zip(self.files, self.levels) if p not in self.left_out)
 
     @property
     def binning_label(self) -> str:
@@ -315,10 +336,19 @@ class DemoSession:
     sensor: Sensor = field(default_factory=Sensor)
     min_group_size: int = MIN_GROUP_SIZE
     colour_groups: list[FlatGroup] = field(default_factory=list)  # the colour rig's (not in `groups`)
+    # the night with problems (not in `groups`): faulty flats and a moved dust donut
+    problem_groups: list[FlatGroup] = field(default_factory=list)
+    # the moved donut, in pixels of the problem night's frames: (went (x, y), appeared (x, y))
+    moved_donut: Optional[tuple[tuple[float, float], tuple[float, float]]] = None
 
     @property
     def all_groups(self) -> list[FlatGroup]:
-        return self.groups + self.colour_groups
+        return self.groups + self.colour_groups + self.problem_groups
+
+    @property
+    def faults(self) -> dict[Path, str]:
+        """Every flat the checks must leave out, with its fault."""
+        return {path: fault for g in self.all_groups for path, fault in g.faults}
 
     @property
     def flat_files(self) -> list[Path]:
@@ -339,7 +369,7 @@ class DemoSession:
     def illumination(self, group: FlatGroup) -> np.ndarray:
         """The pattern a calibrated master of `group`, divided by its mean, should show
         (for the colour rig, times each pixel's colour response)."""
-        field_ = illumination(group.shape, group.binning, self.pattern)
+        field_ = illumination(group.shape, group.binning, group.pattern or self.pattern)
         if group.bayer:
             field_ *= cfa_response(group.shape, group.bayer, group.response)
             field_ /= field_.mean()
@@ -354,10 +384,10 @@ class DemoSession:
         raise LookupError(f"no dark-flat for {group.label}")
 
     def expected_noise(self, group: FlatGroup) -> np.ndarray:
-        """Per-pixel relative noise of the mean of the group's frames (shot + read)."""
-        sky = float(np.mean(group.levels)) * self.illumination(group)
+        """Per-pixel relative noise of the mean of the group's combined frames (shot + read)."""
+        sky = float(np.mean(group.combined_levels)) * self.illumination(group)
         variance = sky / self.sensor.egain + self.sensor.read_noise**2
-        return np.sqrt(variance / group.count) / sky
+        return np.sqrt(variance / len(group.combined)) / sky
 
 
 # Flat sequences: (filter, binning, set-point, exposure, sky level, count).
@@ -379,6 +409,20 @@ _NIGHTS = (
     ),
 )
 _LIBRARY_DARK_EXPOSURE = 300.0
+
+# Night 3, the night with problems: a twilight series of R flats with night 1's camera
+# settings and optics, so that night 1's R 1x1 master is the one earlier master of the
+# same camera, filter, binning and optics (night 2's R is 2x2; an L night would meet
+# night 2's L 1x1 first): (filter, binning, set-point, exposure, sky level, count).
+# Three flats are faulty (`_FAULTS`, by index): over-exposed (a median of 0.93 of full
+# scale, some 8 % of its pixels saturated), a light leak (a bright corner, +5 %), a
+# cloud (a patch 4 % darker). The first donut's dust mote has moved (PROBLEM_PATTERN).
+_PROBLEM_NIGHT = ("R", 1, -10.0, 3.0, 26000.0, 9)
+_FAULTS = {2: "over-exposed", 4: "light leak", 6: "cloud"}
+OVER_EXPOSED_LEVEL = 0.92 * 65535.0  # the mean sky level
+LEAK_STRENGTH, CLOUD_DEPTH = 0.05, 0.04
+MOVED_DONUT = Donut(0.20, 0.70, 0.045, 0.06)  # was DEFAULT_PATTERN.donuts[0], at (0.28, 0.35)
+PROBLEM_PATTERN = Pattern(donuts=(MOVED_DONUT, *DEFAULT_PATTERN.donuts[1:]))
 
 
 def _fits_time(t: datetime) -> str:
@@ -520,13 +564,13 @@ def write_demo(root: Path, seed: int = DEFAULT_SEED, scale: int = 1) -> DemoSess
     w = _Writer(root, seed, scale, sensor, pattern)
     captures, calibration = root / "captures", root / "calibration"
     first_night = FIRST_NIGHT + timedelta(days=(seed - DEFAULT_SEED) % 60)
-    nights = tuple(first_night + timedelta(days=i) for i in range(len(_NIGHTS)))
+    nights = tuple(first_night + timedelta(days=i) for i in range(len(_NIGHTS) + 1))  # + the problem night
 
     groups: list[FlatGroup] = []
     cosmic: dict[str, tuple[tuple[int, int], ...]] = {}
     others: list[Path] = []
 
-    for night, sequences in zip(nights, _NIGHTS):
+    for night, sequences in zip(nights, _NIGHTS):  # nights[-1], the problem night, is written last
         folder = captures / night.isoformat() / "FLAT"
         # Dusk flats start a little after sunset; the flat wizard walks the filters.
         t = datetime(night.year, night.month, night.day, 16, 38, 0) + timedelta(
@@ -590,6 +634,7 @@ def write_demo(root: Path, seed: int = DEFAULT_SEED, scale: int = 1) -> DemoSess
     calibration_files = _write_library(w, calibration, first_night - timedelta(days=4), groups)
     colour_groups = [_write_colour_rig(w, captures, nights[0], scale, cosmic)]
     calibration_files += _write_colour_library(w, calibration, first_night - timedelta(days=4), colour_groups[0])
+    problem_groups = [_write_problem_night(w, captures, nights[-1], cosmic)]  # night 1's dark-flat fits it
     config = root / "flatd.yaml"
     config.write_text(_rules_text(seed), encoding="utf-8")
     return DemoSession(
@@ -608,7 +653,65 @@ def write_demo(root: Path, seed: int = DEFAULT_SEED, scale: int = 1) -> DemoSess
         pattern=pattern,
         sensor=sensor,
         colour_groups=colour_groups,
+        problem_groups=problem_groups,
+        moved_donut=_moved_donut(problem_groups[0].shape),
     )
+
+
+def _fault(kind: str, sky: np.ndarray) -> np.ndarray:
+    """The sky of a faulty flat: a light leak brightens the top-right corner (fading over
+    0.4 of the diagonal); a cloud dims a soft patch over the lower left."""
+    rows, cols = sky.shape
+    y = (np.arange(rows, dtype=np.float32) + 0.5)[:, None] / rows
+    x = (np.arange(cols, dtype=np.float32) + 0.5)[None, :] / cols
+    if kind == "light leak":
+        d = np.hypot((1.0 - x) * cols, y * rows) / (0.4 * math.hypot(cols, rows))
+        return sky * (1.0 + LEAK_STRENGTH * np.clip(1.0 - d, 0.0, None) ** 2)
+    if kind == "cloud":
+        d = np.hypot((x - 0.3) * cols, (y - 0.65) * rows) / (0.22 * cols)
+        return sky * (1.0 - CLOUD_DEPTH / (1.0 + np.exp((d - 1.0) / 0.15)))
+    return sky
+
+
+def _moved_donut(shape: tuple[int, int]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(went (x, y), appeared (x, y)) in pixels of a 1x1 frame of `shape`."""
+    old, new = DEFAULT_PATTERN.donuts[0], MOVED_DONUT
+    return (old.x * shape[1], old.y * shape[0]), (new.x * shape[1], new.y * shape[0])
+
+
+def _write_problem_night(w: _Writer, captures: Path, night: date,
+                         cosmic: dict[str, tuple[tuple[int, int], ...]]) -> FlatGroup:
+    """Night 3's twilight R series (`_PROBLEM_NIGHT`): three faulty flats, the moved donut."""
+    filter_, binning, setpoint, exposure, level, count = _PROBLEM_NIGHT
+    folder = captures / night.isoformat() / "FLAT"
+    shape = w.shape(binning)
+    illum = illumination(shape, binning, PROBLEM_PATTERN).astype(np.float32)
+    t = datetime(night.year, night.month, night.day, 16, 41, 0) + timedelta(seconds=float(w.rng.uniform(0, 300)))
+    drift = float(w.rng.uniform(0.03, 0.05))
+    files, levels, temps, faults = [], [], [], []
+    for i in range(count):
+        fault = _FAULTS.get(i)
+        frame_level = level * (1.0 + drift - 2 * drift * i / (count - 1) + float(w.rng.normal(0.0, 0.006)))
+        if fault == "over-exposed":
+            frame_level = OVER_EXPOSED_LEVEL
+        temperature = w.temperature(setpoint)
+        t = t.replace(microsecond=int(w.rng.integers(0, 1000)) * 1000)
+        name = f"{_name_time(t)}_{filter_}_FLAT_{exposure:.2f}s_{i + 1:04d}.fits"
+        rng = w.noise_rng()
+        sky = _fault(fault or "", np.float32(frame_level) * illum)
+        image = w.frame(shape, binning, temperature, exposure, sky, rng)
+        hits = w.cosmic_rays(image, rng)
+        if hits:
+            cosmic[name] = hits
+        w.write(folder / name, image, w.header("FLAT", exposure, t, binning, setpoint, temperature, filter_))
+        files.append(folder / name)
+        levels.append(frame_level)
+        temps.append(temperature)
+        if fault:
+            faults.append((folder / name, fault))
+        t += timedelta(seconds=exposure + float(w.rng.uniform(1.1, 1.9)))
+    return FlatGroup(filter_, binning, setpoint, exposure, level, night, shape, tuple(files), tuple(levels),
+                     tuple(temps), pattern=PROBLEM_PATTERN, faults=tuple(faults))
 
 
 def _colour_header(imagetyp: str, exposure: float, start: datetime, temperature: float) -> list[tuple]:

@@ -10,7 +10,14 @@ Pure numpy, no I/O: every check works on the level samples the engine reads anyw
   that is not a finite number in (0, 2**32) is passed over.
 * **Level**: the calibrated level (mono: the robust IKSS level of the sample; colour:
   the median of each CFA channel's samples) as a fraction of full scale must lie in
-  [quality.min_level, quality.max_level].
+  [quality.min_level, quality.max_level]. On a colour sensor, max_level holds for every
+  channel (any channel can clip) and min_level for the brightest one: the exposure is set
+  on it (capture programs aim the frame's mean or median at a third to a half, which the
+  brightest channel carries), while the weaker channels sit where the light's and the
+  filters' colour puts them (blue at 0.6 x green under a panel, almost nothing in green
+  and blue through a narrowband or dual-band filter). A floor on each channel would leave
+  out a well-exposed flat whose green is at 0.22 because its blue is at 0.13, and every
+  flat through an H-alpha filter.
 * **Saturation**: the fraction of samples (of each CFA channel) at full scale. The
   samples are calibrated, so a raw value of full scale reads full scale minus what was
   subtracted (dark, bias, pedestal, overscan). A sample counts as saturated at or above
@@ -166,14 +173,19 @@ def channel_levels(sample: np.ndarray, channels: Optional[np.ndarray], level: Op
 
 
 def check_level(path: Path, levels: dict, full: float, quality, calibration: Optional[str] = None) -> list[Finding]:
-    """The level of each channel as a fraction of full scale, within [min_level, max_level];
-    a level too low names the `calibration` subtracted (a wrong dark or bias empties a flat)."""
+    """The level of each channel as a fraction of full scale, at most max_level, and the
+    brightest channel's at least min_level (colour: see the module; a channel whose level
+    is not finite, or not above 0, fails either way); a level too low names the
+    `calibration` subtracted (a wrong dark or bias empties a flat)."""
     out = []
     why = f" (calibration: {calibration})" if calibration else ""
+    finite = [v for v in levels.values() if math.isfinite(v)]
+    brightest = max(finite) if len(finite) == len(levels) and finite else math.nan
     for channel, level in levels.items():
         fraction = level / full if math.isfinite(level) else math.nan
         what = f"level{' ' + channel if channel else ''} {fraction:.3g} of full scale ({full:.0f})"
-        if not fraction >= quality.min_level:
+        low = not fraction >= quality.min_level and (len(levels) == 1 or not level < brightest or not level > 0)
+        if low:
             out.append(Finding(path, "level", fraction, quality.min_level,
                                f"{what}, below quality.min_level {quality.min_level:g}{why}", quality.level_action,
                                channel))

@@ -38,20 +38,28 @@ def demo_run(tmp_path_factory):
     return session, before, proc, masters
 
 
+def _master_of(group, masters):
+    """The master of a demo group: its filter, binning, set-point and night (DATE-OBS)."""
+    (master,) = [m for m in masters
+                 if fits.getheader(m).get("FILTER") == group.filter and fits.getheader(m)["XBINNING"] == group.binning
+                 and abs(fits.getheader(m)["CCD-TEMP"] - group.setpoint) < 2
+                 and fits.getheader(m)["DATE-OBS"][:10] == group.night.isoformat()]
+    return master
+
+
 def test_one_master_per_combinable_group(demo_run):
     session, _, proc, masters = demo_run
     assert len(masters) == len(session.combinable)
     labels = {(fits.getheader(m).get("FILTER"), fits.getheader(m)["XBINNING"], round(fits.getheader(m)["CCD-TEMP"]))
               for m in masters}
     assert labels == {(g.filter, g.binning, round(g.setpoint)) for g in session.combinable}
+    assert {_master_of(g, masters) for g in session.combinable} == set(masters)
 
 
 def test_masters_match_the_illumination_within_the_noise(demo_run):
     session, _, _, masters = demo_run
     for group in session.combinable:
-        (master,) = [m for m in masters
-                     if fits.getheader(m).get("FILTER") == group.filter and fits.getheader(m)["XBINNING"] == group.binning
-                     and abs(fits.getheader(m)["CCD-TEMP"] - group.setpoint) < 2]
+        master = _master_of(group, masters)
         data = fits.getdata(master).astype(np.float64)
         residual = data / data.mean() - session.illumination(group)
         noise = session.expected_noise(group)
@@ -65,13 +73,11 @@ def test_cosmic_ray_hits_are_gone_with_sigma_clip(demo_run):
     session, _, _, masters = demo_run
     assert session.cosmic_rays, "the demo should have cosmic-ray hits"
     for group in session.combinable:
-        (master,) = [m for m in masters
-                     if fits.getheader(m).get("FILTER") == group.filter and fits.getheader(m)["XBINNING"] == group.binning
-                     and abs(fits.getheader(m)["CCD-TEMP"] - group.setpoint) < 2]
+        master = _master_of(group, masters)
         data = fits.getdata(master).astype(np.float64)
         expected = data.mean() * session.illumination(group)
         noise = session.expected_noise(group) * data.mean()
-        for path in group.files:
+        for path in group.combined:
             for row, col in session.cosmic_rays.get(path.name, ()):
                 assert abs(data[row, col] - expected[row, col]) < 6 * noise[row, col], (path.name, row, col)
 
@@ -79,13 +85,14 @@ def test_cosmic_ray_hits_are_gone_with_sigma_clip(demo_run):
 def test_inputs_moved_byte_identical_and_others_left(demo_run):
     session, before, proc, _ = demo_run
     moved = [p for p in session.captures.rglob("originals-*/*") if p.is_file()]
-    combined = {p.name for g in session.combinable for p in g.files}
+    combined = {p.name for g in session.combinable for p in g.combined}
     assert {p.name for p in moved} == combined
     after = _digests(moved)
     assert all(after[name] == before[name] for name in combined)
     for group in session.groups:
         if group.too_few:
             assert all(p.exists() for p in group.files)
+    assert session.faults and all(p.exists() for p in session.faults)  # left out: never moved
     for other in session.others:
         assert other.exists()
     assert "left out" in proc.stdout
@@ -165,3 +172,37 @@ def test_colour_master_keeps_its_mosaic_and_balance(demo_run):
     means = channel_means(fits.getdata(master).astype(np.float64), Layout("RGGB"))
     assert means["R"] / means["G"] == pytest.approx(CFA_RESPONSE[0], rel=0.01)
     assert means["B"] / means["G"] == pytest.approx(CFA_RESPONSE[2], rel=0.01)
+
+
+def test_the_problem_night_is_caught(demo_run):
+    """Night 3: the over-exposed flat, the light leak and the cloud are left out by name
+    with their reasons, and its R master reports the moved donut against night 1's."""
+    import re
+
+    session, _, proc, masters = demo_run
+    out = proc.stdout
+    reasons = {path: [line for line in out.splitlines() if line.startswith(f"left out {path}: quality: ")]
+               for path in session.faults}
+    assert len(reasons) == 3
+    width = session.problem_groups[0].shape[1]
+    height = session.problem_groups[0].shape[0]
+    for path, fault in session.faults.items():
+        text = " ".join(reasons[path])
+        if fault == "over-exposed":
+            assert "above quality.max_level" in text and "at full scale" in text, text
+            continue
+        assert "odd frame out" in text, (fault, text)
+        x, y = map(int, re.search(r"at x=(\d+), y=(\d+)", text).groups())
+        if fault == "light leak":  # the top-right corner
+            assert x > width / 2 and y < height / 2, text
+        else:  # the cloud, over the lower left
+            assert x < width / 2 and y > height / 3, text
+    problem = _master_of(session.problem_groups[0], masters)
+    (first,) = [g for g in session.groups if (g.filter, g.binning, g.setpoint) == ("R", 1, -10.0)]
+    night1 = _master_of(first, masters)
+    assert fits.getheader(problem)["QCSTATUS"] == "warn"
+    assert f"against {night1.name}:" in out
+    blobs = {kind: (float(x), float(y)) for kind, x, y in re.findall(r"dust (went|appeared) at x=(\d+) y=(\d+)", out)}
+    went, appeared = session.moved_donut
+    assert np.hypot(*np.subtract(blobs["went"], went)) < 4, blobs
+    assert np.hypot(*np.subtract(blobs["appeared"], appeared)) < 4, blobs

@@ -274,18 +274,19 @@ def test_cosmic_rays_where_recorded(demo):
         for y, x in hits:
             assert data[y, x] >= 60000, (path.name, y, x)
             mask[y, x] = True
-        assert data[~mask].max() < 60000, path.name
+        if demo.faults.get(path) != "over-exposed":  # its sky is near 60000 anyway
+            assert data[~mask].max() < 60000, path.name
 
 
 # --------------------------------------------------------------------------- the numbers
 
 
 def test_sky_level_drifts(demo):
-    for group in demo.combinable:
-        medians = np.array([np.median(fits.getdata(p)) for p in group.files])
+    for group in demo.combinable:  # the flats combined (the problem night's over-exposed one is not)
+        medians = np.array([np.median(fits.getdata(p)) for p in group.combined])
         spread = medians.max() / medians.min()
         assert 1.03 < spread < 1.2, group.label
-        levels = np.array(group.levels)
+        levels = np.array(group.combined_levels)
         assert levels.max() / levels.min() > 1.03
 
 

@@ -129,14 +129,39 @@ def test_level_within_the_limits_passes_and_datamax_sets_the_scale():
 def test_level_per_cfa_channel():
     samples = session(3, 5, colour=True, step=11)
     assert check(samples, "RGGB", step=11) == []
-    # a panel with almost no red: R at ~0.07 of full scale while G is fine
     channels = Q.sample_channels(Q.presented_layout(frame(0, "RGGB")), samples[0].shape, 11)
-    dim = samples[0].copy()
-    dim[channels == 0] *= 0.18
-    found = check([dim] + samples[1:], "RGGB", step=11)
+    # too bright: max_level holds for every channel (here red alone over the top)
+    hot = samples[0].copy()
+    hot[channels == 0] *= 0.8 * 65535 / np.median(hot[channels == 0])
+    found = check([hot] + samples[1:], "RGGB", step=11)
     level = [f for f in found if f.check == "level"]
     assert [(f.path.name, f.channel) for f in level] == [("flat_000.fits", "R")]
-    assert level[0].reason.startswith("level R 0.0")
+    assert level[0].reason.startswith("level R 0.8")
+
+
+def test_min_level_of_a_colour_flat_is_the_brightest_channels():
+    """A colour flat exposed on its green at 0.22 of full scale, blue at 0.6 x green (0.13)
+    and red almost nothing (a narrowband filter): kept. The same flat under-exposed (green
+    at 0.1): left out, by its brightest channel. A channel at 0 fails whatever the others."""
+    samples = session(3, 5, colour=True, step=11)
+    channels = Q.sample_channels(Q.presented_layout(frame(0, "RGGB")), samples[0].shape, 11)
+
+    def balanced(sample, green, red, blue):
+        out = sample.copy()
+        for k, target in enumerate((red, green, blue)):
+            out[channels == k] *= target * 65535 / np.median(out[channels == k])
+        return out
+
+    kept = [balanced(s, 0.22, 0.02, 0.6 * 0.22) for s in samples]
+    assert check(kept, "RGGB", step=11) == []
+    dim = [balanced(s, 0.10, 0.08, 0.06) for s in samples]
+    level = [f for f in check(dim, "RGGB", step=11) if f.check == "level"]
+    assert [(f.path.name, f.channel) for f in level] == [(f"flat_{i:03d}.fits", "G") for i in range(5)]
+    assert level[0].reason.startswith("level G 0.1 of full scale") and "below quality.min_level 0.15" in level[0].reason
+    empty = kept[0].copy()
+    empty[channels == 2] = 0.0  # blue emptied (a wrong dark)
+    level = [f for f in check([empty] + kept[1:], "RGGB", step=11) if f.check == "level"]
+    assert [(f.path.name, f.channel) for f in level] == [("flat_000.fits", "B")]
 
 
 def test_even_grid_of_a_colour_frame_samples_one_channel_and_is_not_refused():
