@@ -261,10 +261,15 @@ def box(image: np.ndarray, size: int) -> np.ndarray:
     """The mean over a size x size box of the finite pixels around each (NaN when none)."""
     size = max(1, int(size))
     good = np.isfinite(image)
+    if good.all():  # the usual case: the count of a box is the product of its two 1-D counts
+        h, w = image.shape
+        count = np.outer(_box_sum(np.ones((h, 1)), size), _box_sum(np.ones((1, w)), size))
+        return _box_sum(image, size) / np.maximum(count, 1)
     return _box_sum(np.where(good, image, 0.0), size) / np.maximum(_box_sum(good.astype(np.float64), size), 1)
 
 
 def _box_sum(a: np.ndarray, size: int) -> np.ndarray:
+    """Sums over a size x size box around each pixel (zeros beyond the edges), by cumulative sums."""
     lo, hi = size // 2, size - size // 2
     out = a
     for axis in (0, 1):
@@ -272,9 +277,7 @@ def _box_sum(a: np.ndarray, size: int) -> np.ndarray:
         pad[axis] = (lo + 1, hi)
         c = np.cumsum(np.pad(out, pad), axis=axis)
         n = out.shape[axis]
-        upper = np.take(c, np.arange(size, size + n), axis=axis)
-        lower = np.take(c, np.arange(0, n), axis=axis)
-        out = upper - lower
+        out = c[size:size + n] - c[:n] if axis == 0 else c[:, size:size + n] - c[:, :n]
     return out
 
 
