@@ -113,33 +113,6 @@ def calibrations(group, rules, libraries) -> tuple[list, Optional[str]]:
         return [Calibration() for _ in group.frames], f"uncalibrated ({exc})"
 
 
-def read_group(inputs) -> tuple[np.ndarray, list, list, int, tuple]:
-    """(samples (N, S), own levels, subtracted, step, sample shape) of a group's inputs,
-    by the engine's reader (flatd.stack.samples.read_samples)."""
-    from flatd.stack import levels as LV
-    from flatd.stack.pixels import open_pixels
-    from flatd.stack.samples import dry_step, own_levels, read_samples
-
-    opened, cals = [], {}
-    try:
-        for item in inputs:
-            opened.append(open_pixels(item.frame))
-            if item.calibration.mode == "file":
-                key = Path(os.path.abspath(item.calibration.frame.path))
-                if key not in cals:
-                    cals[key] = open_pixels(item.calibration.frame)
-        keys = [Path(os.path.abspath(i.calibration.frame.path)) if i.calibration.mode == "file" else None
-                for i in inputs]
-        height, width = opened[0].height, opened[0].width
-        step = dry_step(height, width, any(i.frame.bayer_pattern for i in inputs))
-        serial = lambda fn, items: [fn(i) for i in items]  # noqa: E731
-        samples, subtracted = read_samples(inputs, opened, cals, keys, step, serial, offsets=True)
-        return samples, own_levels(samples, serial), subtracted, step, LV.sample_shape(height, width, step)
-    finally:
-        for src in (*opened, *cals.values()):
-            src.close()
-
-
 def flat_rows(inputs, samples, own, subtracted, step: int, shape, quality) -> list[FlatRow]:
     """Per flat: its levels and saturated fraction, the odd score, and its findings."""
     from flatd.qc import flats as F
@@ -298,6 +271,7 @@ def _check_group(group, rules, quality, libraries, console) -> int:
     """Read and check one group of flats, print its table; the number of flats left out."""
     from flatd.jobs import StackInput
     from flatd.qc import render
+    from flatd.stack.samples import read_group
 
     cals, note = calibrations(group, rules, libraries)
     inputs = [StackInput(f, c) for f, c in zip(group.frames, cals)]

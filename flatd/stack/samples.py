@@ -112,18 +112,11 @@ def screenable(job) -> Optional[str]:
     return None
 
 
-def screen_job(job) -> tuple[list, Optional[str]]:
-    """(findings, why not screened): the flat checks of a job as its run would make them,
-    for the dry run. Reads only the sample grids."""
+def read_group(inputs) -> tuple[np.ndarray, list, list, int, tuple]:
+    """(samples (N, S), own levels, subtracted, step, sample shape) of a group's inputs,
+    read one after another on the dry run's grid (dry_step), for the dry run and `flatd qc`."""
     from flatd.stack.pixels import open_pixels
 
-    quality = getattr(job, "quality", None)
-    if quality is None or not quality.enabled:
-        return [], None
-    why = screenable(job)
-    if why:
-        return [], f"flat checks run when the master is made ({why}: the dry run reads plain FITS only)"
-    inputs = list(job.inputs)
     opened, cals = [], {}
     try:
         for item in inputs:
@@ -138,11 +131,24 @@ def screen_job(job) -> tuple[list, Optional[str]]:
         step = dry_step(height, width, any(i.frame.bayer_pattern for i in inputs))
         serial = lambda fn, items: [fn(i) for i in items]  # noqa: E731
         samples, subtracted = read_samples(inputs, opened, cals, keys, step, serial, offsets=True)
-        own = own_levels(samples, serial)
-        return check_samples(inputs, samples, own, subtracted, step, quality,
-                             LV.sample_shape(height, width, step)), None
-    except (OSError, ValueError, FlatdError) as exc:
-        return [], f"flat checks not run in the dry run: {exc}"
+        return samples, own_levels(samples, serial), subtracted, step, LV.sample_shape(height, width, step)
     finally:
         for src in (*opened, *cals.values()):
             src.close()
+
+
+def screen_job(job) -> tuple[list, Optional[str]]:
+    """(findings, why not screened): the flat checks of a job as its run would make them,
+    for the dry run. Reads only the sample grids."""
+    quality = getattr(job, "quality", None)
+    if quality is None or not quality.enabled:
+        return [], None
+    why = screenable(job)
+    if why:
+        return [], f"flat checks run when the master is made ({why}: the dry run reads plain FITS only)"
+    inputs = list(job.inputs)
+    try:
+        samples, own, subtracted, step, shape = read_group(inputs)
+        return check_samples(inputs, samples, own, subtracted, step, quality, shape), None
+    except (OSError, ValueError, FlatdError) as exc:
+        return [], f"flat checks not run in the dry run: {exc}"

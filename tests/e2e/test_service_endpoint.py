@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flatd.ledger import Ledger
+
 from watchkit import TIMEOUT, run_flatd, wait_until, write_flat, write_rules
 
 pytestmark = pytest.mark.timeout(300)
@@ -118,7 +120,12 @@ def test_healthz_and_metrics_while_flatd_watch_runs(tmp_path, watches):
     wait_until(lambda: metric(url, "flatd_masters_total") == 1, what="the masters counter to move")
     assert metric(url, "flatd_frames_seen_total") == 3
     assert metric(url, "flatd_job_duration_seconds_count") == 1
-    assert metric(url, "flatd_last_success_timestamp_seconds") > time.time() - 600
+    ledger = Ledger.open_readonly(tmp_path / "state")
+    try:
+        made = ledger.db.execute("SELECT max(created_at) FROM masters").fetchone()[0]
+    finally:
+        ledger.close()
+    assert metric(url, "flatd_last_success_timestamp_seconds") == pytest.approx(made)  # the ledger's master
     wait_until(lambda: metric(url, "flatd_queue_depth") == 0, what="the queue to empty")
     assert metric(url, "flatd_jobs_failed_total") == 0
 
