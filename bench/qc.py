@@ -487,7 +487,7 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
     from flatd.output.masters import add_checks, master_header, write_master
     from flatd.qc.masters import check_master
     from flatd.qc.previews import master_layout, write_previews
-    from flatd.qc.previous import PreviousCheck, _settings, compare, load_master
+    from flatd.qc.previous import check_previous
     from flatd.runner import Rejection
     from flatd.stack.auto import choose
     from flatd.stack.engines.local import stack_frames
@@ -511,9 +511,12 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
     del half
     count = iter(range(10 ** 6))
 
+    def header_of(result):
+        return master_header(frames, [i.calibration for i in inputs], method, "multiplicative", result.factors,
+                             rejected=result.frame_fractions())
+
     def write(result, qc=None) -> Path:
-        header = master_header(frames, [i.calibration for i in inputs], method, "multiplicative", result.factors,
-                               rejected=result.frame_fractions())
+        header = header_of(result)
         if qc is not None:
             add_checks(header, qc.cards(), qc.history())
         return write_master(out, f"master-{next(count)}.fits", result.image, header)
@@ -540,11 +543,9 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
         split["stack with the flat checks"] = time.perf_counter() - t
         split["_flat checks"] = sum(flat_checks)
         t = time.perf_counter()
-        _, prev = load_master(prev_path)
-        split["_load"] = time.perf_counter() - t
-        previous = PreviousCheck(prev_path, compare(result.image, prev, **_settings(quality)))
-        del prev
-        split["previous master (load + compare)"] = time.perf_counter() - t
+        previous = check_previous(result.image, header_of(result), out, None, "bench", quality)
+        assert previous.path == prev_path, previous.skipped
+        split["previous master (find, read + compare)"] = time.perf_counter() - t
         t = time.perf_counter()
         rejection = Rejection.of(job, result)
         qc = check_master(result.image, quality, frames=frames, method=method, levels=result.levels,
@@ -591,11 +592,9 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
     for key, text in (("stack", "stack"), ("write the master", "write the master")):
         print(f"| {text}: without / with the checks | {med(off, key):.3f} / "
               f"{med(on, key if key != 'stack' else 'stack with the flat checks'):.3f} | |")
-    for key in ("_flat checks", "previous master (load + compare)", "master checks", "previews (2 PNG)"):
+    for key in ("_flat checks", "previous master (find, read + compare)", "master checks", "previews (2 PNG)"):
         v = med(on, key)
         print(f"| of which {key.lstrip('_')} | {v:.3f} | {100 * v / b:+.1f} % |")
-        if key.startswith("previous"):
-            print(f"| (the load of the previous master) | {med(on, '_load'):.3f} | |")
 
 
 def main() -> int:

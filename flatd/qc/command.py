@@ -34,6 +34,7 @@ class FlatRow:
     levels: dict  # {channel or None: fraction of full scale}
     saturated: float  # the largest fraction (over channels) at full scale
     odd: Optional[float] = None  # the odd-frame-out score (noise units); None: not scored
+    tilt: Optional[float] = None  # the tilt against its neighbours' trend (fraction); None: not scored
     findings: list = field(default_factory=list)
 
     @property
@@ -133,23 +134,27 @@ def flat_rows(inputs, samples, own, subtracted, step: int, shape, quality) -> li
     findings = check_samples(inputs, samples, own, subtracted, step, quality, shape)
     for row in rows:
         row.findings = [f for f in findings if f.path == row.path]
-    _odd_scores(rows, norms, step, quality)
+    _odd_scores(rows, norms, step, quality, [item.frame for item in inputs])
     return rows
 
 
-def _odd_scores(rows: list[FlatRow], norms: list, step: int, quality) -> None:
-    """Each flat's odd-frame-out score against the others that pass level and saturation."""
+def _odd_scores(rows: list[FlatRow], norms: list, step: int, quality, frames: list) -> None:
+    """Each flat's odd-frame-out score and tilt against the others that pass level and saturation."""
     from flatd.qc import flats as F
 
     kept = [i for i, n in enumerate(norms) if n is not None
-            and not any(f.leaves_out and f.check != "odd" for f in rows[i].findings)]
+            and not any(f.leaves_out and f.check not in ("odd", "tilt") for f in rows[i].findings)]
     b = F.block_side(step)
     if len(kept) < F.ODD_MIN_FRAMES or min(norms[kept[0]].shape[0] // b, norms[kept[0]].shape[1] // b) < 2:
         return
-    scores = F.odd_scores(np.stack([norms[i] for i in kept]), step, quality.odd_min_deviation)
-    for i, score in zip(kept, scores):
-        odd = [f.figure for f in rows[i].findings if f.check == "odd"]
-        rows[i].odd = odd[0] if odd else score.z  # a left-out frame: the score it was left out with
+    scores, tilts = F.odd_scores(np.stack([norms[i] for i in kept]), step, quality.odd_min_deviation,
+                                 times=F.series_times([frames[i] for i in kept]))
+    for i, score, tilt in zip(kept, scores, tilts):
+        # a left-out frame: the figure it was left out with (the others were scored again without it)
+        found = {f.check: f.figure for f in rows[i].findings}
+        rows[i].odd = found.get("odd", score.z)
+        if len(kept) >= F.TREND_MIN_FRAMES:
+            rows[i].tilt = found.get("tilt", tilt.jump)
 
 
 # --------------------------------------------------------------------------- masters

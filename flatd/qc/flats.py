@@ -40,11 +40,23 @@ Pure numpy, no I/O: every check works on the level samples the engine reads anyw
   series is a plane; a cloud or a leak is not). A block's noise is the larger of the
   spread over frames (1.4826 x the median |deviation| over the frames and the 3 x 3
   neighbouring blocks: real drifts) and the noise the frame's own blocks predict
-  (their neighbour-difference scatter, / the scale, / sqrt of the light where the
+  (the scatter of their second differences, / the scale, / sqrt of the light where the
   vignetting dims it). A frame is odd when some block deviates by more than
-  quality.odd_sigma noise units and by more than quality.odd_min_deviation; the worst
-  frame is taken out and the others scored again without it. It needs at least
-  ODD_MIN_FRAMES frames. bench/qc_flats_probe.py measures what it catches and costs.
+  quality.odd_sigma noise units and by more than quality.odd_min_deviation.
+* **Tilt** (:func:`tilt_jumps`), the odd frame out by its plane: a panel or camera that
+  moved shifts the vignetting, which on the frame's ratio is mostly a tilt, and a tilt
+  is what the scores less a plane take out for the twilight gradient's sake. But a
+  twilight gradient turns and fades smoothly through a series (and a panel's is
+  steady), so each frame's tilt (its blocks over the consensus' blocks, a robust plane)
+  is predicted by a straight line in time (DATE-OBS, else the order) through the
+  TREND_NEIGHBOURS frames nearest to it; a frame whose tilt misses it by more than
+  quality.odd_min_tilt from one corner to the opposite one, and by more than
+  quality.odd_sigma times the noise of the fitted planes, is odd. It needs at least
+  TREND_MIN_FRAMES frames.
+
+The worst frame of both, each against its own limit, is taken out and the others
+scored again without it. It needs at least ODD_MIN_FRAMES frames. bench/qc.py
+measures what the checks catch and cost.
 """
 
 from __future__ import annotations
@@ -63,6 +75,10 @@ DEFAULT_FULL_SCALE = 65535.0
 BLOCK_PIXELS = 32
 # Fewer frames than this: no consensus to compare with, the odd check is skipped.
 ODD_MIN_FRAMES = 3
+# The tilt trend: at least this many frames (with fewer, a line through the others cannot
+# tell the odd one from its neighbours), each predicted from this many nearest in time.
+TREND_MIN_FRAMES = 5
+TREND_NEIGHBOURS = 4
 # The sample-by-sample reference is the median of at most this many frames (the cost).
 REFERENCE_FRAMES = 9
 # Samples whose consensus is below this fraction of the level (overscan, unlit edges) are
@@ -76,7 +92,7 @@ class Finding:
     """One check a flat failed: the figure, the limit, a one-line reason and the action."""
 
     path: Path
-    check: str  # level | saturation | odd
+    check: str  # level | saturation | odd | tilt (the odd frame out by its tilt)
     figure: float
     limit: float
     reason: str
@@ -306,10 +322,11 @@ def _others(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ratio_blocks(norm: np.ndarray, b: int, mapper=None) -> tuple[np.ndarray, np.ndarray]:
+def _ratio_blocks(norm: np.ndarray, b: int, mapper=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x, consensus): per frame, the median over each b x b block of its samples over the
     median of the other frames' at the same place, minus 1 (N, by, bx; 0 where not
-    finite), and that median (rows, cols). The reference frames are at most
+    finite), that median (rows, cols), and each frame's own block medians (N, by, bx;
+    for its tilt against one reference for all). The reference frames are at most
     REFERENCE_FRAMES, spread over the series; each is left out of its own reference (the
     median frame would read exactly 0 otherwise). The ratio cancels vignetting, dust and
     the CFA. One frame's ratios at a time per thread of `mapper(fn, indices)` (the memory:
@@ -323,6 +340,7 @@ def _ratio_blocks(norm: np.ndarray, b: int, mapper=None) -> tuple[np.ndarray, np
     consensus = (middle[:, 1] if m % 2 else 0.5 * (middle[:, 0] + middle[:, 1])).reshape(norm.shape[1:])
     rows, cols = consensus.shape
     x = np.empty((n, rows // b, cols // b), dtype=np.float32)
+    own = np.empty_like(x)
 
     dark = ~(consensus >= DARK_LEVEL)  # overscan strips, unlit edges: no pattern to compare
 
@@ -334,9 +352,10 @@ def _ratio_blocks(norm: np.ndarray, b: int, mapper=None) -> tuple[np.ndarray, np
         r[~np.isfinite(r)] = 0.0
         r[0][dark] = 0.0
         x[i] = _blocks(r, b)[0]
+        own[i] = _blocks(norm[i][None], b)[0]
 
     (mapper or (lambda fn, items: [fn(i) for i in items]))(one, range(n))
-    return x, consensus
+    return x, consensus, own
 
 
 def _to_others(x: np.ndarray) -> np.ndarray:
@@ -352,28 +371,45 @@ def _to_others(x: np.ndarray) -> np.ndarray:
 
 def _noise(r: np.ndarray) -> np.ndarray:
     """Per frame, the block-to-block noise of its ratio map r (N, by, bx): 1.4826 MAD of
-    neighbour differences / sqrt 2 (a smooth cloud edge or gradient does not inflate it)."""
-    d = np.abs(np.diff(r, axis=2)).reshape(r.shape[0], -1)
-    sigma = 1.4826 * np.median(d, axis=1) / math.sqrt(2.0) if d.shape[1] else np.zeros(r.shape[0])
+    second differences along the rows / sqrt 6 (a ramp, as from a shifted vignetting or a
+    gradient, does not inflate it; first differences would read its slope as noise)."""
+    d = np.abs(np.diff(r, n=2, axis=2)).reshape(r.shape[0], -1)
+    sigma = 1.4826 * np.median(d, axis=1) / math.sqrt(6.0) if d.shape[1] else np.zeros(r.shape[0])
     return np.where(np.isfinite(sigma), sigma, 0.0)
+
+
+def _design(by: int, bx: int) -> np.ndarray:
+    """(by * bx, 3): 1, x, y over a block grid, x and y in field widths/heights from its centre."""
+    yy, xx = np.mgrid[0:by, 0:bx]
+    return np.stack([np.ones(by * bx), (xx.ravel() - (bx - 1) / 2) / bx, (yy.ravel() - (by - 1) / 2) / by], axis=1)
+
+
+def _planes(x: np.ndarray, mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(coef (N, 3), residual (N, by, bx), noise of the tilt coefficients (N,)): each
+    frame's plane a + b x + c y fitted robustly to x (N, by, bx) over `mask` (by, bx;
+    default all); fit, clip what stands out (a fault, a dust block), fit again, all frames
+    at once."""
+    n, by, bx = x.shape
+    design = _design(by, bx)
+    values = x.reshape(n, -1).astype(np.float64)
+    keep = np.ones(by * bx) if mask is None else mask.reshape(-1).astype(np.float64)
+    weights = np.broadcast_to(keep, values.shape)
+    outer = (design[:, :, None] * design[:, None, :]).reshape(-1, 9)
+    for _ in range(2):
+        normal = (weights @ outer).reshape(n, 3, 3) + 1e-12 * np.eye(3)
+        coef = np.linalg.solve(normal, ((weights * values) @ design)[..., None])[..., 0]
+        resid = values - coef @ design.T
+        mad = np.median(np.abs(resid[:, keep > 0]), axis=1) if keep.any() else np.zeros(n)
+        weights = keep * np.where((np.abs(resid) <= 3 * 1.4826 * mad[:, None]) | (mad[:, None] <= 0), 1.0, 0.0)
+    inverse = np.linalg.inv(normal)
+    se = 1.4826 * mad * np.sqrt(np.maximum(inverse[:, 1, 1], inverse[:, 2, 2]))
+    return coef, resid.reshape(n, by, bx).astype(x.dtype), se
 
 
 def _without_planes(x: np.ndarray) -> np.ndarray:
     """(N, by, bx) less each frame's robustly fitted plane a + b x + c y (a twilight
     gradient that drifts through the series; a cloud or a leak stays in the residual)."""
-    n, by, bx = x.shape
-    yy, xx = np.mgrid[0:by, 0:bx]
-    design = np.stack([np.ones(by * bx), (xx.ravel() - bx / 2) / bx, (yy.ravel() - by / 2) / by], axis=1)
-    values = x.reshape(n, -1).astype(np.float64)
-    weights = np.ones_like(values)
-    for _ in range(2):  # fit, clip what stands out (the fault itself), fit again: all frames at once
-        normal = (weights @ (design[:, :, None] * design[:, None, :]).reshape(-1, 9)).reshape(n, 3, 3)
-        rhs = (weights * values) @ design
-        coef = np.linalg.solve(normal + 1e-12 * np.eye(3), rhs[..., None])[..., 0]
-        resid = values - coef @ design.T
-        mad = np.median(np.abs(resid), axis=1)
-        weights = np.where((np.abs(resid) <= 3 * 1.4826 * mad[:, None]) | (mad[:, None] <= 0), 1.0, 0.0)
-    return resid.reshape(n, by, bx).astype(x.dtype)
+    return _planes(x)[1]
 
 
 @dataclass(frozen=True)
@@ -396,15 +432,20 @@ def _score(r: np.ndarray, expected: np.ndarray, min_deviation: float) -> np.ndar
     return z
 
 
-def odd_scores(norm: np.ndarray, step: int, min_deviation: float, mapper=None) -> list[OddScore]:
+def odd_scores(norm: np.ndarray, step: int, min_deviation: float, mapper=None,
+               times: Optional[Sequence[float]] = None) -> tuple[list[OddScore], list[TiltJump]]:
     """Per frame of `norm` (N >= 3, rows, cols: samples divided by their levels), its worst
     block over the scales b, 2b, 4b... samples, as it is and less a fitted plane, among the
-    blocks deviating by more than `min_deviation` (z 0 if none)."""
+    blocks deviating by more than `min_deviation` (z 0 if none); and its tilt against the
+    trend of its neighbours in `times` (default: the order given)."""
     n = norm.shape[0]
     b = block_side(step)
-    x, consensus = _ratio_blocks(norm, b, mapper)
+    x, consensus, own = _ratio_blocks(norm, b, mapper)
     sigma = _noise(_to_others(x))  # the base blocks' noise, per frame
     light = _blocks(consensus[None], b)[0]
+    lit = light >= DARK_LEVEL
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tilts = tilt_jumps(np.where(lit, own / light - 1, 0.0), range(n) if times is None else times, lit)
     light = np.clip(light / np.nanmedian(light), 0.05, None)  # photon noise grows where the light falls
     light[~np.isfinite(light)] = 1.0
     best = [OddScore(0.0, 0.0, 0, 0, 0)] * n
@@ -427,29 +468,102 @@ def odd_scores(norm: np.ndarray, step: int, min_deviation: float, mapper=None) -
             break
         x, light = _pool(x), _pool(light[None])[0]
         size *= 2
-    return best
+    return best, tilts
 
 
-def odd_frames(paths: Sequence[Path], norm: np.ndarray, step: int, quality, mapper=None) -> list[Finding]:
-    """The frames whose large-scale pattern differs from the group's (see the module): the
-    worst one over quality.odd_sigma is taken out and the rest scored again without it
-    (an odd frame pulls the others' reference its way), until none is left or fewer than
-    ODD_MIN_FRAMES remain."""
+@dataclass(frozen=True)
+class TiltJump:
+    """A frame's tilt against what its neighbours in time predict: the difference from
+    one corner of the field to the opposite one (fraction), and in noise units."""
+
+    jump: float
+    z: float
+    tilt: float  # the frame's own tilt, corner to corner, against the consensus
+    expected: float  # what the neighbours' trend predicts for it
+
+
+def _trend_weights(times: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights): the TREND_NEIGHBOURS frames nearest to frame i in time (not i)
+    and the weights of their straight-line fit's value at times[i]."""
+    others = np.array([k for k in np.argsort(np.abs(times - times[i]), kind="stable") if k != i][:TREND_NEIGHBOURS])
+    t = times[others] - times[i]
+    spread = t - t.mean()
+    sxx = float(spread @ spread)
+    if sxx <= 0:
+        return others, np.full(len(others), 1.0 / len(others))
+    return others, 1.0 / len(others) - t.mean() * spread / sxx
+
+
+def tilt_jumps(x: np.ndarray, times: Sequence[float], mask: Optional[np.ndarray] = None) -> list[TiltJump]:
+    """Per frame of the ratio blocks x (N >= TREND_MIN_FRAMES, by, bx; each frame against
+    the same reference; `mask`: the blocks to fit, by, bx), its tilt against
+    the straight-line trend in time of its nearest neighbours' tilts. A twilight gradient
+    turns and fades smoothly through a sky series (and a panel's is steady), so the
+    neighbours predict it; a panel or camera that moved tilts one frame alone. The tilt
+    that such a shift gives is a plane, which the block scores take out for the gradient's
+    sake: this is where it is seen."""
+    n = x.shape[0]
+    if n < TREND_MIN_FRAMES or min(x.shape[1:]) < 3:
+        return [TiltJump(0.0, 0.0, 0.0, 0.0)] * n
+    coef, _, se = _planes(x, mask)
+    tilts = coef[:, 1:3]
+    times = np.asarray(times, dtype=np.float64)
+    out = []
+    for i in range(n):
+        others, w = _trend_weights(times, i)
+        expected = w @ tilts[others]
+        d = tilts[i] - expected
+        jump = float(np.abs(d).sum())  # from one corner to the opposite one
+        noise = math.sqrt(se[i] ** 2 + float((w ** 2) @ (se[others] ** 2))) * 2.0
+        z = jump / noise if noise > 0 else (math.inf if jump > 0 else 0.0)
+        out.append(TiltJump(jump, z, float(np.abs(tilts[i]).sum()), float(np.abs(expected).sum())))
+    return out
+
+
+def _odd_finding(path: Path, score: OddScore, quality) -> Finding:
+    return Finding(path, "odd", score.z, quality.odd_sigma,
+                   f"odd frame out: {score.size}x{score.size} px at x={score.x}, y={score.y} is "
+                   f"{score.deviation * 100:+.2g} % off the group's pattern, {score.z:.1f} times its "
+                   f"noise (quality.odd_sigma {quality.odd_sigma:g})", quality.odd_action)
+
+
+def _tilt_finding(path: Path, tilt: TiltJump, quality) -> Finding:
+    return Finding(path, "tilt", tilt.jump, quality.odd_min_tilt,
+                   f"odd frame out: tilted {tilt.jump * 100:.2g} % across the field against the trend of the "
+                   f"frames taken around it ({tilt.z:.0f} times its noise; a panel or camera that moved; "
+                   f"quality.odd_min_tilt {quality.odd_min_tilt * 100:g} %)", quality.odd_action)
+
+
+def _tilt_trips(tilt: TiltJump, quality) -> bool:
+    return tilt.jump > quality.odd_min_tilt and tilt.z > quality.odd_sigma
+
+
+def odd_frames(paths: Sequence[Path], norm: np.ndarray, step: int, quality, mapper=None,
+               times: Optional[Sequence[float]] = None) -> list[Finding]:
+    """The frames whose large-scale pattern differs from the group's (see the module),
+    by their blocks or by their tilt against the trend of the frames around them in
+    `times` (default: the order given): the worst one, each against its own limit, is
+    taken out and the rest scored again without it (an odd frame pulls the others'
+    reference its way), until none is left or fewer than ODD_MIN_FRAMES remain."""
     b = block_side(step)
     if min(norm.shape[1] // b, norm.shape[2] // b) < 2:
         return []  # a frame too small for 2 x 2 blocks: nothing large-scale to compare
+    times = list(range(len(paths))) if times is None else list(times)
     out = []
     left = list(range(len(paths)))
     while len(left) >= ODD_MIN_FRAMES:
-        scores = odd_scores(norm[left] if len(left) < len(paths) else norm, step, quality.odd_min_deviation, mapper)
-        j = max(range(len(left)), key=lambda k: scores[k].z)
-        score = scores[j]
-        if not score.z > quality.odd_sigma:
+        scores, tilts = odd_scores(norm[left] if len(left) < len(paths) else norm, step, quality.odd_min_deviation,
+                                   mapper, [times[k] for k in left])
+        badness = [max(scores[k].z / quality.odd_sigma,
+                       tilts[k].jump / quality.odd_min_tilt if _tilt_trips(tilts[k], quality) else 0.0)
+                   for k in range(len(left))]
+        j = max(range(len(left)), key=badness.__getitem__)
+        if scores[j].z > quality.odd_sigma and scores[j].z / quality.odd_sigma >= badness[j]:
+            out.append(_odd_finding(paths[left[j]], scores[j], quality))
+        elif _tilt_trips(tilts[j], quality):
+            out.append(_tilt_finding(paths[left[j]], tilts[j], quality))
+        else:
             break
-        out.append(Finding(paths[left[j]], "odd", score.z, quality.odd_sigma,
-                           f"odd frame out: {score.size}x{score.size} px at x={score.x}, y={score.y} is "
-                           f"{score.deviation * 100:+.2g} % off the group's pattern, {score.z:.1f} times its "
-                           f"noise (quality.odd_sigma {quality.odd_sigma:g})", quality.odd_action))
         del left[j]
     return out
 
@@ -493,8 +607,19 @@ def check_flats(flats: Sequence[FlatSample], step: int, quality, origin: tuple[i
             norms[len(kept)] = normalized(sample, channels, levels)
             kept.append(frame.path)
     if len(kept) >= ODD_MIN_FRAMES:
-        findings += odd_frames(kept, norms[:len(kept)], step, quality, mapper)
+        dates = {item.frame.path: item.frame for item in flats}
+        findings += odd_frames(kept, norms[:len(kept)], step, quality, mapper,
+                               series_times([dates[path] for path in kept]))
     return findings
+
+
+def series_times(frames: Sequence) -> list[float]:
+    """The frames' times in seconds (DATE-OBS), for the tilt trend; their order when a
+    frame has no date."""
+    dates = [getattr(f, "date", None) for f in frames]
+    if any(d is None for d in dates):
+        return [float(i) for i in range(len(frames))]
+    return [(d - dates[0]).total_seconds() for d in dates]
 
 
 def left_out_paths(findings: Sequence[Finding]) -> set:

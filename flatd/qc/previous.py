@@ -63,10 +63,15 @@ class Comparison:
 # --------------------------------------------------------------------------- the comparison
 
 
-def compare(master: np.ndarray, previous: np.ndarray, sigma: float = 5.0, min_depth: float = 0.005,
+def compare(master, previous, sigma: float = 5.0, min_depth: float = 0.005,
             scale: float = 5.0) -> Comparison:
-    """Compare two masters of one size. ValueError (with the reason) when they cannot be:
-    another size, or too few pixels finite and positive in both."""
+    """Compare two masters of one size: arrays, or Binned (binned_master, read_binned) when
+    both are finite and positive throughout. ValueError (with the reason) when they cannot
+    be: another size, or too few pixels finite and positive in both."""
+    if isinstance(master, Binned) and isinstance(previous, Binned):
+        if master.shape != previous.shape or master.binning != previous.binning:
+            raise ValueError(f"previous master is {_size(previous)}, this one {_size(master)}")
+        return _compared(_ratio_of_binned(master, previous), sigma, min_depth, scale, master.binning)
     master, previous = np.asarray(master), np.asarray(previous)
     if master.shape != previous.shape or master.ndim != 2:
         raise ValueError(f"previous master is {_size(previous)}, this one {_size(master)}")
@@ -74,6 +79,11 @@ def compare(master: np.ndarray, previous: np.ndarray, sigma: float = 5.0, min_de
     ratio = _binned_ratio(master, previous, b) if b > 1 else None
     if ratio is None:
         ratio = bin_image(raw_ratio(master, previous), b)
+    return _compared(ratio, sigma, min_depth, scale, b)
+
+
+def _compared(ratio: np.ndarray, sigma: float, min_depth: float, scale: float, b: int) -> Comparison:
+    """The comparison of a binned ratio new / previous (CFA positions scaled alike)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = ratio / large_scale(ratio)
     r = ratio - 1.0
@@ -84,8 +94,136 @@ def compare(master: np.ndarray, previous: np.ndarray, sigma: float = 5.0, min_de
     return Comparison(ratio.astype(np.float32), changed, blobs, noise, b, sigma, widespread)
 
 
-def _size(a: np.ndarray) -> str:
+def _size(a) -> str:
     return "x".join(str(s) for s in a.shape[::-1])
+
+
+# --------------------------------------------------------------------------- binned as read
+
+BAND_BYTES = 8 * 2**20  # a previous master is read in bands of about this many bytes
+SAMPLE_VALUES = 60_000  # per CFA position, for the median ratio of the positions
+
+
+@dataclass
+class Binned:
+    """A master reduced for the comparison in one pass: per b x b block, the sums of its
+    pixels by the parity of their row and column offset in the block (2, 2, ny, nx), so
+    that each CFA position can be scaled afterwards; every `step`-th pixel of each CFA
+    position (2, 2, ...) for the positions' median ratio; and whether every pixel was
+    finite and positive (if not: compare the full images, raw_ratio)."""
+
+    shape: tuple[int, int]
+    binning: int
+    sums: np.ndarray
+    samples: list
+    positive: bool
+
+
+def sample_step(shape: tuple[int, int]) -> int:
+    """Every step-th row and column of a CFA position: about SAMPLE_VALUES of them."""
+    h, w = shape
+    return max(1, int(math.sqrt((h // 2) * (w // 2) / SAMPLE_VALUES)))
+
+
+def _empty_binned(shape: tuple[int, int], b: int) -> Binned:
+    h, w = shape
+    return Binned((h, w), b, np.zeros((2, 2, h // b, w // b), dtype=np.float32), [[[], []], [[], []]], True)
+
+
+def _add_band(out: Binned, band: np.ndarray, r0: int) -> None:
+    """Fold the rows r0.. of a master (band: rows x W, r0 a multiple of b) into `out`."""
+    b = out.binning
+    h, w = out.shape
+    ny, nx = h // b, w // b
+    finite_rows = min(band.shape[0], ny * b - r0)
+    if band.size:
+        low, high = float(np.min(band)), float(np.max(band))
+        out.positive &= low > 0 and math.isfinite(high)
+    step = 2 * sample_step(out.shape)
+    for py in (0, 1):  # the CFA positions' samples: rows py, py + step, ... and columns px, px + step, ...
+        first = (py - r0) % step
+        for px in (0, 1):
+            if first < band.shape[0]:  # copied: a band read from a file is overwritten by the next
+                out.samples[py][px].append(band[first::step, px::step].copy())
+    if finite_rows <= 0:
+        return
+    y0 = r0 // b
+    rows = finite_rows // b
+    for ci in range(min(2, b)):
+        parity = band[ci: rows * b: b, : nx * b].astype(np.float32, copy=True)  # block rows' offset ci
+        for i in range(ci + 2, b, 2):
+            parity += band[i: rows * b: b, : nx * b]
+        for cj in range(min(2, b)):
+            acc = out.sums[ci, cj, y0: y0 + rows]
+            for j in range(cj, b, 2):
+                acc += parity[:, j::b]
+
+
+def _finish(out: Binned) -> Binned:
+    out.samples = [[np.concatenate(out.samples[py][px], axis=0) if out.samples[py][px] else np.empty((0, 0),
+                    np.float32) for px in (0, 1)] for py in (0, 1)]
+    return out
+
+
+def binned_master(image: np.ndarray) -> Binned:
+    """A master in memory, binned for the comparison (no copy of it)."""
+    image = np.asarray(image, dtype=np.float32)
+    out = _empty_binned(image.shape, binning_for(image.shape))
+    _add_band(out, image, 0)
+    return _finish(out)
+
+
+def read_binned(path: Path, shape: tuple[int, int]) -> Binned:
+    """A master file binned for the comparison with a master of `shape`, read in bands of
+    about BAND_BYTES into one buffer (never the whole image in memory). ValueError with
+    the reason when it is unreadable or of another size."""
+    from flatd.ingest.frames import FrameError, read_frame
+    from flatd.stack.pixels import open_pixels
+
+    try:
+        frame = read_frame(path)
+        if (frame.height, frame.width) != tuple(shape):
+            raise ValueError(f"previous master is {frame.width}x{frame.height}, this one {shape[1]}x{shape[0]}")
+        out = _empty_binned(tuple(shape), binning_for(shape))
+        with open_pixels(frame) as src:
+            rows = max(out.binning, BAND_BYTES // max(1, 4 * src.width) // out.binning * out.binning)
+            band = np.empty((min(rows, src.height), src.width), dtype=np.float32)
+            scratch = np.empty(src.raw_bytes(0, band.shape[0]), dtype=np.uint8)
+            for r0 in range(0, src.height, rows):
+                r1 = min(src.height, r0 + rows)
+                src.read_into(r0, r1, band[: r1 - r0], scratch=scratch)
+                _add_band(out, band[: r1 - r0], r0)
+    except FrameError as exc:
+        raise ValueError(getattr(exc, "reason", None) or str(exc)) from None
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: a reason, never a crash
+        raise ValueError(f"unreadable: {type(exc).__name__}: {exc}") from None
+    return _finish(out)
+
+
+def _ratio_of_binned(a: Binned, p: Binned) -> np.ndarray:
+    """bin(a) / bin(p with each CFA position scaled by its median ratio a / p), as
+    _binned_ratio makes it from the full images."""
+    b = a.binning
+    ny, nx = a.sums.shape[2:]
+    scale = np.ones((2, 2))
+    for py in (0, 1):
+        for px in (0, 1):
+            sa, sp = a.samples[py][px], p.samples[py][px]
+            if sa.size and sa.shape == sp.shape:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    med = float(np.median(sa / sp))
+                if math.isfinite(med) and med > 0:
+                    scale[py, px] = med
+    yy, xx = np.arange(ny)[:, None] * b, np.arange(nx)[None, :] * b
+    top = a.sums.sum(axis=(0, 1))
+    bottom = np.zeros((ny, nx), dtype=np.float32)
+    for ci in (0, 1):
+        for cj in (0, 1):
+            bottom += p.sums[ci, cj] * scale[(yy + ci) % 2, (xx + cj) % 2].astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return top / bottom
 
 
 def _positive(image: np.ndarray) -> bool:
@@ -474,8 +612,7 @@ def check_previous(master: np.ndarray, cards: Mapping[str, object], output_dir: 
             continue
         tries += 1
         try:
-            _, pixels = load_master(path)
-            check.comparison = compare(master, pixels, **_settings(limits))
+            check.comparison = compare_with_file(master, path, limits)
         except (ValueError, MemoryError) as exc:
             check.skipped.append(f"{path.name}: {exc}")
             if tries >= MAX_TRIES:
@@ -484,6 +621,21 @@ def check_previous(master: np.ndarray, cards: Mapping[str, object], output_dir: 
         check.path = path
         break
     return check
+
+
+def compare_with_file(master: np.ndarray, path: Path, limits=None) -> Comparison:
+    """The comparison of a master in memory with a master file: binned as it is read
+    (read_binned) when the ratio is binned and both are finite and positive throughout,
+    else from the whole file (load_master). ValueError with the reason."""
+    settings = _settings(limits)
+    if binning_for(np.shape(master)) > 1:
+        old = read_binned(path, np.shape(master))
+        if old.positive:
+            new = binned_master(master)
+            if new.positive:
+                return compare(new, old, **settings)
+    _, pixels = load_master(path)
+    return compare(master, pixels, **settings)
 
 
 def _settings(limits) -> dict:

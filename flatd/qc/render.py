@@ -30,22 +30,24 @@ def _level_text(levels: dict) -> str:
 
 
 def flat_table(console, group, rows, note: str, quality) -> None:
-    """A group's flats: level, saturated fraction, odd score, verdict and reasons."""
+    """A group's flats: level, saturated fraction, odd score, tilt, verdict and reasons."""
     from rich.table import Table
 
     table = Table(title=f"{printable(group.label)}: {len(rows)} flat(s); {printable(note)}", title_justify="left",
                   caption=f"limits: level {quality.min_level:g}-{quality.max_level:g} of full scale, saturated "
-                          f"{quality.max_saturated * 100:g} %, odd score {quality.odd_sigma:g}",
+                          f"{quality.max_saturated * 100:g} %, odd score {quality.odd_sigma:g}, tilt "
+                          f"{quality.odd_min_tilt * 100:g} % (against the frames around it, 5 flats or more)",
                   caption_justify="left", show_edge=False, pad_edge=False)
     table.add_column("file", no_wrap=True)
-    for name in ("level", "saturated", "odd"):
+    for name in ("level", "saturated", "odd", "tilt"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
     for row in rows:
         verdict = row.verdict
         checks = ", ".join(dict.fromkeys(f.check for f in row.findings))
         odd = "n/a" if row.odd is None else f"{row.odd:.1f}"
-        table.add_row(_name(row.path), _level_text(row.levels), f"{row.saturated * 100:.3g} %", odd,
+        tilt = "n/a" if row.tilt is None else f"{row.tilt * 100:.2f} %"
+        table.add_row(_name(row.path), _level_text(row.levels), f"{row.saturated * 100:.3g} %", odd, tilt,
                       f"[{_STYLE[verdict]}]{verdict}[/]" + (f" ({checks})" if checks else ""))
     console.print(table)
     for row in rows:

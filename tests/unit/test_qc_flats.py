@@ -4,6 +4,7 @@ stays quiet on clean sessions."""
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -242,8 +243,64 @@ def test_odd_frame_out_is_caught(fault, make, sky):
     found = check(samples)
     assert names(found) == {"flat_004.fits"}, (fault, [f.reason for f in found])
     odd = found[0]
-    assert odd.check == "odd" and odd.figure > odd.limit == 8.0 and odd.leaves_out
-    assert odd.reason.startswith("odd frame out: ") and "times its noise (quality.odd_sigma 8)" in odd.reason
+    assert odd.reason.startswith("odd frame out: ") and odd.leaves_out
+    if odd.check == "odd":
+        assert odd.figure > odd.limit == 8.0 and "times its noise (quality.odd_sigma 8)" in odd.reason
+    else:  # the moved panel, by its tilt against the frames around it
+        assert odd.check == "tilt" and odd.figure > odd.limit == 0.005 and "quality.odd_min_tilt 0.5 %" in odd.reason
+
+
+def _tilt(s, amount):
+    """s tilted by `amount` from one corner to the opposite one (half along x, half along y)."""
+    _, _, xx, yy = _grid()
+    return s * (1 + amount / 4 * (xx + yy))
+
+
+def test_a_moved_panel_in_a_short_sky_series_is_caught_by_its_tilt():
+    # a shifted vignetting is mostly a tilt, which a twilight gradient also gives: the blocks
+    # less a plane miss it in 5 frames; the trend of the frames around it does not
+    samples = session(21, 5, sky=True)
+    samples[2] = _shifted_vignetting(samples[2], 0.03).astype(np.float32)
+    found = check(samples)
+    assert names(found) == {"flat_002.fits"}, [f.reason for f in found]
+    assert found[0].check == "tilt" and found[0].figure > 0.005
+    assert "against the trend of the frames taken around it" in found[0].reason
+
+
+def test_a_turning_twilight_gradient_is_not_a_tilt():
+    # the gradient grows from -2 % to +3 % across the field through the series: a trend
+    samples = session(22, 9, sky=True)
+    samples = [_tilt(s, -0.02 + 0.05 * i / 8).astype(np.float32) for i, s in enumerate(samples)]
+    assert check(samples) == []
+
+
+def test_a_tilt_below_odd_min_tilt_passes_and_one_above_it_does_not():
+    samples = session(23, 7, sky=True)
+    small = list(samples)
+    small[3] = _tilt(samples[3], 0.003).astype(np.float32)
+    assert check(small) == []
+    big = list(samples)
+    big[3] = _tilt(samples[3], 0.012).astype(np.float32)
+    assert names(check(big), "tilt") == {"flat_003.fits"}
+    assert check(big, quality=Quality(odd_min_tilt=0.02)) == []
+
+
+def test_the_tilt_trend_follows_the_frames_times_not_their_order():
+    # frames named out of time order: flat_000 is the latest; its tilt fits its time
+    samples = session(24, 6, sky=True)
+    tilted = [_tilt(s, 0.004 * i).astype(np.float32) for i, s in enumerate(samples)]
+    order = [5, 0, 1, 2, 3, 4]  # file i holds exposure order[i]
+    items = [Q.FlatSample(SimpleNamespace(**vars(frame(i)), date=datetime(2026, 12, 1, 17, order[i])),
+                          tilted[order[i]], robust_level(tilted[order[i]])) for i in range(6)]
+    assert Q.check_flats(items, STEP, Quality()) == []
+    undated = [Q.FlatSample(frame(i), item.sample, item.level) for i, item in enumerate(items)]
+    assert "flat_000.fits" in names(Q.check_flats(undated, STEP, Quality()), "tilt")
+
+
+def test_fewer_than_five_frames_get_no_tilt_check():
+    samples = session(25, 4, sky=True)
+    samples[2] = _tilt(samples[2], 0.03).astype(np.float32)
+    assert names(check(samples), "tilt") == set()
 
 
 def test_odd_frame_out_in_a_colour_session():
