@@ -164,3 +164,66 @@ def test_a_bad_previous_master_is_not_the_reference(tmp_path):
     write_master(tmp_path / "bad.fits", flat(1), QCSTATUS="bad")
     assert check_previous(flat(2), CARDS, tmp_path, None, "new").path is None
     assert isinstance(PreviousCheck(), PreviousCheck)
+
+
+# --------------------------------------------------------------------------- binned as read
+
+
+def big_flat(seed: int, shape, donuts=(), cfa=(1.0, 0.8, 0.8, 0.6)) -> np.ndarray:
+    """A colour master large enough to be compared binned (binning_for > 1)."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    image = 1 - 1.2 * (((x - w / 2) / w) ** 2 + ((y - h / 2) / h) ** 2)
+    for cx, cy, r, depth in donuts:
+        image *= 1 - depth * np.exp(-((np.hypot(x - cx, y - cy) - r) / (r / 3)) ** 2)
+    for (py, px), gain in zip(((0, 0), (0, 1), (1, 0), (1, 1)), cfa):
+        image[py::2, px::2] *= gain
+    image *= 1 + 0.003 * rng.standard_normal(shape, dtype=np.float32)
+    return (20000 * image).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(1101, 1500), (1301, 2100), (1200, 3264)])  # binned 2, 3 (odd), 4
+def test_a_previous_master_binned_as_read_compares_like_the_whole_images(tmp_path, shape, monkeypatch):
+    from flatd.qc import previous as P
+
+    monkeypatch.setattr(P, "BAND_BYTES", 1 << 20)  # many bands, a partial last one
+    old = big_flat(1, shape, donuts=[(300, 400, 40, 0.03)])
+    new = big_flat(2, shape, donuts=[(900, 500, 40, 0.03)], cfa=(1.1, 0.8, 0.8, 0.5))  # another colour balance
+    path = write_master(tmp_path / "old.fits", old)
+    assert P.binning_for(shape) > 1
+    whole = compare(new, old)
+    binned = P.compare_with_file(new, path)
+    assert binned.binning == whole.binning and binned.ratio.shape == whole.ratio.shape
+    np.testing.assert_allclose(binned.ratio, whole.ratio, rtol=2e-6)
+    assert binned.changed_fraction == whole.changed_fraction
+    assert [(b.kind, b.x, b.y) for b in binned.blobs] == [(b.kind, b.x, b.y) for b in whole.blobs]
+    assert sorted(b.kind for b in binned.blobs) == ["appeared", "went"]
+
+
+def test_a_previous_master_with_a_nan_is_compared_from_the_whole_file(tmp_path, monkeypatch):
+    from flatd.qc import previous as P
+
+    shape = (1101, 1500)
+    old = big_flat(1, shape)
+    old[500, 700] = np.nan
+    path = write_master(tmp_path / "old.fits", old)
+    loads = []
+    monkeypatch.setattr(P, "load_master", lambda p: loads.append(p) or (None, fits.getdata(p)))
+    c = P.compare_with_file(big_flat(2, shape), path)
+    assert loads == [path] and c.blobs == [] and c.changed_fraction < 1e-4
+
+
+def test_hostile_previous_masters_binned_as_read_are_reasons(tmp_path):
+    from flatd.qc import previous as P
+
+    shape = (1101, 1500)
+    truncated = write_master(tmp_path / "truncated.fits", big_flat(1, shape))
+    with open(truncated, "r+b") as handle:
+        handle.truncate(truncated.stat().st_size // 2)
+    other = write_master(tmp_path / "other.fits", big_flat(1, (1100, 1500)))
+    junk = tmp_path / "junk.fits"
+    junk.write_bytes(b"SIMPLE  = T" + b"\0" * 5000)
+    for path, reason in ((truncated, "truncated"), (other, "1500x1100"), (junk, "header")):
+        with pytest.raises(ValueError, match=reason):
+            P.read_binned(path, shape)
