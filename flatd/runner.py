@@ -362,6 +362,7 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the other groups
             raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
         self._writing(job)
+        pictures = _start_previews(job, result.image, origin, comparison=_comparison(qc)) if job.previews else None
         try:
             master = write_master(job.output_dir, master_name_for(job, qc), result.image, header,
                                   rejection_map=result.rejection_map if job.rejection_map else None)
@@ -373,8 +374,8 @@ class Runner:
         except Exception as exc:  # noqa: BLE001
             raise JobFailed(f"cannot write the master in {job.output_dir}: {type(exc).__name__}: {exc}",
                             transient=True) from None
-        if job.previews:
-            _write_previews(job, master, result.image, origin, comparison=_comparison(qc))
+        if pictures is not None:
+            _write_previews(job, master, pictures)
         return master, rejection, qc
 
     def _keep_inputs(self, job: Job) -> list[None]:
@@ -666,16 +667,27 @@ def _emit_checked(job: Job, master: Path, qc) -> None:
                          len(comparison.blobs) if comparison is not None else 0))
 
 
-def _write_previews(job: Job, master: Path, image, origin=(0, 0), comparison=None) -> list[Path]:
-    """output.previews: the PNG pictures beside a master just written (flatd.qc.previews);
-    a failure is a warning, never the job's."""
+def _start_previews(job: Job, image, origin=(0, 0), comparison=None):
+    """output.previews: the PNG pictures of a master, rendered in a thread while the master
+    is written (flatd.qc.previews.start_previews); None when they cannot be started."""
     try:
-        from flatd.qc.previews import master_layout, write_previews
+        from flatd.qc.previews import master_layout, start_previews
 
         layout = master_layout(job.frames, image.shape, origin)
-        bottom_up = job.frames[0].row_order == "BOTTOM-UP"
-        return write_previews(master, image, layout, comparison, bottom_up=bottom_up, job=job.id)
+        return start_previews(image, layout, comparison, bottom_up=job.frames[0].row_order == "BOTTOM-UP")
     except Exception as exc:  # noqa: BLE001 - e.g. Pillow missing: the master is made all the same
+        E.notice("preview_failed", f"no preview: {type(exc).__name__}: {exc}", logging.WARNING, job=job.id)
+        return None
+
+
+def _write_previews(job: Job, master: Path, pictures) -> list[Path]:
+    """The pictures started by _start_previews, written beside the master just written; a
+    failure is a warning, never the job's."""
+    try:
+        from flatd.qc.previews import write_rendered
+
+        return write_rendered(master, pictures, job=job.id)
+    except Exception as exc:  # noqa: BLE001
         E.notice("preview_failed", f"no preview of {master}: {type(exc).__name__}: {exc}", logging.WARNING,
                  job=job.id)
         return []

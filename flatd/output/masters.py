@@ -350,6 +350,10 @@ def _write_extension(handle, hdu: fits.ImageHDU) -> None:
 def _master_payload(array: np.ndarray, header: fits.Header, compressed: bool,
                     rejection_map: np.ndarray | None = None):
     """(bytes needed, writer(handle)) for a plain or a tile-compressed master."""
+    # read only: astropy's checksum then swaps a copy, not the caller's array in place (the
+    # previews are drawn from that array in another thread while the master is written)
+    array = np.asarray(array).view()
+    array.flags.writeable = False
     if compressed:
         payload = _compressed_bytes(array, header, rejection_map)
         return len(payload), lambda handle: handle.write(payload)

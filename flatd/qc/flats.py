@@ -322,11 +322,21 @@ def _others(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _block_means(x: np.ndarray, b: int) -> np.ndarray:
+    """(by, bx): the means of the b x b blocks of samples of x (rows, cols), as float64
+    (sums of rows, then of columns: a pass over the samples, no sort)."""
+    rows, cols = x.shape
+    by, bx = rows // b, cols // b
+    band = x[: by * b, : bx * b].reshape(by, b, bx * b).sum(axis=1, dtype=np.float64)
+    return band.reshape(by, bx, b).sum(axis=2) / (b * b)
+
+
 def _ratio_blocks(norm: np.ndarray, b: int, mapper=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x, consensus): per frame, the median over each b x b block of its samples over the
     median of the other frames' at the same place, minus 1 (N, by, bx; 0 where not
-    finite), that median (rows, cols), and each frame's own block medians (N, by, bx;
-    for its tilt against one reference for all). The reference frames are at most
+    finite), that median (rows, cols), and each frame's own block means (N, by, bx; for
+    its tilt against one reference for all: a robust plane fit drops the blocks that a
+    cosmic ray or a hot pixel lifts, and a mean is the quieter estimate, with no sort). The reference frames are at most
     REFERENCE_FRAMES, spread over the series; each is left out of its own reference (the
     median frame would read exactly 0 otherwise). The ratio cancels vignetting, dust and
     the CFA. One frame's ratios at a time per thread of `mapper(fn, indices)` (the memory:
@@ -352,7 +362,7 @@ def _ratio_blocks(norm: np.ndarray, b: int, mapper=None) -> tuple[np.ndarray, np
         r[~np.isfinite(r)] = 0.0
         r[0][dark] = 0.0
         x[i] = _blocks(r, b)[0]
-        own[i] = _blocks(norm[i][None], b)[0]
+        own[i] = _block_means(norm[i], b)
 
     (mapper or (lambda fn, items: [fn(i) for i in items]))(one, range(n))
     return x, consensus, own
@@ -443,9 +453,11 @@ def odd_scores(norm: np.ndarray, step: int, min_deviation: float, mapper=None,
     x, consensus, own = _ratio_blocks(norm, b, mapper)
     sigma = _noise(_to_others(x))  # the base blocks' noise, per frame
     light = _blocks(consensus[None], b)[0]
-    lit = light >= DARK_LEVEL
+    reference = _block_means(np.where(np.isfinite(consensus), consensus, 0.0), b)
+    lit = reference >= DARK_LEVEL
     with np.errstate(divide="ignore", invalid="ignore"):
-        tilts = tilt_jumps(np.where(lit, own / light - 1, 0.0), range(n) if times is None else times, lit)
+        tilts = tilt_jumps(np.where(lit & np.isfinite(own), own / reference - 1, 0.0),
+                           range(n) if times is None else times, lit & np.isfinite(own).all(axis=0))
     light = np.clip(light / np.nanmedian(light), 0.05, None)  # photon noise grows where the light falls
     light[~np.isfinite(light)] = 1.0
     best = [OddScore(0.0, 0.0, 0, 0, 0)] * n

@@ -277,6 +277,9 @@ def full_scale(frames: Sequence) -> float:
 
 def pixel_counts(master: np.ndarray, saturation: Optional[float]) -> tuple[int, int, int]:
     """(non-finite, <= 0, >= saturation) pixels of the master."""
+    low, high = _extremes(master)
+    if low > 0 and math.isfinite(high) and not (saturation and high >= saturation):
+        return 0, 0, 0  # the usual master: two reductions tell, no full-size temporaries
     finite = np.isfinite(master)
     nonfinite = int(master.size - np.count_nonzero(finite))
     values = master[finite] if nonfinite else master
@@ -285,11 +288,22 @@ def pixel_counts(master: np.ndarray, saturation: Optional[float]) -> tuple[int, 
     return nonfinite, zero, saturated
 
 
+def _extremes(image: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the image; NaN when it holds a NaN."""
+    if image.size == 0:
+        return math.nan, math.nan
+    return float(np.min(image)), float(np.max(image))
+
+
 def block_means(image: np.ndarray, blocks: int = 16) -> np.ndarray:
     """Means of about `blocks` x `blocks` blocks (finite positive pixels; NaN when none)."""
     h, w = image.shape
     by, bx = max(1, h // blocks), max(1, w // blocks)
     ny, nx = h // by, w // bx
+    low, high = _extremes(image)
+    if low > 0 and math.isfinite(high):  # every pixel counts: sums of rows, then of columns
+        rows = image[: ny * by].reshape(ny, by, w).sum(axis=1, dtype=np.float64)
+        return rows[:, : nx * bx].reshape(ny, nx, bx).sum(axis=2) / (by * bx)
     cut = image[: ny * by, : nx * bx].reshape(ny, by, nx, bx)
     with np.errstate(invalid="ignore"):
         good = np.isfinite(cut) & (cut > 0)

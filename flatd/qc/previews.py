@@ -462,8 +462,8 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_png(path: Path, image: Image.Image) -> Path:
-    """Write `image` as a PNG at `path`, atomically: a hidden temp file in the same folder
+def write_png(path: Path, image) -> Path:
+    """Write `image` (a Pillow image, or its PNG bytes) as a PNG at `path`, atomically: a hidden temp file in the same folder
     (".flatd-<name>-<random>.tmp"), fsynced, renamed over `path` (a preview belongs to its
     master and is replaced with it), the folder fsynced. The free space is checked first
     (NoSpace); on any failure the temp file is removed."""
@@ -471,7 +471,7 @@ def write_png(path: Path, image: Image.Image) -> Path:
     from flatd.output.masters import check_free_space, no_space
 
     path = Path(path)
-    data = png_bytes(image)
+    data = image if isinstance(image, bytes) else png_bytes(image)
     check_free_space(path.parent, len(data))
     temp, fd = create_temp(path.parent, path.name)
     try:
@@ -495,26 +495,66 @@ def write_png(path: Path, image: Image.Image) -> Path:
     return path
 
 
-def write_previews(master_path: Path, image: np.ndarray, layout=None, comparison=None,
-                   bottom_up: Optional[bool] = None, **fields) -> list[Path]:
-    """The runner's hook: the preview of a master just written, and the ratio picture when
-    the previous-master comparison ran (`comparison` with `.ratio` and `.blobs`). Returns
-    the files written. A picture that cannot be made or written is a warning (event
-    `preview_failed`, with `fields`, e.g. job=...) and is skipped: previews never fail a job."""
-    preview, ratio_png = preview_paths(master_path)
+def render_previews(image: np.ndarray, layout=None, comparison=None, bottom_up: Optional[bool] = None) -> list:
+    """[(kind, PNG bytes or the exception that stopped it)]: the master's preview, and the
+    ratio picture when the previous-master comparison ran (`comparison` with `.ratio` and
+    `.blobs`). Pure computation (no file), so that it can run while the master is written."""
     flip = bool(layout.bottom_up) if bottom_up is None and layout is not None else bool(bottom_up)
-    pictures = [(preview, lambda: master_preview(image, layout, flip))]
+    pictures = [("preview", lambda: master_preview(image, layout, flip))]
     if comparison is not None and getattr(comparison, "ratio", None) is not None:
         blobs = getattr(comparison, "blobs", None) or ()
         binning = getattr(comparison, "binning", 1) or 1
-        pictures.append((ratio_png, lambda: ratio_preview(comparison.ratio, blobs, flip, binning=binning)))
-    written = []
-    for path, make in pictures:
+        pictures.append(("ratio", lambda: ratio_preview(comparison.ratio, blobs, flip, binning=binning)))
+    out = []
+    for kind, make in pictures:
         try:
-            written.append(write_png(path, make()))
+            out.append((kind, png_bytes(make())))
         except Exception as exc:  # noqa: BLE001 - a picture must never fail a job
-            _warn(path, exc, fields)
+            out.append((kind, exc))
+    return out
+
+
+def start_previews(image: np.ndarray, layout=None, comparison=None, bottom_up: Optional[bool] = None):
+    """render_previews in a thread of its own (numpy and zlib let go of the GIL): the
+    runner starts it before it writes the master, whose write and fsync leave the CPU
+    idle, and hands the result to write_rendered. Returns a Future."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-previews")
+    try:
+        return pool.submit(render_previews, image, layout, comparison, bottom_up)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def write_rendered(master_path: Path, rendered, **fields) -> list[Path]:
+    """Write render_previews' pictures beside the master just written (preview_paths).
+    `rendered`: the list, or a Future of it. Returns the files written; a picture that
+    could not be made or written is a warning (event `preview_failed`, with `fields`, e.g.
+    job=...) and is skipped: previews never fail a job."""
+    preview, ratio_png = preview_paths(master_path)
+    paths = {"preview": preview, "ratio": ratio_png}
+    try:
+        rendered = rendered.result() if hasattr(rendered, "result") else rendered
+    except Exception as exc:  # noqa: BLE001
+        _warn(preview, exc, fields)
+        return []
+    written = []
+    for kind, data in rendered:
+        try:
+            if isinstance(data, Exception):
+                raise data
+            written.append(write_png(paths[kind], data))
+        except Exception as exc:  # noqa: BLE001 - a picture must never fail a job
+            _warn(paths[kind], exc, fields)
     return written
+
+
+def write_previews(master_path: Path, image: np.ndarray, layout=None, comparison=None,
+                   bottom_up: Optional[bool] = None, **fields) -> list[Path]:
+    """The preview of a master just written, and the ratio picture when the previous-master
+    comparison ran: render_previews then write_rendered (the same warnings)."""
+    return write_rendered(master_path, render_previews(image, layout, comparison, bottom_up), **fields)
 
 
 def _warn(path: Path, exc: Exception, fields: dict) -> None:

@@ -216,12 +216,17 @@ def _ratio_of_binned(a: Binned, p: Binned) -> np.ndarray:
                     med = float(np.median(sa / sp))
                 if math.isfinite(med) and med > 0:
                     scale[py, px] = med
-    yy, xx = np.arange(ny)[:, None] * b, np.arange(nx)[None, :] * b
     top = a.sums.sum(axis=(0, 1))
     bottom = np.zeros((ny, nx), dtype=np.float32)
-    for ci in (0, 1):
-        for cj in (0, 1):
-            bottom += p.sums[ci, cj] * scale[(yy + ci) % 2, (xx + cj) % 2].astype(np.float32)
+    # the CFA position of offset (ci, cj) in block (Y, X) is (Y b + ci, X b + cj) mod 2: with an
+    # even b the same in every block, with an odd one it alternates with the block's parity
+    parities = ((0, 0),) if b % 2 == 0 else ((0, 0), (0, 1), (1, 0), (1, 1))
+    step = 1 if b % 2 == 0 else 2
+    for qy, qx in parities:
+        part = bottom[qy::step, qx::step]
+        for ci in (0, 1):
+            for cj in (0, 1):
+                part += p.sums[ci, cj, qy::step, qx::step] * np.float32(scale[(qy + ci) % 2, (qx + cj) % 2])
     with np.errstate(invalid="ignore", divide="ignore"):
         return top / bottom
 
@@ -345,7 +350,9 @@ def large_scale(ratio: np.ndarray, blocks: int = 16, rounds: int = 3) -> np.ndar
     h, w = ratio.shape
     by, bx = max(1, h // blocks), max(1, w // blocks)
     ny, nx = h // by, w // bx
-    cut = ratio[: ny * by, : nx * bx].reshape(ny, by, nx, bx).transpose(0, 2, 1, 3).reshape(ny, nx, -1)
+    thin = 2 if min(by, bx) >= 8 else 1  # every other row and column of a large block: its median as well
+    cut = ratio[: ny * by, : nx * bx].reshape(ny, by, nx, bx)[:, ::thin, :, ::thin]
+    cut = cut.transpose(0, 2, 1, 3).reshape(ny, nx, -1)
     if not np.isnan(cut).any():
         med = np.median(cut, axis=2)  # one partition of all blocks (nanmedian goes block by block)
     else:
@@ -375,10 +382,13 @@ def large_scale(ratio: np.ndarray, blocks: int = 16, rounds: int = 3) -> np.ndar
         return np.full(ratio.shape, level)
     u = 2 * (np.arange(w) + 0.5) / w - 1
     v = 2 * (np.arange(h) + 0.5) / h - 1
-    surface = np.zeros((h, w))
     terms = [(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)]
-    for c, (i, j) in zip(coef, terms):  # separable: no (pixels x terms) matrix
-        surface += c * np.outer(v ** j, u ** i)
+    along = np.zeros((degree + 1, w))  # per power j of v: the polynomial in u that multiplies it
+    for c, (i, j) in zip(coef, terms):
+        along[j] += c * u ** i
+    surface = np.outer(np.ones(h), along[0])
+    for j in range(1, degree + 1):  # separable: degree + 1 outer products, no (pixels x terms) matrix
+        surface += np.outer(v ** j, along[j])
     return surface
 
 
@@ -406,8 +416,14 @@ def box(image: np.ndarray, size: int) -> np.ndarray:
     return _box_sum(np.where(good, image, 0.0), size) / np.maximum(_box_sum(good.astype(np.float64), size), 1)
 
 
+SHIFTED_BOX = 7  # boxes up to this side are summed by shifted adds, longer ones by cumulative sums
+
+
 def _box_sum(a: np.ndarray, size: int) -> np.ndarray:
-    """Sums over a size x size box around each pixel (zeros beyond the edges), by cumulative sums."""
+    """Sums over a size x size box around each pixel (zeros beyond the edges), by shifted
+    adds (short boxes) or cumulative sums."""
+    if size <= SHIFTED_BOX:
+        return _shifted_box_sum(a, size)
     lo, hi = size // 2, size - size // 2
     out = a
     for axis in (0, 1):
@@ -416,6 +432,26 @@ def _box_sum(a: np.ndarray, size: int) -> np.ndarray:
         c = np.cumsum(np.pad(out, pad), axis=axis)
         n = out.shape[axis]
         out = c[size:size + n] - c[:n] if axis == 0 else c[:, size:size + n] - c[:, :n]
+    return out
+
+
+def _shifted_box_sum(a: np.ndarray, size: int) -> np.ndarray:
+    """_box_sum by adding the array to itself shifted by -size//2 .. size - size//2 - 1
+    along each axis (the same windows), in float64."""
+    lo = size // 2
+    out = np.asarray(a, dtype=np.float64)
+    for axis in (0, 1):
+        n = out.shape[axis]
+        acc = out.copy()
+        for shift in range(-lo, size - lo):
+            if shift == 0 or abs(shift) >= n:
+                continue
+            if axis == 0:
+                (acc[:n - shift] if shift > 0 else acc[-shift:])[...] += out[shift:] if shift > 0 else out[:n + shift]
+            else:
+                (acc[:, :n - shift] if shift > 0 else acc[:, -shift:])[...] += (
+                    out[:, shift:] if shift > 0 else out[:, :n + shift])
+        out = acc
     return out
 
 

@@ -476,3 +476,28 @@ def test_rejection_map_of_the_wrong_shape_is_refused(tmp_path):
     with pytest.raises(ValueError, match="rejection map"):
         write_master(tmp_path, "m.fits", np.ones((4, 4)), fits.Header(), rejection_map=np.zeros((4, 4), np.uint16))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["m.fits", "m.fits.fz"])
+def test_writing_a_master_never_changes_its_array_meanwhile(tmp_path, name):
+    # the runner draws the previews from the array in another thread while the master is written
+    import threading
+
+    image = (1000 + np.arange(2048 * 1024, dtype=np.float32).reshape(2048, 1024) % 977)
+    expected = image[::64, ::64].copy()
+    seen, stop = [], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(np.array_equal(image[::64, ::64], expected))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for i in range(3):
+            write_master(tmp_path, f"{i}-{name}", image, fits.Header())
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} looks saw the array changed"
+    assert image.flags.writeable and np.array_equal(image[::64, ::64], expected)
