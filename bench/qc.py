@@ -45,6 +45,7 @@ the field) whose strength and direction change mildly through the series.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -581,7 +582,7 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
     total = lambda d: sum(v for k, v in d.items() if not k.startswith("_"))  # noqa: E731
     b, c = statistics.median(map(total, off)), statistics.median(map(total, on))
     med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
-    print(f"\n## 3. Time\n\n32 flats of 3264x2448 (uint16, {cache}, read only), combine method auto "
+    print(f"\n### In process, and where the time goes\n\n32 flats of 3264x2448 (uint16, {cache}, read only), combine method auto "
           f"({method.label}), default engine settings, {os.cpu_count()} cores, files in the page cache; the job in "
           f"process: stack_frames, the master's header and write_master (fsync), and with the checks: the flat "
           f"checks, the previous master (another master of these flats, found in the output folder, binned as it is "
@@ -598,6 +599,84 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
                 "previews (2 PNG)"):  # the pictures' drawing overlaps the master's write: in neither
         v = med(on, key)
         print(f"| of which {key.lstrip('_')} | {v:.3f} | {100 * v / b:+.1f} % |")
+
+
+def run_tree(files: list, root: Path, checks: bool) -> Path:
+    """A capture folder of hard links to `files` (run-once moves the links, never the
+    cached files) and its rules file: the checks and previews on or off. Returns the rules."""
+    night = root / "captures" / "2026-11-30"
+    night.mkdir(parents=True)
+    for f in files:
+        os.link(f, night / f.name)
+    rules = root / "flatd.yaml"
+    rules.write_text(f"capture:\n  - path: {json.dumps(str(root / 'captures'))}\n"
+                     f"state: {json.dumps(str(root / 'state'))}\n"
+                     "precalibration: {mode: none}\nstable: 0\n"
+                     f"quality: {{enabled: {str(checks).lower()}}}\noutput: {{previews: {str(checks).lower()}}}\n")
+    return rules
+
+
+def run_once(rules: Path) -> tuple[float, list[Path]]:
+    """(seconds, masters written): one `flatd run-once` process, timed from outside."""
+    import subprocess
+
+    flatd = Path(sys.executable).parent / "flatd"
+    t = time.perf_counter()
+    done = subprocess.run([str(flatd), "run-once", "--config", str(rules)], capture_output=True, text=True)
+    elapsed = time.perf_counter() - t
+    if done.returncode != 0:
+        raise SystemExit(f"flatd run-once failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return elapsed, sorted(p for p in (rules.parent / "captures").rglob("masters/*.fits"))
+
+
+def whole_run_part(cache: Path, rounds: int, tmp: Path) -> Optional[dict]:
+    """`flatd run-once` on the 32 flats, as a user runs it: checks and previews off
+    against on, with last night's master (a run on the odd-numbered half, checks on) in
+    the output folder for the checked runs to find and compare with. Alternating rounds,
+    after one untimed run of each (page cache)."""
+    from astropy.io import fits
+
+    files = sorted(cache.glob("flat_*.fits"))[:32]
+    if len(files) < 32:
+        return None
+    _, masters = run_once(run_tree(files[1::2], tmp / "last-night", True))
+    previous = masters[0]
+    times: dict[bool, list] = {False: [], True: []}
+    seen = None
+    for r in range(rounds + 1):
+        for checks in (False, True):
+            root = tmp / f"run-{r}-{int(checks)}"
+            rules = run_tree(files, root, checks)
+            if checks:
+                folder = root / "captures" / "masters"  # where run-once writes: beside the night folders
+                folder.mkdir()
+                copy = folder / "FLAT-last-night.fits"
+                shutil.copy2(previous, copy)
+                os.utime(copy, (time.time() - 86400,) * 2)
+            elapsed, made = run_once(rules)
+            made = [m for m in made if m.name != "FLAT-last-night.fits"]
+            if len(made) != 1:
+                raise SystemExit(f"expected one master, got {made}")
+            if checks:
+                header = fits.getheader(made[0])
+                if header.get("QCPREV") != "FLAT-last-night.fits":
+                    raise SystemExit(f"the checked run did not compare with last night's master: {header.get('QCPREV')}")
+                seen = (header.get("QCSTATUS"), len(list(made[0].parent.glob("*.png"))))
+            if r:  # the first round warms the page cache
+                times[checks].append(elapsed)
+            shutil.rmtree(root)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    print(f"\n## 3. Time\n\n### A run\n\n`flatd run-once` on 32 flats of 3264x2448 (uint16, hard links to {cache} in a "
+          f"fresh capture folder each run; the inputs' links are moved, the cached files never), {os.cpu_count()} cores, "
+          f"files in the page cache, the whole process timed from outside: `quality.enabled: false` and "
+          f"`output.previews: false` against the defaults, the checked runs finding last night's master (a run on "
+          f"the odd-numbered half) in the output folder. {rounds} alternating rounds after an untimed one, median "
+          f"s (range). The checked master: {seen[0]}, {seen[1]} PNG pictures.\n")
+    print("| run | s | range | added |\n|---|---:|---|---:|")
+    print(f"| checks off, previews off | {off:.2f} | {min(times[False]):.2f}-{max(times[False]):.2f} | |")
+    print(f"| checks on, previews on (defaults) | {on:.2f} | {min(times[True]):.2f}-{max(times[True]):.2f} | "
+          f"{100 * (on - off) / off:+.1f} % |")
+    return {"off": off, "on": on}
 
 
 def main() -> int:
@@ -623,7 +702,11 @@ def main() -> int:
             fault_part(args.seeds, tmp)
             sys.stdout.flush()
         if "time" in parts:
-            time_part(args.cache, args.rounds, tmp)
+            if whole_run_part(args.cache, args.rounds, tmp) is None:
+                print(f"\n## 3. Time\n\n{args.cache}: fewer than 32 flats (bench/speed.py --parts floor makes them); "
+                      "skipped")
+            else:
+                time_part(args.cache, args.rounds, tmp)
     print(f"\n(ran in {time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -79,6 +79,10 @@ ODD_MIN_FRAMES = 3
 # tell the odd one from its neighbours), each predicted from this many nearest in time.
 TREND_MIN_FRAMES = 5
 TREND_NEIGHBOURS = 4
+# Blocks of at most this many samples take their median by a compare-exchange network.
+NETWORK_MEDIAN = 9
+# The tilt's plane is fitted on blocks pooled 2 x 2 until fewer than twice this many a side.
+TILT_BLOCKS = 24
 # The sample-by-sample reference is the median of at most this many frames (the cost).
 REFERENCE_FRAMES = 9
 # Samples whose consensus is below this fraction of the level (overscan, unlit edges) are
@@ -253,11 +257,43 @@ def normalized(sample: np.ndarray, channels: Optional[np.ndarray], levels: dict)
     return out
 
 
+# Compare-exchange pairs that leave the median of 9 values at index 4 (Paeth's network, 19 steps).
+_MEDIAN9 = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
+            (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
+
+
+def _sorted_by_network(values: list) -> list:
+    """The element-wise sorted values of same-shape arrays, by odd-even transposition
+    (n rounds of compare-exchange with np.minimum / np.maximum, no sort): for a few values
+    per place, a partition's per-row overhead is the whole cost."""
+    v = list(values)
+    n = len(v)
+    for i in range(n):
+        for j in range(i % 2, n - 1, 2):
+            v[j], v[j + 1] = np.minimum(v[j], v[j + 1]), np.maximum(v[j], v[j + 1])
+    return v
+
+
+def _median_by_network(values: list) -> np.ndarray:
+    """The element-wise median of 3 to 9 same-shape arrays (even counts: the mean of the
+    middle two), by compare-exchange steps."""
+    v = list(values)
+    if len(v) == 9:
+        for a, b in _MEDIAN9:
+            v[a], v[b] = np.minimum(v[a], v[b]), np.maximum(v[a], v[b])
+        return v[4]
+    v = _sorted_by_network(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
 def _blocks(x: np.ndarray, b: int) -> np.ndarray:
     """(N, by, bx): the median of each b x b block of samples of x (N, rows, cols), NaN
     left out (a block of NaN only is NaN)."""
     n, rows, cols = x.shape
     by, bx = rows // b, cols // b
+    if b * b <= NETWORK_MEDIAN and not np.isnan(x).any():
+        return _median_by_network([x[:, i: by * b: b, j: bx * b: b] for i in range(b) for j in range(b)])
     cut = x[:, :by * b, :bx * b].reshape(n, by, b, bx, b).transpose(0, 1, 3, 2, 4).reshape(n, by, bx, b * b)
     if np.isnan(cut).any():
         import warnings
@@ -287,16 +323,21 @@ def _local_median(a: np.ndarray) -> np.ndarray:
     n, by, bx = a.shape
     per_block = np.median(np.ascontiguousarray(a.reshape(n, -1).T), axis=1).reshape(by, bx)
     padded = np.pad(per_block, 1, mode="edge")
-    near = np.stack([padded[dy:dy + by, dx:dx + bx] for dy in range(3) for dx in range(3)], axis=-1)
-    return np.median(near, axis=-1)
+    near = [padded[dy:dy + by, dx:dx + bx] for dy in range(3) for dx in range(3)]
+    if np.isnan(per_block).any():
+        return np.median(np.stack(near, axis=-1), axis=-1)
+    return _median_by_network(near)
 
 
 def _middle(x: np.ndarray) -> np.ndarray:
     """(P, 2 or 3): per place of x (N >= 3, ...), its sorted values N//2 - 1 to N//2 (N
     even) or N//2 + 1 (N odd) over the frames (NaN sorts last), by a partial sort."""
     n = x.shape[0]
-    t = np.ascontiguousarray(x.reshape(n, -1).T)
     kth = list(range(n // 2 - 1, n // 2 + 1 + n % 2))
+    if n <= NETWORK_MEDIAN and not np.isnan(x).any():
+        ordered = _sorted_by_network([x[i].ravel() for i in range(n)])
+        return np.stack([ordered[k] for k in kth], axis=1)
+    t = np.ascontiguousarray(x.reshape(n, -1).T)
     t.partition(kth, axis=1)
     return t[:, kth[0]:kth[-1] + 1]
 
@@ -323,49 +364,44 @@ def _others(x: np.ndarray) -> np.ndarray:
 
 
 def _block_means(x: np.ndarray, b: int) -> np.ndarray:
-    """(by, bx): the means of the b x b blocks of samples of x (rows, cols), as float64
-    (sums of rows, then of columns: a pass over the samples, no sort)."""
-    rows, cols = x.shape
+    """(..., by, bx): the means of the b x b blocks of samples of x (..., rows, cols), as
+    float64 (sums of rows, then of columns: a pass over the samples, no sort)."""
+    *lead, rows, cols = x.shape
     by, bx = rows // b, cols // b
-    band = x[: by * b, : bx * b].reshape(by, b, bx * b).sum(axis=1, dtype=np.float64)
-    return band.reshape(by, bx, b).sum(axis=2) / (b * b)
+    band = x[..., 0: by * b: b, : bx * b].astype(np.float64)
+    for i in range(1, b):
+        band += x[..., i: by * b: b, : bx * b]
+    out = band[..., 0::b].copy()
+    for j in range(1, b):
+        out += band[..., j::b]
+    return out / (b * b)
 
 
-def _ratio_blocks(norm: np.ndarray, b: int, mapper=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, consensus): per frame, the median over each b x b block of its samples over the
-    median of the other frames' at the same place, minus 1 (N, by, bx; 0 where not
-    finite), that median (rows, cols), and each frame's own block means (N, by, bx; for
-    its tilt against one reference for all: a robust plane fit drops the blocks that a
-    cosmic ray or a hot pixel lifts, and a mean is the quieter estimate, with no sort). The reference frames are at most
-    REFERENCE_FRAMES, spread over the series; each is left out of its own reference (the
-    median frame would read exactly 0 otherwise). The ratio cancels vignetting, dust and
-    the CFA. One frame's ratios at a time per thread of `mapper(fn, indices)` (the memory:
-    a few frames' samples)."""
+def _ratio_blocks(norm: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, consensus, own): per frame, the median over each b x b block of its samples
+    over the median of the other frames' at the same place, minus 1 (N, by, bx; 0 where
+    not finite); that median (rows, cols); and each frame's own block means (N, by, bx;
+    for its tilt against one reference for all: a robust plane fit drops the blocks that
+    a cosmic ray or a hot pixel lifts, and a mean is the quieter estimate, with no sort).
+    The reference frames are at most REFERENCE_FRAMES, spread over the series; each is
+    left out of its own reference (the median frame would read exactly 0 otherwise). The
+    ratio cancels vignetting, dust and the CFA. All frames at once (the ratios are one
+    more copy of the samples: QC_SAMPLE_COPIES in the engine's memory plan)."""
     from flatd.stack.levels import _median_of_others
 
     n = norm.shape[0]
-    ref = set(_reference_frames(n))
-    middle = _middle(norm[sorted(ref)])
+    ref = _reference_frames(n)
+    middle = _middle(norm[ref])
     m = len(ref)
     consensus = (middle[:, 1] if m % 2 else 0.5 * (middle[:, 0] + middle[:, 1])).reshape(norm.shape[1:])
-    rows, cols = consensus.shape
-    x = np.empty((n, rows // b, cols // b), dtype=np.float32)
-    own = np.empty_like(x)
-
-    dark = ~(consensus >= DARK_LEVEL)  # overscan strips, unlit edges: no pattern to compare
-
-    def one(i: int) -> None:
-        other = _median_of_others(norm[i].ravel(), middle).reshape(consensus.shape) if i in ref else consensus
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.divide(norm[i], other)[None]
-        r -= np.float32(1.0)
-        r[~np.isfinite(r)] = 0.0
-        r[0][dark] = 0.0
-        x[i] = _blocks(r, b)[0]
-        own[i] = _block_means(norm[i], b)
-
-    (mapper or (lambda fn, items: [fn(i) for i in items]))(one, range(n))
-    return x, consensus, own
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.divide(norm, consensus[None])
+        for i in ref:
+            np.divide(norm[i], _median_of_others(norm[i].ravel(), middle).reshape(consensus.shape), out=r[i])
+    r -= np.float32(1.0)
+    r[~np.isfinite(r)] = 0.0
+    r[:, ~(consensus >= DARK_LEVEL)] = 0.0  # overscan strips, unlit edges: no pattern to compare
+    return _blocks(r, b), consensus, _block_means(norm, b).astype(np.float32)
 
 
 def _to_others(x: np.ndarray) -> np.ndarray:
@@ -442,7 +478,7 @@ def _score(r: np.ndarray, expected: np.ndarray, min_deviation: float) -> np.ndar
     return z
 
 
-def odd_scores(norm: np.ndarray, step: int, min_deviation: float, mapper=None,
+def odd_scores(norm: np.ndarray, step: int, min_deviation: float,
                times: Optional[Sequence[float]] = None) -> tuple[list[OddScore], list[TiltJump]]:
     """Per frame of `norm` (N >= 3, rows, cols: samples divided by their levels), its worst
     block over the scales b, 2b, 4b... samples, as it is and less a fitted plane, among the
@@ -450,7 +486,7 @@ def odd_scores(norm: np.ndarray, step: int, min_deviation: float, mapper=None,
     trend of its neighbours in `times` (default: the order given)."""
     n = norm.shape[0]
     b = block_side(step)
-    x, consensus, own = _ratio_blocks(norm, b, mapper)
+    x, consensus, own = _ratio_blocks(norm, b)
     sigma = _noise(_to_others(x))  # the base blocks' noise, per frame
     light = _blocks(consensus[None], b)[0]
     reference = _block_means(np.where(np.isfinite(consensus), consensus, 0.0), b)
@@ -517,6 +553,9 @@ def tilt_jumps(x: np.ndarray, times: Sequence[float], mask: Optional[np.ndarray]
     n = x.shape[0]
     if n < TREND_MIN_FRAMES or min(x.shape[1:]) < 3:
         return [TiltJump(0.0, 0.0, 0.0, 0.0)] * n
+    while min(x.shape[1:]) >= 2 * TILT_BLOCKS:  # a plane needs few blocks: pooled (means of means), the cost
+        x = _pool(x)
+        mask = None if mask is None else _pool(mask[None].astype(np.float32))[0] >= 1.0
     coef, _, se = _planes(x, mask)
     tilts = coef[:, 1:3]
     times = np.asarray(times, dtype=np.float64)
@@ -550,7 +589,7 @@ def _tilt_trips(tilt: TiltJump, quality) -> bool:
     return tilt.jump > quality.odd_min_tilt and tilt.z > quality.odd_sigma
 
 
-def odd_frames(paths: Sequence[Path], norm: np.ndarray, step: int, quality, mapper=None,
+def odd_frames(paths: Sequence[Path], norm: np.ndarray, step: int, quality,
                times: Optional[Sequence[float]] = None) -> list[Finding]:
     """The frames whose large-scale pattern differs from the group's (see the module),
     by their blocks or by their tilt against the trend of the frames around them in
@@ -565,7 +604,7 @@ def odd_frames(paths: Sequence[Path], norm: np.ndarray, step: int, quality, mapp
     left = list(range(len(paths)))
     while len(left) >= ODD_MIN_FRAMES:
         scores, tilts = odd_scores(norm[left] if len(left) < len(paths) else norm, step, quality.odd_min_deviation,
-                                   mapper, [times[k] for k in left])
+                                   [times[k] for k in left])
         badness = [max(scores[k].z / quality.odd_sigma,
                        tilts[k].jump / quality.odd_min_tilt if _tilt_trips(tilts[k], quality) else 0.0)
                    for k in range(len(left))]
@@ -597,10 +636,9 @@ class FlatSample:
 
 
 def check_flats(flats: Sequence[FlatSample], step: int, quality, origin: tuple[int, int] = (0, 0),
-                height: Optional[int] = None, mapper=None) -> list[Finding]:
+                height: Optional[int] = None) -> list[Finding]:
     """Every check on every flat of a group (quality: flatd.config.Quality; disabled: none).
-    `origin`/`height`: where the presented frames start in the stored ones (the CFA phase);
-    `mapper(fn, indices)`: runs fn on each index, in threads if it likes (the engine's pool)."""
+    `origin`/`height`: where the presented frames start in the stored ones (the CFA phase)."""
     if quality is None or not quality.enabled or not flats:
         return []
     findings: list[Finding] = []
@@ -620,7 +658,7 @@ def check_flats(flats: Sequence[FlatSample], step: int, quality, origin: tuple[i
             kept.append(frame.path)
     if len(kept) >= ODD_MIN_FRAMES:
         dates = {item.frame.path: item.frame for item in flats}
-        findings += odd_frames(kept, norms[:len(kept)], step, quality, mapper,
+        findings += odd_frames(kept, norms[:len(kept)], step, quality,
                                series_times([dates[path] for path in kept]))
     return findings
 

@@ -79,15 +79,14 @@ def own_levels(samples: np.ndarray, run: Callable) -> list[float]:
 
 
 def check_samples(inputs, samples: np.ndarray, own: Sequence[float], subtracted, step: int, quality,
-                  shape: tuple[int, int], origin: tuple[int, int] = (0, 0), height: Optional[int] = None,
-                  run: Optional[Callable] = None) -> list:
+                  shape: tuple[int, int], origin: tuple[int, int] = (0, 0), height: Optional[int] = None) -> list:
     """flatd.qc.flats.check_flats on the samples (N, S) of `inputs`, each (rows, cols) = `shape`."""
     from flatd.qc.flats import FlatSample, check_flats
 
     flats = [FlatSample(item.frame, samples[i].reshape(shape), own[i], *subtracted[i],
                         calibration=item.calibration.label if item.calibration.mode != "none" else None)
              for i, item in enumerate(inputs)]
-    return check_flats(flats, step, quality, origin, height, run)
+    return check_flats(flats, step, quality, origin, height)
 
 
 def dry_step(height: int, width: int, colour: bool) -> int:

@@ -315,7 +315,7 @@ def stack_frames(
                     geometry = layouts.cards()
                     findings = check_samples(inputs, samples, own, subtracted, step, quality,
                                              LV.sample_shape(height, width, step),
-                                             geometry.origin if geometry is not None else (0, 0), height, run)
+                                             geometry.origin if geometry is not None else (0, 0), height)
                     kept = _kept(inputs, findings, method, min_group_size)
                     if len(kept) == n:
                         kept = None
