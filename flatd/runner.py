@@ -616,22 +616,27 @@ class Runner:
 def check_job_master(job: Job, result, rejection: Optional[Rejection], header, limits, ledger=None):
     """A job's master checked: its figures, the previous master (when quality.previous),
     the verdict (flatd.qc.masters.MasterQC)."""
-    from flatd.qc.masters import check_master
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flatd.qc.masters import judge, measure_master
     from flatd.qc.previous import check_previous
     from flatd.stack.cfa import common_layout
 
-    previous = None
-    if limits.previous:
-        previous = check_previous(result.image, header, job.output_dir, ledger, job.id, limits)
-    if rejection is not None and rejection.threshold is None:
-        baseline = sum(_clean_baseline(job))  # not measured for the warning: measured here
-    else:
-        baseline = rejection.baseline if rejection is not None else None
-    return check_master(result.image, limits, frames=job.frames, method=job.method, levels=result.levels,
-                        factors=result.factors, patches=getattr(result, "noise_patches", None),
-                        noise_rows=getattr(result, "noise_rows", None),
-                        colour=common_layout(job.frames) is not None, rejection=rejection, baseline=baseline,
-                        previous=previous)
+    # the comparison with the previous master (a file read, numpy) runs beside the figures
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-previous") as pool:
+        previous = (pool.submit(check_previous, result.image, header, job.output_dir, ledger, job.id, limits)
+                    if limits.previous else None)
+        if rejection is not None and rejection.threshold is None:
+            baseline = sum(_clean_baseline(job))  # not measured for the warning: measured here
+        else:
+            baseline = rejection.baseline if rejection is not None else None
+        qc = measure_master(result.image, frames=job.frames, method=job.method, levels=result.levels,
+                            factors=result.factors, patches=getattr(result, "noise_patches", None),
+                            noise_rows=getattr(result, "noise_rows", None),
+                            colour=common_layout(job.frames) is not None, rejection=rejection, baseline=baseline)
+        qc.previous = previous.result() if previous is not None else None
+    judge(qc, limits)
+    return qc
 
 
 def master_name_for(job: Job, qc) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -178,20 +177,16 @@ def _median_level(patch: np.ndarray) -> float:
     return float(np.median(values)) if values.size else math.nan
 
 
-@lru_cache(maxsize=128)
 def method_noise_factor(method, n: int) -> float:
     """The method's noise at N frames relative to a plain mean's (1 for a mean, about
-    1.2 for a median): measured on flatd.stack.baseline's clean Gaussian stack."""
+    1.2 for a median): measured on flatd.stack.baseline's clean Gaussian stack, by the
+    same (cached) combine that gives the method's clean rejection baseline."""
     from flatd.stack import baseline as B
-    from flatd.stack import combine as C
 
     try:
-        stack = B.noise_stack(n)
-        out = C.combine(stack, method, workers=1)
+        return B.baseline(method, n).noise_factor
     except Exception:  # noqa: BLE001 - a method that cannot combine n: the mean's factor
         return 1.0
-    spread = float(np.std(out.astype(np.float64)))
-    return spread / (B.SIGMA / math.sqrt(n)) if spread > 0 else 1.0
 
 
 def common_egain(frames: Sequence) -> Optional[float]:
@@ -333,6 +328,19 @@ def check_master(master: np.ndarray, limits, *, frames: Sequence = (), method=No
     (flatd.config.Quality); `rejection`: flatd.runner.Rejection (None: not counted);
     `baseline`: clean data's rejected fraction for the method at N (else the rejection's);
     `previous`: a flatd.qc.previous.PreviousCheck."""
+    qc = measure_master(master, frames=frames, method=method, levels=levels, factors=factors, patches=patches,
+                        noise_rows=noise_rows, colour=colour, rejection=rejection, baseline=baseline)
+    qc.previous = previous
+    judge(qc, limits)
+    return qc
+
+
+def measure_master(master: np.ndarray, *, frames: Sequence = (), method=None, levels: Sequence[float] = (),
+                   factors: Sequence[float] = (), patches: Optional[np.ndarray] = None,
+                   noise_rows: Optional[tuple[int, int]] = None, colour: bool = False,
+                   rejection=None, baseline: Optional[float] = None) -> MasterQC:
+    """check_master's figures, with no previous master and no verdict yet (the runner
+    compares with the previous master meanwhile, then judges)."""
     qc = MasterQC(pixels=int(master.size))
     n = len(frames) or len(levels) or 1
     fs = full_scale(frames) if frames else None
@@ -345,8 +353,6 @@ def check_master(master: np.ndarray, limits, *, frames: Sequence = (), method=No
     if rejection is not None:
         qc.rejected_low, qc.rejected_high = rejection.low, rejection.high
         qc.rejection_baseline = baseline if baseline is not None else rejection.baseline
-    qc.previous = previous
-    judge(qc, limits)
     return qc
 
 

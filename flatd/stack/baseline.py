@@ -3,7 +3,8 @@
 Robust rejections reject a fraction of perfectly clean data by construction (sigma 2
 about 3-4.5 % of Gaussian values from 8 frames, esd and winsorized 0.6-2.2 % at 5 to 7
 frames, min/max clip n exactly 2n of N), and how much depends on the number of frames. The baseline is that
-fraction, measured rather than derived: the same method, with the same parameters, on a
+fraction, measured rather than derived (and, from the same combine, the method's noise
+against a plain mean's, for the master checks): the same method, with the same parameters, on a
 seeded stack of pure Gaussian noise columns of the same N (level 10000, sigma 100,
 float32, 20,000 columns; fewer above 20 frames, at most 400,000 values) through
 :func:`flatd.stack.combine.combine`. Cached per (method, N): 1 to 10 milliseconds, once.
@@ -42,6 +43,7 @@ class Baseline:
     high: float
     n: int  # frames
     values: int  # values simulated (n x columns)
+    noise_factor: float = 1.0  # the combined columns' spread over a plain mean's (SIGMA / sqrt n)
 
     @property
     def total(self) -> float:
@@ -72,7 +74,8 @@ def baseline(method: Method, n: int) -> Baseline:
         raise ValueError(f"a baseline needs a whole number of frames >= 1, got {n!r}")
     stack = noise_stack(n)
     counts = np.zeros((n, 2), dtype=np.int64)
-    C.combine(stack, method, workers=1, frame_counts=counts)
+    out = C.combine(stack, method, workers=1, frame_counts=counts)
     low, high = (int(x) for x in counts.sum(axis=0))
     total = stack.size
-    return Baseline(low / total, high / total, n, total)
+    spread = float(np.std(np.asarray(out, dtype=np.float64)))
+    return Baseline(low / total, high / total, n, total, spread / (SIGMA / n ** 0.5) if spread > 0 else 1.0)
