@@ -22,8 +22,12 @@ deps:
 		$$SUDO apt-get install -y gcc python3-dev || { $$SUDO apt-get update && $$SUDO apt-get install -y gcc python3-dev; }; \
 	else echo "deps: a C compiler (cc) and the Python headers are needed to build flatd's kernels" >&2; exit 1; fi
 
+# compileall: an editable install leaves flatd's modules as source, and where
+# PYTHONDONTWRITEBYTECODE is set (CI, containers) every run compiles them again (about
+# half a second of each run-once); a wheel's install compiles them, and so does this.
 $(VENV)/.installed: $(BIN)/python pyproject.toml $(KERNELS) | deps
 	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m compileall -q flatd
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

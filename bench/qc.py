@@ -491,9 +491,8 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from flatd.qc.masters import judge, measure_master
-    from flatd.qc.previews import master_layout, start_previews, write_rendered
     from flatd.qc.previous import check_previous
-    from flatd.runner import Rejection
+    from flatd.runner import Rejection, _start_previews, _write_previews
     from flatd.stack.auto import choose
     from flatd.stack.engines.local import stack_frames
 
@@ -505,6 +504,7 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
     method, _ = choose(len(inputs))
     quality = limits()
     job = SimpleNamespace(inputs=inputs, method=method, rejection_warn=0.005, id="bench", label="bench")
+    picture_job = SimpleNamespace(frames=[i.frame for i in inputs], id="bench")
     frames = [i.frame for i in inputs]
     out = tmp / "masters"
     out.mkdir()
@@ -560,11 +560,11 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
         assert previous.path == prev_path, previous.skipped
         split["master checks and the previous master (beside them)"] = time.perf_counter() - t
         t = time.perf_counter()  # as the runner does: the pictures drawn while the master is written
-        pictures = start_previews(result.image, master_layout(frames, result.image.shape), previous.comparison)
+        pictures = _start_previews(picture_job, result.image, comparison=previous.comparison)
         master = write(result, qc)
         split["write the master"] = time.perf_counter() - t
         t = time.perf_counter()
-        assert len(write_rendered(master, pictures)) == 2
+        assert len(_write_previews(picture_job, master, pictures)) == 2
         split["previews (2 PNG)"] = time.perf_counter() - t  # writing them, and waiting for the drawing if need be
         master.unlink()
         for png in out.glob("master-*.png"):

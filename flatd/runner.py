@@ -673,21 +673,29 @@ def _emit_checked(job: Job, master: Path, qc) -> None:
 
 
 def _start_previews(job: Job, image, origin=(0, 0), comparison=None):
-    """output.previews: the PNG pictures of a master, rendered in a thread while the master
-    is written (flatd.qc.previews.start_previews); None when they cannot be started."""
-    try:
-        from flatd.qc.previews import master_layout, start_previews
+    """output.previews: the PNG pictures of a master, drawn in a thread of their own while
+    the master is written (numpy and zlib let go of the GIL; the write's fsync leaves the
+    CPU idle), Pillow imported there too. Returns a Future of
+    flatd.qc.previews.render_previews' list, for _write_previews."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def draw() -> list:
+        from flatd.qc.previews import master_layout, render_previews
 
         layout = master_layout(job.frames, image.shape, origin)
-        return start_previews(image, layout, comparison, bottom_up=job.frames[0].row_order == "BOTTOM-UP")
-    except Exception as exc:  # noqa: BLE001 - e.g. Pillow missing: the master is made all the same
-        E.notice("preview_failed", f"no preview: {type(exc).__name__}: {exc}", logging.WARNING, job=job.id)
-        return None
+        return render_previews(image, layout, comparison, bottom_up=job.frames[0].row_order == "BOTTOM-UP")
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-previews")
+    try:
+        return pool.submit(draw)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _write_previews(job: Job, master: Path, pictures) -> list[Path]:
     """The pictures started by _start_previews, written beside the master just written; a
-    failure is a warning, never the job's."""
+    failure (Pillow missing, a picture that cannot be drawn or written) is a warning,
+    never the job's."""
     try:
         from flatd.qc.previews import write_rendered
 

@@ -498,7 +498,8 @@ def write_png(path: Path, image) -> Path:
 def render_previews(image: np.ndarray, layout=None, comparison=None, bottom_up: Optional[bool] = None) -> list:
     """[(kind, PNG bytes or the exception that stopped it)]: the master's preview, and the
     ratio picture when the previous-master comparison ran (`comparison` with `.ratio` and
-    `.blobs`). Pure computation (no file), so that it can run while the master is written."""
+    `.blobs`). Pure computation (no file): the runner draws them in a thread while it
+    writes the master (flatd.runner._start_previews)."""
     flip = bool(layout.bottom_up) if bottom_up is None and layout is not None else bool(bottom_up)
     pictures = [("preview", lambda: master_preview(image, layout, flip))]
     if comparison is not None and getattr(comparison, "ratio", None) is not None:
@@ -512,19 +513,6 @@ def render_previews(image: np.ndarray, layout=None, comparison=None, bottom_up: 
         except Exception as exc:  # noqa: BLE001 - a picture must never fail a job
             out.append((kind, exc))
     return out
-
-
-def start_previews(image: np.ndarray, layout=None, comparison=None, bottom_up: Optional[bool] = None):
-    """render_previews in a thread of its own (numpy and zlib let go of the GIL): the
-    runner starts it before it writes the master, whose write and fsync leave the CPU
-    idle, and hands the result to write_rendered. Returns a Future."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-previews")
-    try:
-        return pool.submit(render_previews, image, layout, comparison, bottom_up)
-    finally:
-        pool.shutdown(wait=False)
 
 
 def write_rendered(master_path: Path, rendered, **fields) -> list[Path]:
