@@ -622,17 +622,22 @@ def run_tree(files: list, root: Path, checks: bool) -> Path:
     return rules
 
 
-def run_once(rules: Path) -> tuple[float, list[Path]]:
-    """(seconds, masters written): one `flatd run-once` process, timed from outside."""
+def run_once(rules: Path) -> tuple[float, float, list[Path]]:
+    """(seconds, CPU seconds, masters written): one `flatd run-once` process, timed from
+    outside (its CPU time: user + system of all its threads)."""
+    import resource
     import subprocess
 
     flatd = Path(sys.executable).parent / "flatd"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     done = subprocess.run([str(flatd), "run-once", "--config", str(rules)], capture_output=True, text=True)
     elapsed = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     if done.returncode != 0:
         raise SystemExit(f"flatd run-once failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return elapsed, sorted(p for p in (rules.parent / "captures").rglob("masters/*.fits"))
+    return elapsed, cpu, sorted(p for p in (rules.parent / "captures").rglob("masters/*.fits"))
 
 
 def whole_run_part(cache: Path, rounds: int, tmp: Path) -> Optional[dict]:
@@ -645,9 +650,10 @@ def whole_run_part(cache: Path, rounds: int, tmp: Path) -> Optional[dict]:
     files = sorted(cache.glob("flat_*.fits"))[:32]
     if len(files) < 32:
         return None
-    _, masters = run_once(run_tree(files[1::2], tmp / "last-night", True))
+    _, _, masters = run_once(run_tree(files[1::2], tmp / "last-night", True))
     previous = masters[0]
     times: dict[bool, list] = {False: [], True: []}
+    cpus: dict[bool, list] = {False: [], True: []}
     seen = None
     for r in range(rounds + 1):
         for checks in (False, True):
@@ -659,7 +665,7 @@ def whole_run_part(cache: Path, rounds: int, tmp: Path) -> Optional[dict]:
                 copy = folder / "FLAT-last-night.fits"
                 shutil.copy2(previous, copy)
                 os.utime(copy, (time.time() - 86400,) * 2)
-            elapsed, made = run_once(rules)
+            elapsed, cpu, made = run_once(rules)
             made = [m for m in made if m.name != "FLAT-last-night.fits"]
             if len(made) != 1:
                 raise SystemExit(f"expected one master, got {made}")
@@ -670,6 +676,7 @@ def whole_run_part(cache: Path, rounds: int, tmp: Path) -> Optional[dict]:
                 seen = (header.get("QCSTATUS"), len(list(made[0].parent.glob("*.png"))))
             if r:  # the first round warms the page cache
                 times[checks].append(elapsed)
+                cpus[checks].append(cpu)
             shutil.rmtree(root)
     off, on = statistics.median(times[False]), statistics.median(times[True])
     print(f"\n## 3. Time\n\n### A run\n\n`flatd run-once` on 32 flats of 3264x2448 (uint16, hard links to {cache} in a "
@@ -678,10 +685,12 @@ def whole_run_part(cache: Path, rounds: int, tmp: Path) -> Optional[dict]:
           f"`output.previews: false` against the defaults, the checked runs finding last night's master (a run on "
           f"the odd-numbered half) in the output folder. {rounds} alternating rounds after an untimed one, median "
           f"s (range). The checked master: {seen[0]}, {seen[1]} PNG pictures.\n")
-    print("| run | s | range | added |\n|---|---:|---|---:|")
-    print(f"| checks off, previews off | {off:.2f} | {min(times[False]):.2f}-{max(times[False]):.2f} | |")
+    cpu_off, cpu_on = statistics.median(cpus[False]), statistics.median(cpus[True])
+    print("| run | s | range | added | CPU s | added |\n|---|---:|---|---:|---:|---:|")
+    print(f"| checks off, previews off | {off:.2f} | {min(times[False]):.2f}-{max(times[False]):.2f} | | "
+          f"{cpu_off:.2f} | |")
     print(f"| checks on, previews on (defaults) | {on:.2f} | {min(times[True]):.2f}-{max(times[True]):.2f} | "
-          f"{100 * (on - off) / off:+.1f} % |")
+          f"{100 * (on - off) / off:+.1f} % | {cpu_on:.2f} | {100 * (cpu_on - cpu_off) / cpu_off:+.1f} % |")
     return {"off": off, "on": on}
 
 

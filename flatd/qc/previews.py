@@ -495,24 +495,41 @@ def write_png(path: Path, image) -> Path:
     return path
 
 
+def _flip(layout, bottom_up: Optional[bool]) -> bool:
+    return bool(layout.bottom_up) if bottom_up is None and layout is not None else bool(bottom_up)
+
+
+def _drawn(kind: str, make) -> tuple:
+    """(kind, PNG bytes), or (kind, the exception that stopped it): a picture never fails a job."""
+    try:
+        return kind, png_bytes(make())
+    except Exception as exc:  # noqa: BLE001
+        return kind, exc
+
+
+def render_master(image: np.ndarray, layout=None, bottom_up: Optional[bool] = None) -> tuple:
+    """("preview", PNG bytes or the exception): the master's picture, no file."""
+    flip = _flip(layout, bottom_up)
+    return _drawn("preview", lambda: master_preview(image, layout, flip))
+
+
+def render_ratio(comparison, layout=None, bottom_up: Optional[bool] = None) -> Optional[tuple]:
+    """("ratio", PNG bytes or the exception): the ratio picture of a previous-master
+    comparison (`.ratio`, `.blobs`, `.binning`); None without one."""
+    if comparison is None or getattr(comparison, "ratio", None) is None:
+        return None
+    flip = _flip(layout, bottom_up)
+    blobs = getattr(comparison, "blobs", None) or ()
+    binning = getattr(comparison, "binning", 1) or 1
+    return _drawn("ratio", lambda: ratio_preview(comparison.ratio, blobs, flip, binning=binning))
+
+
 def render_previews(image: np.ndarray, layout=None, comparison=None, bottom_up: Optional[bool] = None) -> list:
     """[(kind, PNG bytes or the exception that stopped it)]: the master's preview, and the
-    ratio picture when the previous-master comparison ran (`comparison` with `.ratio` and
-    `.blobs`). Pure computation (no file): the runner draws them in a thread while it
-    writes the master (flatd.runner._start_previews)."""
-    flip = bool(layout.bottom_up) if bottom_up is None and layout is not None else bool(bottom_up)
-    pictures = [("preview", lambda: master_preview(image, layout, flip))]
-    if comparison is not None and getattr(comparison, "ratio", None) is not None:
-        blobs = getattr(comparison, "blobs", None) or ()
-        binning = getattr(comparison, "binning", 1) or 1
-        pictures.append(("ratio", lambda: ratio_preview(comparison.ratio, blobs, flip, binning=binning)))
-    out = []
-    for kind, make in pictures:
-        try:
-            out.append((kind, png_bytes(make())))
-        except Exception as exc:  # noqa: BLE001 - a picture must never fail a job
-            out.append((kind, exc))
-    return out
+    ratio picture when the previous-master comparison ran. Pure computation (no file):
+    the runner draws them in a thread of their own (flatd.runner._start_previews)."""
+    ratio = render_ratio(comparison, layout, bottom_up)
+    return [render_master(image, layout, bottom_up)] + ([ratio] if ratio is not None else [])
 
 
 def write_rendered(master_path: Path, rendered, **fields) -> list[Path]:
