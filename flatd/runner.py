@@ -338,6 +338,7 @@ class Runner:
         from flatd.output.masters import NoSpace, master_header, write_master  # astropy: only when a master is made
         from flatd.stack.cfa import equalize_master
 
+        ahead = self._read_ahead(job)
         try:
             result = self._stack(job)
             job = self._without_left_out(job, result)  # the flat checks' leave-outs are not in the master
@@ -354,7 +355,7 @@ class Runner:
                 header.add_history(note)
             if geometry is not None:
                 geometry.apply(header)  # flipped, overscan, trimmed: flatd.stack.geometry
-            qc = self._check_master(job, result, rejection, header)
+            qc = self._check_master(job, result, rejection, header, ahead)
         except OSError as exc:
             raise JobFailed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)) from None
         except (FlatdError, MemoryError) as exc:  # the flats' fault: the job fails with the reason
@@ -386,10 +387,40 @@ class Runner:
                                             "kept in place: its master is bad (quality.bad_keeps_inputs)")
         return [None] * len(job.inputs)
 
-    def _check_master(self, job: Job, result, rejection: Optional[Rejection], header) -> Optional[Any]:
+    def _read_ahead(self, job: Job):
+        """With quality.previous: a thread that reads the previous master the job will most
+        likely be compared with, binned, while the job stacks (flatd.qc.previous.read_ahead;
+        the candidates are listed here, where the ledger is used). A Future, or None."""
+        from flatd.config import Quality
+
+        limits = job.quality or Quality()
+        if not (limits.enabled and limits.previous):
+            return None
+        from concurrent.futures import ThreadPoolExecutor
+
+        from flatd.qc.previous import candidates, read_ahead
+
+        paths = candidates(job.output_dir, self.ledger, job.id)
+        if not paths:
+            return None
+
+        def read():
+            from flatd.output.masters import master_header
+
+            cards = master_header(job.frames, [i.calibration for i in job.inputs], job.method, job.normalize,
+                                  [1.0] * len(job.inputs), carry=job.carry)  # the setup's cards: no factor in them
+            return paths, read_ahead(cards, paths, job.id)
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-read-ahead")
+        try:
+            return pool.submit(read)
+        finally:
+            pool.shutdown(wait=False)
+
+    def _check_master(self, job: Job, result, rejection: Optional[Rejection], header, ahead=None) -> Optional[Any]:
         """The master checks (flatd.qc.masters, flatd.qc.previous), their cards and HISTORY
-        added to `header`; None when quality.enabled is false. A failure of the checks
-        themselves is a warning, never the job's."""
+        added to `header`; None when quality.enabled is false. `ahead`: _read_ahead's. A
+        failure of the checks themselves is a warning, never the job's."""
         from flatd.config import Quality
 
         limits = job.quality or Quality()
@@ -398,7 +429,7 @@ class Runner:
         from flatd.output.masters import add_checks
 
         try:
-            qc = check_job_master(job, result, rejection, header, limits, self.ledger)
+            qc = check_job_master(job, result, rejection, header, limits, self.ledger, ahead)
             add_checks(header, qc.cards(), qc.history())
         except Exception as exc:  # noqa: BLE001 - a bug in a check must not lose the master
             E.notice("master_checks_failed", f"{job.label}: master not checked: {type(exc).__name__}: {exc}",
@@ -613,18 +644,18 @@ class Runner:
         return problems + more, owed
 
 
-def check_job_master(job: Job, result, rejection: Optional[Rejection], header, limits, ledger=None):
-    """A job's master checked: its figures, the previous master (when quality.previous),
-    the verdict (flatd.qc.masters.MasterQC)."""
+def check_job_master(job: Job, result, rejection: Optional[Rejection], header, limits, ledger=None, ahead=None):
+    """A job's master checked: its figures, the previous master (when quality.previous;
+    `ahead`: a Future of (candidates, flatd.qc.previous.ReadAhead)), the verdict
+    (flatd.qc.masters.MasterQC)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from flatd.qc.masters import judge, measure_master
-    from flatd.qc.previous import check_previous
     from flatd.stack.cfa import common_layout
 
     # the comparison with the previous master (a file read, numpy) runs beside the figures
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-previous") as pool:
-        previous = (pool.submit(check_previous, result.image, header, job.output_dir, ledger, job.id, limits)
+        previous = (pool.submit(_previous_of, result.image, header, job, ledger, limits, ahead)
                     if limits.previous else None)
         if rejection is not None and rejection.threshold is None:
             baseline = sum(_clean_baseline(job))  # not measured for the warning: measured here
@@ -637,6 +668,19 @@ def check_job_master(job: Job, result, rejection: Optional[Rejection], header, l
         qc.previous = previous.result() if previous is not None else None
     judge(qc, limits)
     return qc
+
+
+def _previous_of(image, header, job: Job, ledger, limits, ahead):
+    """check_previous, with what _read_ahead read (its candidates, and the likely previous
+    master binned) when it could."""
+    from flatd.qc.previous import check_previous
+
+    try:
+        paths, read = ahead.result() if ahead is not None else (None, None)
+    except Exception:  # noqa: BLE001 - the read-ahead is only a head start
+        paths, read = None, None
+    return check_previous(image, header, job.output_dir, None if paths is not None else ledger, job.id, limits,
+                          ahead=read, paths=paths)
 
 
 def master_name_for(job: Job, qc) -> str:

@@ -82,8 +82,15 @@ def _as_image(image: np.ndarray) -> np.ndarray:
         raise PreviewError(f"a preview needs numbers, got {array.dtype}")
     with np.errstate(over="ignore", invalid="ignore"):
         array = np.ascontiguousarray(array, dtype=np.float32)
-    finite = np.isfinite(array)
-    return array if finite.all() else np.where(finite, array, np.float32(np.nan))
+    if _all_finite(array):
+        return array
+    return np.where(np.isfinite(array), array, np.float32(np.nan))
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """Every value finite: two reductions (a NaN or an infinity shows in the min or the
+    max), no full-size temporary."""
+    return array.size == 0 or (math.isfinite(float(np.min(array))) and math.isfinite(float(np.max(array))))
 
 
 def bin_factor(shape: Sequence[int], max_side: int = MAX_SIDE) -> int:
@@ -119,10 +126,10 @@ def bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
     a block has none); the edge blocks are partial blocks, so no row or column is lost."""
     if factor == 1:
         return image
-    finite = np.isfinite(image)
-    if finite.all():
+    if _all_finite(image):
         counts = np.outer(_block_counts(image.shape[0], factor), _block_counts(image.shape[1], factor))
         return _block_sums(image, factor) / counts
+    finite = np.isfinite(image)
     sums = _block_sums(np.where(finite, image, np.float32(0)), factor)
     counts = _block_sums(finite.astype(np.float32), factor)
     with np.errstate(invalid="ignore", divide="ignore"):

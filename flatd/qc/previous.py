@@ -20,7 +20,7 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -628,16 +628,12 @@ def load_master(path: Path) -> tuple[dict, np.ndarray]:
     return cards, image
 
 
-def check_previous(master: np.ndarray, cards: Mapping[str, object], output_dir: Optional[Path], ledger=None,
-                   job_id: Optional[str] = None, limits=None) -> PreviousCheck:
-    """Find the newest usable previous master of the same setup and compare with it.
-    Unusable ones (another size, unreadable, truncated, no data, NaN) are skipped with the
-    reason; earlier bad (QCSTATUS) masters and other setups are passed over quietly."""
+def _comparable(paths: Iterable[Path], cards: Mapping[str, object], job_id: Optional[str]) -> Iterator[Path]:
+    """The masters of `paths` whose headers say they can be compared with a master of
+    `cards`: master flats of the same setup, not this job's, not marked bad."""
     from flatd.ingest.frames import FrameError, read_header_cards
 
-    check = PreviousCheck()
-    tries = 0
-    for path in candidates(output_dir, ledger, job_id):
+    for path in paths:
         try:
             old, _ = read_header_cards(path)
         except (FrameError, OSError, ValueError):
@@ -646,9 +642,58 @@ def check_previous(master: np.ndarray, cards: Mapping[str, object], output_dir: 
             continue
         if str(old.get("QCSTATUS", "")).strip().lower() == "bad" or not same_setup(cards, old):
             continue
+        yield path
+
+
+@dataclass
+class ReadAhead:
+    """The previous master a job will most likely be compared with, binned as it was read
+    while the job stacked (read_ahead); used when check_previous picks the same file,
+    unchanged since."""
+
+    path: Path
+    stamp: tuple
+    binned: Binned
+
+
+def _stamp(path: Path) -> tuple:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def read_ahead(cards: Mapping[str, object], paths: Sequence[Path], job_id: Optional[str] = None) -> Optional[ReadAhead]:
+    """The first comparable master of `paths` (candidates()), binned at its own size, for a
+    thread to read while the new master is stacked; None when there is none or it cannot
+    be read (check_previous then says why)."""
+    from flatd.ingest.frames import read_frame
+
+    for path in _comparable(paths, cards, job_id):
+        try:
+            stamp = _stamp(path)
+            frame = read_frame(path)
+            shape = (frame.height, frame.width)
+            if binning_for(shape) == 1:
+                return None  # small: read whole when compared
+            binned = read_binned(path, shape)
+            return ReadAhead(path, stamp, binned) if _stamp(path) == stamp else None
+        except Exception:  # noqa: BLE001 - check_previous reads it again and says why
+            return None
+    return None
+
+
+def check_previous(master: np.ndarray, cards: Mapping[str, object], output_dir: Optional[Path], ledger=None,
+                   job_id: Optional[str] = None, limits=None, ahead: Optional[ReadAhead] = None,
+                   paths: Optional[Sequence[Path]] = None) -> PreviousCheck:
+    """Find the newest usable previous master of the same setup and compare with it
+    (`paths`: the candidates, if already listed; `ahead`: one read ahead). Unusable ones
+    (another size, unreadable, truncated, no data, NaN) are skipped with the reason;
+    earlier bad (QCSTATUS) masters and other setups are passed over quietly."""
+    check = PreviousCheck()
+    tries = 0
+    for path in _comparable(candidates(output_dir, ledger, job_id) if paths is None else paths, cards, job_id):
         tries += 1
         try:
-            check.comparison = compare_with_file(master, path, limits)
+            check.comparison = compare_with_file(master, path, limits, _ahead_for(ahead, path, np.shape(master)))
         except (ValueError, MemoryError) as exc:
             check.skipped.append(f"{path.name}: {exc}")
             if tries >= MAX_TRIES:
@@ -659,13 +704,23 @@ def check_previous(master: np.ndarray, cards: Mapping[str, object], output_dir: 
     return check
 
 
-def compare_with_file(master: np.ndarray, path: Path, limits=None) -> Comparison:
+def _ahead_for(ahead: Optional[ReadAhead], path: Path, shape) -> Optional[Binned]:
+    """The read-ahead's binned pixels if they are of `path`, unchanged, and of `shape`."""
+    if ahead is None or ahead.path != path or ahead.binned.shape != tuple(shape):
+        return None
+    try:
+        return ahead.binned if _stamp(path) == ahead.stamp else None
+    except OSError:
+        return None
+
+
+def compare_with_file(master: np.ndarray, path: Path, limits=None, old: Optional[Binned] = None) -> Comparison:
     """The comparison of a master in memory with a master file: binned as it is read
-    (read_binned) when the ratio is binned and both are finite and positive throughout,
-    else from the whole file (load_master). ValueError with the reason."""
+    (read_binned; `old`: already read so) when the ratio is binned and both are finite and
+    positive throughout, else from the whole file (load_master). ValueError with the reason."""
     settings = _settings(limits)
     if binning_for(np.shape(master)) > 1:
-        old = read_binned(path, np.shape(master))
+        old = old if old is not None else read_binned(path, np.shape(master))
         if old.positive:
             new = binned_master(master)
             if new.positive:

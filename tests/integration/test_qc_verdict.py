@@ -152,3 +152,27 @@ def test_checks_off_write_no_verdict(tree):
     assert main(["run-once", "--config", str(rules(tree, "  enabled: false"))]) == 0
     [master] = masters(tree)
     assert "QCSTATUS" not in fits.getheader(master)
+
+
+def test_a_large_previous_master_is_read_ahead_while_the_job_stacks(tree, capsys, monkeypatch):
+    # a master wider than 1024 px is compared binned; the previous one is read (binned as it
+    # is read) in a thread while the new one is stacked, and not read again by the check
+    import threading
+
+    from flatd.qc import previous as P
+
+    monkeypatch.setattr("test_qc_verdict.SHAPE", (640, 1300))
+    night(tree, "night1", (300, 200), n=4)
+    config = rules(tree)
+    assert main(["run-once", "--config", str(config)]) == 0
+    [first] = masters(tree)
+    reads = []
+    real = P.read_binned
+    monkeypatch.setattr(P, "read_binned", lambda *a: reads.append(threading.current_thread().name) or real(*a))
+    night(tree, "night2", (900, 400), n=4, date="2026-11-25")
+    capsys.readouterr()
+    assert main(["run-once", "--config", str(config)]) == 0
+    [second] = [m for m in masters(tree) if m != first]
+    header = fits.getheader(second)
+    assert header["QCPREV"] == first.name and header["QCNDUST"] == 2
+    assert len(reads) == 1 and reads[0].startswith("flatd-read-ahead"), reads

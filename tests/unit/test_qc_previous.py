@@ -227,3 +227,53 @@ def test_hostile_previous_masters_binned_as_read_are_reasons(tmp_path):
     for path, reason in ((truncated, "truncated"), (other, "1500x1100"), (junk, "header")):
         with pytest.raises(ValueError, match=reason):
             P.read_binned(path, shape)
+
+
+# --------------------------------------------------------------------------- read ahead
+
+
+def test_the_previous_master_read_ahead_is_used_when_unchanged(tmp_path, monkeypatch):
+    from flatd.qc import previous as P
+
+    shape = (1101, 1500)
+    old = write_master(tmp_path / "old.fits", big_flat(1, shape, donuts=[(300, 400, 40, 0.03)]), age=100)
+    write_master(tmp_path / "other-filter.fits", big_flat(2, shape), age=10, FILTER="G")
+    paths = P.candidates(tmp_path)
+    ahead = P.read_ahead({**CARDS, "FLATDJOB": "new"}, paths, "new")
+    assert ahead is not None and ahead.path == old  # the newest of the same setup, not the other filter
+    reads = []
+    real = P.read_binned
+    monkeypatch.setattr(P, "read_binned", lambda *a: reads.append(a) or real(*a))
+    new = big_flat(3, shape, donuts=[(900, 500, 40, 0.03)])
+    check = P.check_previous(new, {**CARDS, "FLATDJOB": "new"}, tmp_path, None, "new", Quality(), ahead=ahead,
+                             paths=paths)
+    assert reads == [] and check.path == old
+    assert sorted(b.kind for b in check.comparison.blobs) == ["appeared", "went"]
+    whole = P.check_previous(new, {**CARDS, "FLATDJOB": "new"}, tmp_path, None, "new", Quality())
+    assert len(reads) == 1 and whole.comparison.blobs == check.comparison.blobs
+
+
+def test_a_previous_master_changed_since_it_was_read_ahead_is_read_again(tmp_path):
+    from flatd.qc import previous as P
+
+    shape = (1101, 1500)
+    path = write_master(tmp_path / "old.fits", big_flat(1, shape), age=100)
+    ahead = P.read_ahead({**CARDS, "FLATDJOB": "new"}, P.candidates(tmp_path), "new")
+    assert ahead is not None
+    path.unlink()  # replaced meanwhile (another master under the same name, with a donut)
+    write_master(path, big_flat(1, shape, donuts=[(300, 400, 40, 0.04)]), age=50)
+    check = P.check_previous(big_flat(2, shape), {**CARDS, "FLATDJOB": "new"}, tmp_path, None, "new", Quality(),
+                             ahead=ahead)
+    assert check.path == path and [b.kind for b in check.comparison.blobs] == ["went"]
+
+
+def test_a_read_ahead_that_fails_leaves_the_reason_to_the_check(tmp_path):
+    from flatd.qc import previous as P
+
+    shape = (1101, 1500)
+    truncated = write_master(tmp_path / "truncated.fits", big_flat(1, shape), age=100)
+    with open(truncated, "r+b") as handle:
+        handle.truncate(truncated.stat().st_size // 2)
+    assert P.read_ahead({**CARDS, "FLATDJOB": "new"}, P.candidates(tmp_path), "new") is None
+    check = P.check_previous(big_flat(2, shape), {**CARDS, "FLATDJOB": "new"}, tmp_path, None, "new", Quality())
+    assert check.path is None and "truncated.fits" in check.skipped[0] and "truncated" in check.skipped[0]
