@@ -483,10 +483,11 @@ class Quality(Section):
         "than this many times the blocks' own noise is the odd frame out (a cloud, a light leak, a moved panel)"))
     odd_min_deviation: float = Field(0.002, ge=0, le=1, description=(
         "and by at least this fraction of the level (clean sessions with very quiet blocks never trip it)"))
-    odd_min_tilt: float = Field(0.005, gt=0, le=1, description=(
+    odd_min_tilt: float = Field(0.02, gt=0, le=1, description=(
         "a flat (of a group of 5 or more) whose tilt differs from the straight-line trend of the frames taken "
         "around it by more than this fraction from one corner of the field to the opposite one is the odd frame "
-        "out too (a panel or camera that moved; a twilight gradient turns and fades smoothly)"))
+        "out too (a panel or camera that moved; a twilight gradient turns and fades, but not quite smoothly: "
+        "real dithered sky flats stray from the trend by up to 1.4 %)"))
     odd_action: QcAction = Field("leave-out", description="what the odd frame out gets (by its blocks or its tilt)")
     # ---- master checks (flatd.qc.masters, flatd.qc.previous)
     noise_warn: float = Field(2.0, gt=0, description=(

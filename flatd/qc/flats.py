@@ -665,9 +665,9 @@ def check_flats(flats: Sequence[FlatSample], step: int, quality, origin: tuple[i
 
 def series_times(frames: Sequence) -> list[float]:
     """The frames' times in seconds (DATE-OBS), for the tilt trend; their order when a
-    frame has no date."""
+    frame has no date, or two share one (a date without a time of day: Lowell's LOIS)."""
     dates = [getattr(f, "date", None) for f in frames]
-    if any(d is None for d in dates):
+    if any(d is None for d in dates) or len(set(dates)) < len(dates):
         return [float(i) for i in range(len(frames))]
     return [(d - dates[0]).total_seconds() for d in dates]
 
