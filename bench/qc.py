@@ -235,9 +235,7 @@ def stack(paths, quality=None):
 
 def master_checks(result, method, kept, quality, previous_image=None):
     """The master checks as flatd.runner.check_job_master makes them."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from flatd.qc.masters import judge, measure_master
+    from flatd.qc.masters import check_master
     from flatd.qc.previous import PreviousCheck, _settings, compare
     from flatd.runner import Rejection
     from flatd.stack.cfa import common_layout
@@ -485,11 +483,11 @@ def fault_part(seeds: int, tmp: Path, sizes=(5, 10)) -> list:
 
 
 def time_part(cache: Path, rounds: int, tmp: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     from flatd.ingest.frames import read_frame
     from flatd.jobs import StackInput
     from flatd.output.masters import add_checks, master_header, write_master
-    from concurrent.futures import ThreadPoolExecutor
-
     from flatd.qc.masters import judge, measure_master
     from flatd.qc.previous import check_previous
     from flatd.runner import Rejection, _start_previews, _write_previews
