@@ -398,18 +398,14 @@ class Runner:
             return None
         from concurrent.futures import ThreadPoolExecutor
 
-        from flatd.qc.previous import candidates, read_ahead
+        from flatd.qc.previous import candidates, read_ahead, setup_cards
 
         paths = candidates(job.output_dir, self.ledger, job.id)
         if not paths:
             return None
 
         def read():
-            from flatd.output.masters import master_header
-
-            cards = master_header(job.frames, [i.calibration for i in job.inputs], job.method, job.normalize,
-                                  [1.0] * len(job.inputs), carry=job.carry)  # the setup's cards: no factor in them
-            return paths, read_ahead(cards, paths, job.id)
+            return paths, read_ahead(setup_cards(job.frames), paths, job.id)
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-read-ahead")
         try:

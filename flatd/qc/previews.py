@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from flatd.errors import FlatdError
 
-MAX_SIDE = 1200  # the long side of a preview, at most
+MAX_SIDE = 1024  # the long side of a preview, at most (half the pixels of 1,200 px, and of the time)
 COARSE = 256  # the large-scale shape is found on a grid of at most this many px (long side)
 DETAIL_SPAN = 0.02  # local detail of +-2 % fills +-DETAIL_GAIN of the grey range
 DETAIL_GAIN = 0.45

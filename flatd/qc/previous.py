@@ -661,6 +661,27 @@ def _stamp(path: Path) -> tuple:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
+def setup_cards(frames: Sequence) -> dict:
+    """The cards of IDENTITY that a master of `frames` will most likely carry, from the
+    frames' facts, without making its header (flatd.output.masters.master_header decides;
+    this is the read-ahead's guess, and a wrong guess only costs the head start)."""
+    from collections import Counter
+
+    cards: dict = {"IMAGETYP": "Master Flat"}
+    filters = Counter(f.filter for f in frames if f.filter is not None)
+    if filters:
+        cards["FILTER"] = filters.most_common(1)[0][0]
+    cards["XBINNING"], cards["YBINNING"] = Counter((f.xbin, f.ybin) for f in frames).most_common(1)[0][0]
+    for key, attr in (("INSTRUME", "instrument"), ("TELESCOP", "telescope")):
+        values = {getattr(f, attr) for f in frames}
+        if len(values) == 1 and None not in values:
+            cards[key] = values.pop()
+    values = {str((getattr(f, "headers", None) or {}).get("FOCALLEN")) for f in frames}
+    if len(values) == 1 and values != {"None"}:
+        cards["FOCALLEN"] = values.pop()
+    return cards
+
+
 def read_ahead(cards: Mapping[str, object], paths: Sequence[Path], job_id: Optional[str] = None) -> Optional[ReadAhead]:
     """The first comparable master of `paths` (candidates()), binned at its own size, for a
     thread to read while the new master is stacked; None when there is none or it cannot

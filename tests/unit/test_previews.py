@@ -94,20 +94,20 @@ def test_write_png_checks_free_space(tmp_path, monkeypatch):
 # --------------------------------------------------------------------- the master preview
 
 
-@pytest.mark.parametrize("shape,expected", [((2448, 3264), (1088, 816)), ((480, 640), (640, 480)),
-                                            ((5000, 300), (60, 1000)), ((1201, 7), (4, 601))])
-def test_preview_size_at_most_1200_and_aspect_kept(tmp_path, shape, expected):
+@pytest.mark.parametrize("shape,expected", [((2448, 3264), (816, 612)), ((480, 640), (640, 480)),
+                                            ((5000, 300), (60, 1000)), ((1025, 7), (4, 513))])
+def test_preview_size_at_most_1024_and_aspect_kept(tmp_path, shape, expected):
     image = np.ones(shape, np.float32) + np.linspace(0, 0.1, shape[1], dtype=np.float32)
     im = _roundtrip(tmp_path, P.master_preview(image))
-    assert im.mode == "L" and im.size == expected and max(im.size) <= 1200
+    assert im.mode == "L" and im.size == expected and max(im.size) <= P.MAX_SIDE == 1024
     assert abs(im.size[0] / im.size[1] - shape[1] / shape[0]) < 0.05 * shape[1] / shape[0] + 2 / min(im.size)
 
 
 def test_downsampling_is_an_area_average_not_a_decimation():
-    image = np.zeros((2400, 2400), np.float32)
+    image = np.zeros((2048, 2048), np.float32)
     image[::2] = 2.0  # every other row: decimation would see only one of them
     binned = P.bin_mean(image, P.bin_factor(image.shape))
-    assert binned.shape == (1200, 1200) and np.allclose(binned, 1.0)
+    assert binned.shape == (1024, 1024) and np.allclose(binned, 1.0)
 
 
 def _ring_contrast(picture: np.ndarray, cx: float, cy: float, inner: float, outer: float) -> float:
@@ -193,7 +193,7 @@ def test_hostile_images_give_a_png_or_a_clear_error(tmp_path, image):
             assert str(exc)
             continue
         im = _roundtrip(tmp_path, picture)
-        assert max(im.size) <= 1200 and min(im.size) >= 1
+        assert max(im.size) <= 1024 and min(im.size) >= 1
 
 
 def test_the_masters_array_is_left_as_it_was():
@@ -320,7 +320,7 @@ def test_ratio_preview_of_a_real_comparison_marks_the_moved_donut(tmp_path):
     assert [p.name for p in written] == ["m.preview.png", "m.ratio.png"]
     assert {b.kind for b in comparison.blobs} >= {"appeared", "went"}
     with Image.open(tmp_path / "m.ratio.png") as im:
-        assert im.mode == "RGB" and max(im.size) <= 1200
+        assert im.mode == "RGB" and max(im.size) <= 1024
     scale = shape[1] / P.ratio_preview(comparison.ratio, [], binning=comparison.binning).size[0] / comparison.binning
     changed = _marked(comparison.ratio, comparison.blobs, binning=comparison.binning)
     for x, y in ((0.65, 0.60), (0.30, 0.40)):  # a mark near where dust appeared, and where it went

@@ -277,3 +277,24 @@ def test_a_read_ahead_that_fails_leaves_the_reason_to_the_check(tmp_path):
     assert P.read_ahead({**CARDS, "FLATDJOB": "new"}, P.candidates(tmp_path), "new") is None
     check = P.check_previous(big_flat(2, shape), {**CARDS, "FLATDJOB": "new"}, tmp_path, None, "new", Quality())
     assert check.path is None and "truncated.fits" in check.skipped[0] and "truncated" in check.skipped[0]
+
+
+@pytest.mark.parametrize("frames", [
+    dict(filter="Ha", instrument="ZWO ASI2600MM Pro", telescope="Esprit 100", headers={"FOCALLEN": 550.0}),
+    dict(filter=None, instrument=None, telescope=None, headers={}),
+    dict(filter="L", xbin=2, ybin=2, instrument="QHY268M", telescope=None, headers={"FOCALLEN": 400}),
+])
+def test_the_read_aheads_setup_is_the_masters(frames):
+    import sys
+
+    from flatd.calibration import Calibration
+    from flatd.output.masters import master_header
+    from flatd.qc.previous import identity, setup_cards
+    from flatd.stack.methods import Method
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from framefactory import make_frame
+
+    inputs = [make_frame(f"flat_{i}.fits", **frames) for i in range(3)]
+    header = master_header(inputs, [Calibration()] * 3, Method("median"), "multiplicative", [1.0] * 3)
+    assert identity(setup_cards(inputs)) == identity(header)
