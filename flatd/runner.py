@@ -396,22 +396,13 @@ class Runner:
         limits = job.quality or Quality()
         if not (limits.enabled and limits.previous):
             return None
-        from concurrent.futures import ThreadPoolExecutor
-
         from flatd.qc.previous import candidates, read_ahead, setup_cards
 
         paths = candidates(job.output_dir, self.ledger, job.id)
         if not paths:
             return None
 
-        def read():
-            return paths, read_ahead(setup_cards(job.frames), paths, job.id)
-
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-read-ahead")
-        try:
-            return pool.submit(read)
-        finally:
-            pool.shutdown(wait=False)
+        return _in_thread("flatd-read-ahead", lambda: (paths, read_ahead(setup_cards(job.frames), paths, job.id)))
 
     def _check_master(self, job: Job, result, rejection: Optional[Rejection], header, ahead=None) -> Optional[Any]:
         """The master checks (flatd.qc.masters, flatd.qc.previous), their cards and HISTORY
@@ -644,24 +635,24 @@ def check_job_master(job: Job, result, rejection: Optional[Rejection], header, l
     """A job's master checked: its figures, the previous master (when quality.previous;
     `ahead`: a Future of (candidates, flatd.qc.previous.ReadAhead)), the verdict
     (flatd.qc.masters.MasterQC)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from flatd.qc.masters import judge, measure_master
     from flatd.stack.cfa import common_layout
 
     # the comparison with the previous master (a file read, numpy) runs beside the figures
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-previous") as pool:
-        previous = (pool.submit(_previous_of, result.image, header, job, ledger, limits, ahead)
-                    if limits.previous else None)
-        if rejection is not None and rejection.threshold is None:
-            baseline = sum(_clean_baseline(job))  # not measured for the warning: measured here
-        else:
-            baseline = rejection.baseline if rejection is not None else None
+    previous = (_in_thread("flatd-previous", lambda: _previous_of(result.image, header, job, ledger, limits, ahead))
+                if limits.previous else None)
+    if rejection is not None and rejection.threshold is None:
+        baseline = sum(_clean_baseline(job))  # not measured for the warning: measured here
+    else:
+        baseline = rejection.baseline if rejection is not None else None
+    try:
         qc = measure_master(result.image, frames=job.frames, method=job.method, levels=result.levels,
                             factors=result.factors, patches=getattr(result, "noise_patches", None),
                             noise_rows=getattr(result, "noise_rows", None),
                             colour=common_layout(job.frames) is not None, rejection=rejection, baseline=baseline)
-        qc.previous = previous.result() if previous is not None else None
+    finally:
+        compared = previous.result() if previous is not None else None  # never left running behind a failure
+    qc.previous = compared
     judge(qc, limits)
     return qc
 
@@ -717,17 +708,23 @@ def _start_previews(job: Job, image, origin=(0, 0), comparison=None):
     the master is written (numpy and zlib let go of the GIL; the write's fsync leaves the
     CPU idle), Pillow imported there too. Returns a Future of
     flatd.qc.previews.render_previews' list, for _write_previews."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def draw() -> list:
         from flatd.qc.previews import master_layout, render_previews
 
         layout = master_layout(job.frames, image.shape, origin)
         return render_previews(image, layout, comparison, bottom_up=job.frames[0].row_order == "BOTTOM-UP")
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-previews")
+    return _in_thread("flatd-previews", draw)
+
+
+def _in_thread(name: str, fn: Callable):
+    """fn() in a thread of its own, named `name`; a Future of its result (the thread ends
+    with it: nothing waits for it unless its result is asked for)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
     try:
-        return pool.submit(draw)
+        return pool.submit(fn)
     finally:
         pool.shutdown(wait=False)
 

@@ -347,16 +347,22 @@ def _reference_frames(n: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(n, REFERENCE_FRAMES)).round().astype(int).tolist()))
 
 
+def _consensus(x: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(reference frames, their middle values per place (_middle), their median per place
+    (x.shape[1:])) of x (N, ...)."""
+    ref = _reference_frames(x.shape[0])
+    middle = _middle(x[ref])
+    common = middle[:, 1] if len(ref) % 2 else 0.5 * (middle[:, 0] + middle[:, 1])
+    return ref, middle, common.reshape(x.shape[1:])
+
+
 def _others(x: np.ndarray) -> np.ndarray:
     """(N, ...): per place, the median of the other reference frames' values (all the
     reference frames' for a frame that is not one of them)."""
     from flatd.stack.levels import _median_of_others
 
     n = x.shape[0]
-    ref = _reference_frames(n)
-    middle = _middle(x[ref])
-    m = len(ref)
-    common = (middle[:, 1] if m % 2 else 0.5 * (middle[:, 0] + middle[:, 1])).reshape(x.shape[1:])
+    ref, middle, common = _consensus(x)
     out = np.empty_like(x)
     for i in range(n):
         out[i] = _median_of_others(x[i].ravel(), middle).reshape(x.shape[1:]) if i in ref else common
@@ -389,11 +395,7 @@ def _ratio_blocks(norm: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray, np.
     more copy of the samples: QC_SAMPLE_COPIES in the engine's memory plan)."""
     from flatd.stack.levels import _median_of_others
 
-    n = norm.shape[0]
-    ref = _reference_frames(n)
-    middle = _middle(norm[ref])
-    m = len(ref)
-    consensus = (middle[:, 1] if m % 2 else 0.5 * (middle[:, 0] + middle[:, 1])).reshape(norm.shape[1:])
+    ref, middle, consensus = _consensus(norm)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.divide(norm, consensus[None])
         for i in ref:

@@ -270,9 +270,11 @@ def full_scale(frames: Sequence) -> float:
     return min(scales) if scales else 65535.0
 
 
-def pixel_counts(master: np.ndarray, saturation: Optional[float]) -> tuple[int, int, int]:
-    """(non-finite, <= 0, >= saturation) pixels of the master."""
-    low, high = _extremes(master)
+def pixel_counts(master: np.ndarray, saturation: Optional[float],
+                 extremes: Optional[tuple[float, float]] = None) -> tuple[int, int, int]:
+    """(non-finite, <= 0, >= saturation) pixels of the master (`extremes`: its
+    _extremes, when known)."""
+    low, high = extremes or _extremes(master)
     if low > 0 and math.isfinite(high) and not (saturation and high >= saturation):
         return 0, 0, 0  # the usual master: two reductions tell, no full-size temporaries
     finite = np.isfinite(master)
@@ -290,12 +292,12 @@ def _extremes(image: np.ndarray) -> tuple[float, float]:
     return float(np.min(image)), float(np.max(image))
 
 
-def block_means(image: np.ndarray, blocks: int = 16) -> np.ndarray:
+def block_means(image: np.ndarray, blocks: int = 16, extremes: Optional[tuple[float, float]] = None) -> np.ndarray:
     """Means of about `blocks` x `blocks` blocks (finite positive pixels; NaN when none)."""
     h, w = image.shape
     by, bx = max(1, h // blocks), max(1, w // blocks)
     ny, nx = h // by, w // bx
-    low, high = _extremes(image)
+    low, high = extremes or _extremes(image)
     if low > 0 and math.isfinite(high):  # every pixel counts: sums of rows, then of columns
         rows = image[: ny * by].reshape(ny, by, w).sum(axis=1, dtype=np.float64)
         return rows[:, : nx * bx].reshape(ny, nx, bx).sum(axis=2) / (by * bx)
@@ -306,10 +308,10 @@ def block_means(image: np.ndarray, blocks: int = 16) -> np.ndarray:
         return np.where(good, cut, 0).sum(axis=(1, 3), dtype=np.float64) / good.sum(axis=(1, 3))
 
 
-def field_ratio(image: np.ndarray) -> Optional[float]:
+def field_ratio(image: np.ndarray, extremes: Optional[tuple[float, float]] = None) -> Optional[float]:
     """Brightest-to-darkest: 99th over 1st percentile of the block means; None when it
     cannot be told (too few positive blocks)."""
-    means = block_means(image)
+    means = block_means(image, extremes=extremes)
     means = means[np.isfinite(means) & (means > 0)]
     if means.size < 4:
         return None
@@ -345,8 +347,9 @@ def measure_master(master: np.ndarray, *, frames: Sequence = (), method=None, le
     n = len(frames) or len(levels) or 1
     fs = full_scale(frames) if frames else None
     threshold = SATURATION_FRACTION * fs * min(factors or [1.0]) if fs else None
-    qc.nonfinite, qc.zero, qc.saturated = pixel_counts(master, threshold)
-    qc.field_ratio = field_ratio(master)
+    extremes = _extremes(master)  # one pair of reductions for both
+    qc.nonfinite, qc.zero, qc.saturated = pixel_counts(master, threshold, extremes)
+    qc.field_ratio = field_ratio(master, extremes)
     factor = method_noise_factor(method, n) if method is not None else 1.0
     qc.noise = noise_figures(master, patches, noise_rows, levels, n, 2 if colour else 1,
                              common_egain(frames), factor)

@@ -76,10 +76,11 @@ def compare(master, previous, sigma: float = 5.0, min_depth: float = 0.005,
     if master.shape != previous.shape or master.ndim != 2:
         raise ValueError(f"previous master is {_size(previous)}, this one {_size(master)}")
     b = binning_for(master.shape)
-    ratio = _binned_ratio(master, previous, b) if b > 1 else None
-    if ratio is None:
-        ratio = bin_image(raw_ratio(master, previous), b)
-    return _compared(ratio, sigma, min_depth, scale, b)
+    if b > 1:  # binned as the file reader bins them, when every pixel of both is finite and positive
+        new, old = binned_master(master), binned_master(previous)
+        if new.positive and old.positive:
+            return _compared(_ratio_of_binned(new, old), sigma, min_depth, scale, b)
+    return _compared(bin_image(raw_ratio(master, previous), b), sigma, min_depth, scale, b)
 
 
 def _compared(ratio: np.ndarray, sigma: float, min_depth: float, scale: float, b: int) -> Comparison:
@@ -203,8 +204,10 @@ def read_binned(path: Path, shape: tuple[int, int]) -> Binned:
 
 
 def _ratio_of_binned(a: Binned, p: Binned) -> np.ndarray:
-    """bin(a) / bin(p with each CFA position scaled by its median ratio a / p), as
-    _binned_ratio makes it from the full images."""
+    """bin(a) / bin(p with each CFA position scaled by its median ratio a / p): the ratio
+    raw_ratio would give, binned (the large-scale shape and the dust are far larger than a
+    block; the pixel pattern both masters share cancels in either), with no full-size
+    temporary."""
     b = a.binning
     ny, nx = a.sums.shape[2:]
     scale = np.ones((2, 2))
@@ -229,49 +232,6 @@ def _ratio_of_binned(a: Binned, p: Binned) -> np.ndarray:
                 part += p.sums[ci, cj, qy::step, qx::step] * np.float32(scale[(qy + ci) % 2, (qx + cj) % 2])
     with np.errstate(invalid="ignore", divide="ignore"):
         return top / bottom
-
-
-def _positive(image: np.ndarray) -> bool:
-    """Every pixel finite and > 0 (two reductions, no temporary image)."""
-    low, high = float(np.min(image)), float(np.max(image))
-    return low > 0 and math.isfinite(high)
-
-
-def _binned_ratio(master: np.ndarray, previous: np.ndarray, b: int) -> Optional[np.ndarray]:
-    """The ratio of the b x b block means of `master` and of `previous` with each CFA
-    position scaled by its median ratio (as raw_ratio scales them), for masters whose
-    pixels are all finite and positive (None otherwise: raw_ratio, then bin_image). The
-    same ratio as binning raw_ratio's (the large-scale shape and the dust are far larger
-    than a block; the pixel pattern both masters share cancels in either), with no
-    full-size temporary: a large master is compared at the cost of two passes over it."""
-    a, p = np.asarray(master, np.float32), np.asarray(previous, np.float32)
-    if not (_positive(a) and _positive(p)):
-        return None
-    scale = np.ones((2, 2))
-    for py in (0, 1):
-        for px in (0, 1):
-            part_a, part_p = a[py::2, px::2], p[py::2, px::2]
-            step = max(1, int(math.sqrt(part_a.size / 60_000)))
-            med = float(np.median(part_a[::step, ::step] / part_p[::step, ::step]))
-            if math.isfinite(med) and med > 0:
-                scale[py, px] = med
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return bin_image(a, b) / _bin_scaled(p, b, scale)
-
-
-def _bin_scaled(image: np.ndarray, b: int, scale: np.ndarray) -> np.ndarray:
-    """b x b block means of image x scale[row % 2, col % 2] (float32), by strided sums."""
-    h, w = image.shape
-    ny, nx = h // b, w // b
-    yy, xx = np.arange(ny)[:, None] * b, np.arange(nx)[None, :] * b
-    out = np.zeros((ny, nx), dtype=np.float32)
-    for i in range(b):
-        for j in range(b):
-            weight = scale[(yy + i) % 2, (xx + j) % 2].astype(np.float32) if b % 2 else np.float32(
-                scale[i % 2, j % 2])
-            out += image[i: ny * b: b, j: nx * b: b] * weight
-    out /= np.float32(b * b)
-    return out
 
 
 def raw_ratio(master: np.ndarray, previous: np.ndarray) -> np.ndarray:

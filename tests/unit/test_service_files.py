@@ -85,7 +85,7 @@ def _notify_and_watchdog(unit) -> None:
     assert one(unit, "Service", "NotifyAccess") == "main"
     watchdog = one(unit, "Service", "WatchdogSec")
     seconds = int(watchdog.removesuffix("min")) * 60 if watchdog.endswith("min") else int(watchdog.rstrip("s"))
-    assert seconds / 2 > 10 * TICK  # pinged every TICK: ten missed pings before a restart
+    assert seconds / 2 > 10 * TICK  # configured values, nothing timed: ten missed pings (one a TICK) before a restart
     assert one(unit, "Service", "Restart") == "on-failure"  # a watchdog timeout is a failure
     families = unit["Service"].get("RestrictAddressFamilies")
     assert families is None or "AF_UNIX" in families[0].split()  # $NOTIFY_SOCKET is an AF_UNIX socket
