@@ -490,7 +490,7 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
     from flatd.output.masters import add_checks, master_header, write_master
     from flatd.qc.masters import judge, measure_master
     from flatd.qc.previous import check_previous
-    from flatd.runner import Rejection, _start_previews, _write_previews
+    from flatd.runner import Rejection, _start_preview, _start_ratio_picture, _write_previews
     from flatd.stack.auto import choose
     from flatd.stack.engines.local import stack_frames
 
@@ -545,7 +545,8 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
         result = stack_frames(inputs, method, quality=quality, min_group_size=3)
         split["stack with the flat checks"] = time.perf_counter() - t
         split["_flat checks"] = sum(flat_checks)
-        t = time.perf_counter()  # as the runner does: the previous master compared beside the figures
+        t = time.perf_counter()  # as the runner does: the picture drawn, the previous master compared beside the figures
+        pictures = [_start_preview(picture_job, result.image)]
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(check_previous, result.image, header_of(result), out, None, "bench", quality)
             rejection = Rejection.of(job, result)
@@ -557,8 +558,8 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
         judge(qc, quality)
         assert previous.path == prev_path, previous.skipped
         split["master checks and the previous master (beside them)"] = time.perf_counter() - t
-        t = time.perf_counter()  # as the runner does: the pictures drawn while the master is written
-        pictures = _start_previews(picture_job, result.image, comparison=previous.comparison)
+        t = time.perf_counter()  # as the runner does: the ratio's picture drawn while the master is written
+        pictures.append(_start_ratio_picture(picture_job, result.image.shape, (0, 0), previous.comparison))
         master = write(result, qc)
         split["write the master"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -346,6 +346,7 @@ class Runner:
             geometry = getattr(result, "geometry", None)
             origin = geometry.origin if geometry is not None else (0, 0)
             cfa_notes = equalize_master(job.frames, result.image, origin) if job.equalize_cfa else []
+            pictures = [_start_preview(job, result.image, origin)] if job.previews else None
             header = master_header(
                 job.frames, [i.calibration for i in job.inputs], job.method,
                 job.normalize, result.factors, extra={JOB_CARD: job.id},
@@ -363,7 +364,8 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the other groups
             raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
         self._writing(job)
-        pictures = _start_previews(job, result.image, origin, comparison=_comparison(qc)) if job.previews else None
+        if pictures is not None and _comparison(qc) is not None:
+            pictures.append(_start_ratio_picture(job, result.image.shape, origin, _comparison(qc)))
         try:
             master = write_master(job.output_dir, master_name_for(job, qc), result.image, header,
                                   rejection_map=result.rejection_map if job.rejection_map else None)
@@ -703,18 +705,32 @@ def _emit_checked(job: Job, master: Path, qc) -> None:
                          len(comparison.blobs) if comparison is not None else 0))
 
 
-def _start_previews(job: Job, image, origin=(0, 0), comparison=None):
-    """output.previews: the PNG pictures of a master, drawn in a thread of their own while
-    the master is written (numpy and zlib let go of the GIL; the write's fsync leaves the
-    CPU idle), Pillow imported there too. Returns a Future of
-    flatd.qc.previews.render_previews' list, for _write_previews."""
-    def draw() -> list:
-        from flatd.qc.previews import master_layout, render_previews
+def _start_preview(job: Job, image, origin=(0, 0)):
+    """output.previews: the master's PNG picture, drawn in a thread of its own from when
+    the master is combined, beside its checks and its write (numpy, zlib and Pillow let
+    go of the GIL; the write's fsync leaves the CPU idle). A Future of
+    flatd.qc.previews.render_master's (kind, PNG bytes or the exception), for _write_previews."""
+    def draw() -> tuple:
+        from flatd.qc.previews import master_layout, render_master
 
-        layout = master_layout(job.frames, image.shape, origin)
-        return render_previews(image, layout, comparison, bottom_up=job.frames[0].row_order == "BOTTOM-UP")
+        return render_master(image, master_layout(job.frames, image.shape, origin), _bottom_up(job))
 
-    return _in_thread("flatd-previews", draw)
+    return _in_thread("flatd-preview", draw)
+
+
+def _start_ratio_picture(job: Job, shape, origin, comparison):
+    """The picture of the comparison with the previous master, drawn in a thread of its
+    own while the master is written: a Future of flatd.qc.previews.render_ratio's."""
+    def draw() -> tuple:
+        from flatd.qc.previews import master_layout, render_ratio
+
+        return render_ratio(comparison, master_layout(job.frames, shape, origin), _bottom_up(job))
+
+    return _in_thread("flatd-ratio-picture", draw)
+
+
+def _bottom_up(job: Job) -> bool:
+    return job.frames[0].row_order == "BOTTOM-UP"
 
 
 def _in_thread(name: str, fn: Callable):
@@ -730,7 +746,7 @@ def _in_thread(name: str, fn: Callable):
 
 
 def _write_previews(job: Job, master: Path, pictures) -> list[Path]:
-    """The pictures started by _start_previews, written beside the master just written; a
+    """The pictures started by _start_preview and _start_ratio_picture, written beside the master just written; a
     failure (Pillow missing, a picture that cannot be drawn or written) is a warning,
     never the job's."""
     try:

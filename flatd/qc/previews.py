@@ -541,18 +541,19 @@ def render_previews(image: np.ndarray, layout=None, comparison=None, bottom_up: 
 
 def write_rendered(master_path: Path, rendered, **fields) -> list[Path]:
     """Write render_previews' pictures beside the master just written (preview_paths).
-    `rendered`: the list, or a Future of it. Returns the files written; a picture that
-    could not be made or written is a warning (event `preview_failed`, with `fields`, e.g.
-    job=...) and is skipped: previews never fail a job."""
+    `rendered`: its list; an item may be a Future of one (drawn in a thread: waited for
+    here). Returns the files written; a picture that could not be made or written is a
+    warning (event `preview_failed`, with `fields`, e.g. job=...) and is skipped:
+    previews never fail a job."""
     preview, ratio_png = preview_paths(master_path)
     paths = {"preview": preview, "ratio": ratio_png}
-    try:
-        rendered = rendered.result() if hasattr(rendered, "result") else rendered
-    except Exception as exc:  # noqa: BLE001
-        _warn(preview, exc, fields)
-        return []
     written = []
-    for kind, data in rendered:
+    for item in rendered:
+        try:
+            kind, data = item.result() if hasattr(item, "result") else item
+        except Exception as exc:  # noqa: BLE001 - the drawing thread's own failure
+            _warn(preview, exc, fields)
+            continue
         try:
             if isinstance(data, Exception):
                 raise data

@@ -397,6 +397,23 @@ def test_engine_leaves_out_before_combining(tmp_path, normalize):
     assert float(np.median(result.image)) < 25000  # the 55,000 flat is not in the mean
     plain = stack_frames(inputs, Method("mean"), normalize=normalize)
     assert plain.findings == [] and plain.kept is None and len(plain.factors) == 6
+    if normalize == "multiplicative":  # the levels measured beside the checks are of all six: measured again
+        alone = stack_frames([inputs[i] for i in result.kept], Method("mean"))
+        assert result.levels == alone.levels and result.factors == alone.factors
+
+
+def test_engine_levels_beside_the_checks_are_the_levels_without_them(tmp_path):
+    """No flat left out: the levels measured in a thread beside the checks are the ones
+    the engine measures without checks, to the bit, and so is the master."""
+    from flatd.stack.engines.local import stack_frames
+    from flatd.stack.methods import Method
+
+    inputs = _engine_flats(tmp_path)
+    checked = stack_frames(inputs, Method("mean"), quality=Quality())
+    plain = stack_frames(inputs, Method("mean"))
+    assert checked.findings == [] and checked.kept is None
+    assert checked.levels == plain.levels and checked.factors == plain.factors
+    assert np.array_equal(checked.image, plain.image)
 
 
 def test_engine_refuses_a_group_left_too_small(tmp_path):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -201,8 +201,8 @@ def level_plan(width: int, height: int, memory_limit: int, workers: int, max_ite
 # The flat checks' peak, in copies of the samples: the normalized samples, their ratios
 # to the reference, and the block medians' working arrays (flatd.qc.flats.odd_scores;
 # measured with tracemalloc: 3.3 copies for 32 frames; more for a handful, whose samples
-# are small).
-QC_SAMPLE_COPIES = 4
+# are small), and the copy the levels are measured on beside them (_levels_beside).
+QC_SAMPLE_COPIES = 5
 
 
 class _Sources:
@@ -307,6 +307,7 @@ def stack_frames(
             checks = quality is not None and quality.enabled
             findings: list = []
             kept = None  # all of them
+            all_levels = None
             if normalize == "multiplicative" or checks:
                 # fewer workers than the bands (a tight memory limit): one frame at a time
                 level_pool = pool if level_workers >= workers else None
@@ -315,10 +316,17 @@ def stack_frames(
                 own = own_levels(samples, run)
                 if checks:
                     geometry = layouts.cards()
-                    findings = check_samples(inputs, samples, own, subtracted, step, quality,
-                                             LV.sample_shape(height, width, step),
-                                             geometry.origin if geometry is not None else (0, 0), height)
-                    kept = _kept(inputs, findings, method, min_group_size)
+                    beside = _levels_beside(samples, own, run) if normalize == "multiplicative" else None
+                    try:
+                        findings = check_samples(inputs, samples, own, subtracted, step, quality,
+                                                 LV.sample_shape(height, width, step),
+                                                 geometry.origin if geometry is not None else (0, 0), height)
+                        kept = _kept(inputs, findings, method, min_group_size)
+                    except BaseException:
+                        if beside is not None:
+                            wait([beside])  # never left running on the pool being shut down
+                        raise
+                    all_levels = beside.result() if beside is not None else None
                     if len(kept) == n:
                         kept = None
                     else:
@@ -326,7 +334,8 @@ def stack_frames(
                         n = len(inputs)
                         levels = [math.nan] * n
             if normalize == "multiplicative":
-                levels = LV.relative_levels(samples, mapper=run, own=own)
+                levels = (all_levels if kept is None and all_levels is not None
+                          else LV.relative_levels(samples, mapper=run, own=own))
                 for item, level in zip(inputs, levels):
                     problem = check_level(level)
                     if problem:
@@ -449,6 +458,20 @@ def _kept(inputs, findings, method: Method, min_group_size: int) -> list[int]:
             raise QcTooFew(f"{len(inputs) - len(kept)} flat(s) left out by the quality checks, {short}; "
                            "nothing combined", findings)
     return kept
+
+
+def _levels_beside(samples: np.ndarray, own, run):
+    """Every frame's relative level, measured on a copy of the samples (relative_levels
+    divides them in place) while the flat checks run on the main thread: the checks'
+    numpy work is single-threaded, and the levels are the same unless a frame is left out
+    (then they are measured again on the frames kept). The copy is one of the checks'
+    QC_SAMPLE_COPIES. A Future of the levels."""
+    copy = samples.copy()
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-levels")
+    try:
+        return thread.submit(LV.relative_levels, copy, mapper=run, own=own)
+    finally:
+        thread.shutdown(wait=False)
 
 
 def _subset(kept: list[int], inputs, sources: _Sources, cal_keys, samples: np.ndarray, own):
