@@ -73,15 +73,19 @@ def master_layout(frames: Sequence, shape: Sequence[int], origin: tuple[int, int
 
 
 def _as_image(image: np.ndarray) -> np.ndarray:
-    """A 2-D float32 array with non-finite pixels as NaN (the caller's array is never
-    changed; no copy when it is float32 and finite already); PreviewError otherwise."""
+    """A 2-D float32 array (the caller's array is never changed; no copy when it is
+    float32 already); PreviewError otherwise. Infinities are left to bin_mean."""
     array = np.asarray(image)
     if array.ndim != 2 or array.size == 0:
         raise PreviewError(f"a preview needs a non-empty 2-D image, got shape {array.shape}")
     if array.dtype.kind not in "fiub":
         raise PreviewError(f"a preview needs numbers, got {array.dtype}")
     with np.errstate(over="ignore", invalid="ignore"):
-        array = np.ascontiguousarray(array, dtype=np.float32)
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _nan_for_infinite(array: np.ndarray) -> np.ndarray:
+    """The array with its infinities as NaN (itself when every value is finite)."""
     if _all_finite(array):
         return array
     return np.where(np.isfinite(array), array, np.float32(np.nan))
@@ -123,12 +127,13 @@ def _block_counts(n: int, factor: int) -> np.ndarray:
 
 def bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
     """Area average over factor x factor blocks (not a decimation), NaNs left out (NaN where
-    a block has none); the edge blocks are partial blocks, so no row or column is lost."""
+    a block has none; infinities count as NaN); the edge blocks are partial blocks, so no
+    row or column is lost."""
     if factor == 1:
-        return image
-    if _all_finite(image):
-        counts = np.outer(_block_counts(image.shape[0], factor), _block_counts(image.shape[1], factor))
-        return _block_sums(image, factor) / counts
+        return _nan_for_infinite(image)
+    sums = _block_sums(image, factor)
+    if np.isfinite(sums).all():  # so is every pixel (a sum that overflowed takes the way below: still right)
+        return sums / np.outer(_block_counts(image.shape[0], factor), _block_counts(image.shape[1], factor))
     finite = np.isfinite(image)
     sums = _block_sums(np.where(finite, image, np.float32(0)), factor)
     counts = _block_sums(finite.astype(np.float32), factor)
@@ -384,16 +389,33 @@ def master_preview(image: np.ndarray, layout=None, bottom_up: Optional[bool] = N
 # --------------------------------------------------------------------- the ratio
 
 
-def _diverging(values: np.ndarray) -> np.ndarray:
-    """-1..1 to RGB: blue (darker now) - white - red (brighter now); NaN: grey."""
-    t = np.clip(np.nan_to_num(values, nan=0.0), -1.0, 1.0)
+DIVERGING_STEPS = 127  # steps of the diverging scale on each side of white (1.6 grey levels each)
+
+
+def _diverging_palette() -> list[int]:
+    """The colours of -1..1 in 2 DIVERGING_STEPS + 1 steps, blue (darker now) - white -
+    red (brighter now), then grey (not finite): a Pillow palette, 256 RGB entries."""
+    t = np.linspace(-1.0, 1.0, 2 * DIVERGING_STEPS + 1)
     neg, pos = np.clip(-t, 0, 1), np.clip(t, 0, 1)
-    r = 1.0 - 0.8 * neg
-    g = 1.0 - 0.75 * neg - 0.8 * pos
-    b = 1.0 - 0.8 * pos
-    rgb = np.dstack([r, g, b])
-    rgb[~np.isfinite(values)] = 0.5
-    return _to_grey(rgb)
+    rgb = np.stack([1.0 - 0.8 * neg, 1.0 - 0.75 * neg - 0.8 * pos, 1.0 - 0.8 * pos], axis=1)
+    return _to_grey(np.vstack([rgb, [0.5, 0.5, 0.5]])).ravel().tolist()
+
+
+_DIVERGING = _diverging_palette()
+
+
+def _diverging(values: np.ndarray) -> Image.Image:
+    """-1..1 to an RGB picture: blue (darker now) - white - red (brighter now); not
+    finite: grey. Each value's step of the scale, coloured by Pillow's palette (an RGB
+    image of floats is six passes more)."""
+    index = np.clip(values, -1.0, 1.0)
+    index += 1.0
+    index *= DIVERGING_STEPS
+    index += 0.5
+    index[~np.isfinite(values)] = 2 * DIVERGING_STEPS + 1
+    picture = Image.fromarray(index.astype(np.uint8))
+    picture.putpalette(_DIVERGING)
+    return picture.convert("RGB")
 
 
 # the marks take the colour of what they mark: new dust darkens (blue), dust gone brightens (red)
@@ -449,7 +471,7 @@ def ratio_preview(ratio: np.ndarray, blobs: Iterable = (), bottom_up: bool = Fal
     dead = min(3 * noise / span, 0.5)
     t = np.clip(relative / np.float32(span), -1, 1)
     t = np.sign(t) * np.maximum(np.abs(t) - np.float32(dead), 0) / np.float32(1 - dead)
-    picture = Image.fromarray(_display_rows(_diverging(t), bottom_up))
+    picture = _diverging(_display_rows(t, bottom_up))
     _marks(ImageDraw.Draw(picture), blobs, float(factor * max(1, int(binning))), picture.size,
            array.shape[0] / factor if bottom_up else None)
     return picture

@@ -316,7 +316,7 @@ def stack_frames(
                 own = own_levels(samples, run)
                 if checks:
                     geometry = layouts.cards()
-                    beside = _levels_beside(samples, own, run) if normalize == "multiplicative" else None
+                    beside = _levels_beside(samples, own) if normalize == "multiplicative" else None
                     try:
                         findings = check_samples(inputs, samples, own, subtracted, step, quality,
                                                  LV.sample_shape(height, width, step),
@@ -460,16 +460,16 @@ def _kept(inputs, findings, method: Method, min_group_size: int) -> list[int]:
     return kept
 
 
-def _levels_beside(samples: np.ndarray, own, run):
+def _levels_beside(samples: np.ndarray, own):
     """Every frame's relative level, measured on a copy of the samples (relative_levels
-    divides them in place) while the flat checks run on the main thread: the checks'
-    numpy work is single-threaded, and the levels are the same unless a frame is left out
-    (then they are measured again on the frames kept). The copy is one of the checks'
-    QC_SAMPLE_COPIES. A Future of the levels."""
+    divides them in place) in one thread while the flat checks run on the main thread (two
+    threads, one per core on a small machine: the pool's would only contend). The levels
+    are the same unless a frame is left out (then they are measured again on the frames
+    kept). The copy is one of the checks' QC_SAMPLE_COPIES. A Future of the levels."""
     copy = samples.copy()
     thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatd-levels")
     try:
-        return thread.submit(LV.relative_levels, copy, mapper=run, own=own)
+        return thread.submit(LV.relative_levels, copy, own=own)
     finally:
         thread.shutdown(wait=False)
 
