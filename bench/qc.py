@@ -639,6 +639,17 @@ def run_once(rules: Path) -> tuple[float, float, list[Path]]:
     return elapsed, cpu, sorted(p for p in (rules.parent / "captures").rglob("masters/*.fits"))
 
 
+def compiled() -> None:
+    """flatd's modules compiled, as an install leaves them (`make install` runs compileall):
+    where PYTHONDONTWRITEBYTECODE is set, a module edited since would be compiled again in
+    every run, and only the checked runs import the checks' modules."""
+    import compileall
+
+    import flatd
+
+    compileall.compile_dir(str(Path(flatd.__file__).parent), quiet=1)
+
+
 def whole_run_part(cache: Path, rounds: int, tmp: Path) -> Optional[dict]:
     """`flatd run-once` on the 32 flats, as a user runs it: checks and previews off
     against on, with last night's master (a run on the odd-numbered half, checks on) in
@@ -649,6 +660,7 @@ def whole_run_part(cache: Path, rounds: int, tmp: Path) -> Optional[dict]:
     files = sorted(cache.glob("flat_*.fits"))[:32]
     if len(files) < 32:
         return None
+    compiled()
     _, _, masters = run_once(run_tree(files[1::2], tmp / "last-night", True))
     previous = masters[0]
     times: dict[bool, list] = {False: [], True: []}

@@ -8,6 +8,7 @@ crash interrupted: no duplicate master, no input lost or moved twice.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -346,7 +347,8 @@ class Runner:
             geometry = getattr(result, "geometry", None)
             origin = geometry.origin if geometry is not None else (0, 0)
             cfa_notes = equalize_master(job.frames, result.image, origin) if job.equalize_cfa else []
-            pictures = [_start_preview(job, result.image, origin)] if job.previews else None
+            binned = _binned(job, result)
+            pictures = [_start_preview(job, result.image, origin, binned)] if job.previews else None
             header = master_header(
                 job.frames, [i.calibration for i in job.inputs], job.method,
                 job.normalize, result.factors, extra={JOB_CARD: job.id},
@@ -356,7 +358,7 @@ class Runner:
                 header.add_history(note)
             if geometry is not None:
                 geometry.apply(header)  # flipped, overscan, trimmed: flatd.stack.geometry
-            qc = self._check_master(job, result, rejection, header, ahead)
+            qc = self._check_master(job, result, rejection, header, ahead, binned)
         except OSError as exc:
             raise JobFailed(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)) from None
         except (FlatdError, MemoryError) as exc:  # the flats' fault: the job fails with the reason
@@ -406,10 +408,11 @@ class Runner:
 
         return _in_thread("flatd-read-ahead", lambda: (paths, read_ahead(setup_cards(job.frames), paths, job.id)))
 
-    def _check_master(self, job: Job, result, rejection: Optional[Rejection], header, ahead=None) -> Optional[Any]:
+    def _check_master(self, job: Job, result, rejection: Optional[Rejection], header, ahead=None,
+                      binned=None) -> Optional[Any]:
         """The master checks (flatd.qc.masters, flatd.qc.previous), their cards and HISTORY
-        added to `header`; None when quality.enabled is false. `ahead`: _read_ahead's. A
-        failure of the checks themselves is a warning, never the job's."""
+        added to `header`; None when quality.enabled is false. `ahead`: _read_ahead's;
+        `binned`: _binned's. A failure of the checks themselves is a warning, never the job's."""
         from flatd.config import Quality
 
         limits = job.quality or Quality()
@@ -418,7 +421,7 @@ class Runner:
         from flatd.output.masters import add_checks
 
         try:
-            qc = check_job_master(job, result, rejection, header, limits, self.ledger, ahead)
+            qc = check_job_master(job, result, rejection, header, limits, self.ledger, ahead, binned)
             add_checks(header, qc.cards(), qc.history())
         except Exception as exc:  # noqa: BLE001 - a bug in a check must not lose the master
             E.notice("master_checks_failed", f"{job.label}: master not checked: {type(exc).__name__}: {exc}",
@@ -633,15 +636,17 @@ class Runner:
         return problems + more, owed
 
 
-def check_job_master(job: Job, result, rejection: Optional[Rejection], header, limits, ledger=None, ahead=None):
+def check_job_master(job: Job, result, rejection: Optional[Rejection], header, limits, ledger=None, ahead=None,
+                     binned=None):
     """A job's master checked: its figures, the previous master (when quality.previous;
     `ahead`: a Future of (candidates, flatd.qc.previous.ReadAhead)), the verdict
-    (flatd.qc.masters.MasterQC)."""
+    (flatd.qc.masters.MasterQC). `binned`: _binned's, shared by both."""
     from flatd.qc.masters import judge, measure_master
     from flatd.stack.cfa import common_layout
 
     # the comparison with the previous master (a file read, numpy) runs beside the figures
-    previous = (_in_thread("flatd-previous", lambda: _previous_of(result.image, header, job, ledger, limits, ahead))
+    previous = (_in_thread("flatd-previous",
+                           lambda: _previous_of(result.image, header, job, ledger, limits, ahead, binned))
                 if limits.previous else None)
     if rejection is not None and rejection.threshold is None:
         baseline = sum(_clean_baseline(job))  # not measured for the warning: measured here
@@ -651,7 +656,8 @@ def check_job_master(job: Job, result, rejection: Optional[Rejection], header, l
         qc = measure_master(result.image, frames=job.frames, method=job.method, levels=result.levels,
                             factors=result.factors, patches=getattr(result, "noise_patches", None),
                             noise_rows=getattr(result, "noise_rows", None),
-                            colour=common_layout(job.frames) is not None, rejection=rejection, baseline=baseline)
+                            colour=common_layout(job.frames) is not None, rejection=rejection, baseline=baseline,
+                            binned=binned)
     finally:
         compared = previous.result() if previous is not None else None  # never left running behind a failure
     qc.previous = compared
@@ -659,9 +665,9 @@ def check_job_master(job: Job, result, rejection: Optional[Rejection], header, l
     return qc
 
 
-def _previous_of(image, header, job: Job, ledger, limits, ahead):
+def _previous_of(image, header, job: Job, ledger, limits, ahead, binned=None):
     """check_previous, with what _read_ahead read (its candidates, and the likely previous
-    master binned) when it could."""
+    master binned) when it could, and the master binned (`binned`)."""
     from flatd.qc.previous import check_previous
 
     try:
@@ -669,7 +675,7 @@ def _previous_of(image, header, job: Job, ledger, limits, ahead):
     except Exception:  # noqa: BLE001 - the read-ahead is only a head start
         paths, read = None, None
     return check_previous(image, header, job.output_dir, None if paths is not None else ledger, job.id, limits,
-                          ahead=read, paths=paths)
+                          ahead=read, paths=paths, binned=binned)
 
 
 def master_name_for(job: Job, qc) -> str:
@@ -705,15 +711,35 @@ def _emit_checked(job: Job, master: Path, qc) -> None:
                          len(comparison.blobs) if comparison is not None else 0))
 
 
-def _start_preview(job: Job, image, origin=(0, 0)):
+def _binned(job: Job, result):
+    """The master binned once (flatd.qc.previous.binned_master, one pass, at the checks'
+    saturation limit): the comparison's bins, the preview's, and what the master checks'
+    pixel counts and field blocks need. None when neither the checks nor the previews
+    run, or when it cannot be made (each then reads the master itself)."""
+    from flatd.config import Quality
+
+    if not ((job.quality or Quality()).enabled or job.previews):
+        return None
+    try:
+        from flatd.qc.masters import saturation_limit
+        from flatd.qc.previous import binned_master
+
+        limit = saturation_limit(job.frames, result.factors)
+        return binned_master(result.image, limit if limit is not None else math.inf)
+    except Exception:  # noqa: BLE001 - a head start only
+        return None
+
+
+def _start_preview(job: Job, image, origin=(0, 0), binned=None):
     """output.previews: the master's PNG picture, drawn in a thread of its own from when
     the master is combined, beside its checks and its write (numpy, zlib and Pillow let
-    go of the GIL; the write's fsync leaves the CPU idle). A Future of
-    flatd.qc.previews.render_master's (kind, PNG bytes or the exception), for _write_previews."""
+    go of the GIL; the write's fsync leaves the CPU idle); from `binned` (_binned's) when
+    it holds the picture's bins. A Future of flatd.qc.previews.render_master's (kind, PNG
+    bytes or the exception), for _write_previews."""
     def draw() -> tuple:
         from flatd.qc.previews import master_layout, render_master
 
-        return render_master(image, master_layout(job.frames, image.shape, origin), _bottom_up(job))
+        return render_master(image, master_layout(job.frames, image.shape, origin), _bottom_up(job), binned)
 
     return _in_thread("flatd-preview", draw)
 

@@ -270,6 +270,12 @@ def full_scale(frames: Sequence) -> float:
     return min(scales) if scales else 65535.0
 
 
+def saturation_limit(frames: Sequence, factors: Sequence[float] = ()) -> Optional[float]:
+    """The master's value at and above which a pixel counts as saturated: SATURATION_FRACTION
+    of the inputs' full scale, times the smallest normalization factor; None without frames."""
+    return SATURATION_FRACTION * full_scale(frames) * min(factors or [1.0]) if frames else None
+
+
 def pixel_counts(master: np.ndarray, saturation: Optional[float],
                  extremes: Optional[tuple[float, float]] = None) -> tuple[int, int, int]:
     """(non-finite, <= 0, >= saturation) pixels of the master (`extremes`: its
@@ -311,7 +317,26 @@ def block_means(image: np.ndarray, blocks: int = 16, extremes: Optional[tuple[fl
 def field_ratio(image: np.ndarray, extremes: Optional[tuple[float, float]] = None) -> Optional[float]:
     """Brightest-to-darkest: 99th over 1st percentile of the block means; None when it
     cannot be told (too few positive blocks)."""
-    means = block_means(image, extremes=extremes)
+    return _spread_of_means(block_means(image, extremes=extremes))
+
+
+def binned_block_means(binned, shape: tuple[int, int], blocks: int = 16) -> np.ndarray:
+    """block_means of a master of `shape` from its binned sums (flatd.qc.previous.Binned,
+    every pixel finite and positive): the same blocks, their edges on the nearest bin
+    edges (within half a bin; the pixels of a last, partial bin left out)."""
+    sums = binned.sums.sum(axis=(0, 1), dtype=np.float64)
+    b = binned.binning
+    edges = []
+    for size, bins in zip(shape, sums.shape):
+        side = max(1, size // blocks)
+        cut = np.unique(np.clip(np.round(np.arange(size // side + 1) * side / b), 0, bins).astype(int))
+        edges.append(cut if cut.size >= 2 else np.array([0, bins]))
+    (ry, rx) = edges
+    total = np.add.reduceat(np.add.reduceat(sums[: ry[-1], : rx[-1]], ry[:-1], axis=0), rx[:-1], axis=1)
+    return total / (np.outer(np.diff(ry), np.diff(rx)) * b * b)
+
+
+def _spread_of_means(means: np.ndarray) -> Optional[float]:
     means = means[np.isfinite(means) & (means > 0)]
     if means.size < 4:
         return None
@@ -340,16 +365,22 @@ def check_master(master: np.ndarray, limits, *, frames: Sequence = (), method=No
 def measure_master(master: np.ndarray, *, frames: Sequence = (), method=None, levels: Sequence[float] = (),
                    factors: Sequence[float] = (), patches: Optional[np.ndarray] = None,
                    noise_rows: Optional[tuple[int, int]] = None, colour: bool = False,
-                   rejection=None, baseline: Optional[float] = None) -> MasterQC:
+                   rejection=None, baseline: Optional[float] = None, binned=None) -> MasterQC:
     """check_master's figures, with no previous master and no verdict yet (the runner
-    compares with the previous master meanwhile, then judges)."""
+    compares with the previous master meanwhile, then judges). `binned`: the master's
+    flatd.qc.previous.binned_master with saturation_limit, when made: its pass stands in
+    for the pixel counts' and the field blocks'."""
     qc = MasterQC(pixels=int(master.size))
     n = len(frames) or len(levels) or 1
-    fs = full_scale(frames) if frames else None
-    threshold = SATURATION_FRACTION * fs * min(factors or [1.0]) if fs else None
-    extremes = _extremes(master)  # one pair of reductions for both
-    qc.nonfinite, qc.zero, qc.saturated = pixel_counts(master, threshold, extremes)
-    qc.field_ratio = field_ratio(master, extremes)
+    threshold = saturation_limit(frames, factors)
+    if binned is not None and binned.below_limit and binned.shape == master.shape \
+            and binned.limit == (threshold or math.inf):  # the binning's pass said: no pixel to count
+        qc.nonfinite = qc.zero = qc.saturated = 0
+        qc.field_ratio = _spread_of_means(binned_block_means(binned, master.shape))
+    else:
+        extremes = _extremes(master)  # one pair of reductions for both
+        qc.nonfinite, qc.zero, qc.saturated = pixel_counts(master, threshold, extremes)
+        qc.field_ratio = field_ratio(master, extremes)
     factor = method_noise_factor(method, n) if method is not None else 1.0
     qc.noise = noise_figures(master, patches, noise_rows, levels, n, 2 if colour else 1,
                              common_egain(frames), factor)

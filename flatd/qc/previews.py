@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from flatd.errors import FlatdError
+from flatd.qc.blocks import NONFINITE
 
 MAX_SIDE = 1024  # the long side of a preview, at most (half the pixels of 1,200 px, and of the time)
 COARSE = 256  # the large-scale shape is found on a grid of at most this many px (long side)
@@ -362,22 +363,52 @@ def _display_rows(array: np.ndarray, bottom_up: bool) -> np.ndarray:
     return np.ascontiguousarray(array[::-1] if bottom_up else array)
 
 
+def _from_blocks(blocks, shape: tuple[int, int], layout, max_side: int) -> Optional[list[np.ndarray]]:
+    """The binned plane(s) master_preview would make, from a master's block sums by parity
+    (`blocks`: flatd.qc.previous.Binned or flatd.qc.blocks.Blocks: .binning, .sums
+    (2, 2, ny, nx), .flags) when they are of its bins: every pixel finite, whole blocks of
+    the preview's size. Mono: [plane]; colour: [R, G, B]. None otherwise."""
+    if blocks is None or blocks.flags & NONFINITE:
+        return None
+    h, w = shape
+    b = blocks.binning
+    factor = bin_factor(shape, max_side) if layout is None else 2 * bin_factor((h // 2, w // 2), max_side)
+    if b != factor or h % b or w % b or blocks.sums.shape[2:] != (h // b, w // b):
+        return None
+    if layout is None:
+        return [blocks.sums.sum(axis=(0, 1), dtype=np.float32) / np.float32(b * b)]
+    if b % 2:
+        return None
+    parts: dict[str, list[np.ndarray]] = {"R": [], "G": [], "B": []}
+    for index, colour in enumerate(layout.colours(0)):
+        parts[colour].append(blocks.sums[index // 2, index % 2])
+    if not all(parts.values()):
+        return None
+    cells = np.float32((b // 2) ** 2)
+    return [sum(parts[c][1:], parts[c][0].copy()) / (cells * len(parts[c])) for c in ("R", "G", "B")]
+
+
 def master_preview(image: np.ndarray, layout=None, bottom_up: Optional[bool] = None,
-                   max_side: int = MAX_SIDE) -> Image.Image:
+                   max_side: int = MAX_SIDE, blocks=None) -> Image.Image:
     """A master flat as a picture: mode "L" (mono) or "RGB" (a CFA master, `layout` being a
     flatd.stack.cfa.Layout), at most `max_side` px on the long side (area average),
     auto-stretched so that vignetting and dust donuts both show. Rows are shown top-down
-    (a BOTTOM-UP master flipped: `bottom_up`, default the layout's). PreviewError when
-    no picture can be made (no finite pixel, not 2-D)."""
+    (a BOTTOM-UP master flipped: `bottom_up`, default the layout's). `blocks`: the
+    master's block sums, when made (_from_blocks: no pass over the master). PreviewError
+    when no picture can be made (no finite pixel, not 2-D)."""
     array = _as_image(image)
     bottom_up = bool(layout.bottom_up) if bottom_up is None and layout is not None else bool(bottom_up)
+    ready = _from_blocks(blocks, array.shape, layout, max_side)
     if layout is None:
-        binned = bin_mean(array, bin_factor(array.shape, max_side))
+        binned = ready[0] if ready else bin_mean(array, bin_factor(array.shape, max_side))
         grey = _to_grey(_stretch_planes([_relative(binned)])[0])
         return Image.fromarray(_display_rows(grey, bottom_up))
-    planes = _superpixels(array, layout)
-    factor = bin_factor(planes["R"].shape, max_side)
-    binned = [bin_mean(planes[c].astype(np.float32), factor) for c in ("R", "G", "B")]
+    if ready:
+        binned = ready
+    else:
+        planes = _superpixels(array, layout)
+        factor = bin_factor(planes["R"].shape, max_side)
+        binned = [bin_mean(planes[c].astype(np.float32), factor) for c in ("R", "G", "B")]
     usable = [np.isfinite(p).any() for p in binned]
     if not any(usable):
         raise PreviewError("the image has no finite pixel")
@@ -536,10 +567,11 @@ def _drawn(kind: str, make) -> tuple:
         return kind, exc
 
 
-def render_master(image: np.ndarray, layout=None, bottom_up: Optional[bool] = None) -> tuple:
-    """("preview", PNG bytes or the exception): the master's picture, no file."""
+def render_master(image: np.ndarray, layout=None, bottom_up: Optional[bool] = None, blocks=None) -> tuple:
+    """("preview", PNG bytes or the exception): the master's picture, no file (`blocks`:
+    see master_preview)."""
     flip = _flip(layout, bottom_up)
-    return _drawn("preview", lambda: master_preview(image, layout, flip))
+    return _drawn("preview", lambda: master_preview(image, layout, flip, blocks=blocks))
 
 
 def render_ratio(comparison, layout=None, bottom_up: Optional[bool] = None) -> Optional[tuple]:

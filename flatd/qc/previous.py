@@ -24,6 +24,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from flatd.qc.blocks import NONFINITE, NONPOSITIVE, fold
+
 MAD_SIGMA = 1.4826
 MAX_SIDE = 1024  # the ratio is binned (b x b) until its longer side is at most this
 MAX_FLAGGED = 200_000  # more changed pixels than this: too widespread to list as blobs
@@ -107,17 +109,29 @@ SAMPLE_VALUES = 60_000  # per CFA position, for the median ratio of the position
 
 @dataclass
 class Binned:
-    """A master reduced for the comparison in one pass: per b x b block, the sums of its
-    pixels by the parity of their row and column offset in the block (2, 2, ny, nx), so
-    that each CFA position can be scaled afterwards; every `step`-th pixel of each CFA
-    position (2, 2, ...) for the positions' median ratio; and whether every pixel was
-    finite and positive (if not: compare the full images, raw_ratio)."""
+    """A master reduced for the comparison in one pass (flatd.qc.blocks.fold): per b x b
+    block, the sums of its pixels by the parity of their row and column offset in the
+    block (2, 2, ny, nx), so that each CFA position can be scaled afterwards; every
+    `step`-th pixel of each CFA position (2, 2, ...) for the positions' median ratio; and
+    what the master holds (fold's bits: a pixel not finite, not above 0, at or above
+    `limit`). `positive`: every pixel finite and above 0 (if not: compare the full
+    images, raw_ratio)."""
 
     shape: tuple[int, int]
     binning: int
     sums: np.ndarray
     samples: list
-    positive: bool
+    flags: int = 0
+    limit: float = math.inf
+
+    @property
+    def positive(self) -> bool:
+        return not self.flags & (NONFINITE | NONPOSITIVE)
+
+    @property
+    def below_limit(self) -> bool:
+        """Every pixel finite, above 0 and below `limit`."""
+        return not self.flags
 
 
 def sample_step(shape: tuple[int, int]) -> int:
@@ -126,38 +140,20 @@ def sample_step(shape: tuple[int, int]) -> int:
     return max(1, int(math.sqrt((h // 2) * (w // 2) / SAMPLE_VALUES)))
 
 
-def _empty_binned(shape: tuple[int, int], b: int) -> Binned:
+def _empty_binned(shape: tuple[int, int], b: int, limit: float = math.inf) -> Binned:
     h, w = shape
-    return Binned((h, w), b, np.zeros((2, 2, h // b, w // b), dtype=np.float32), [[[], []], [[], []]], True)
+    return Binned((h, w), b, np.zeros((2, 2, h // b, w // b), dtype=np.float32), [[[], []], [[], []]], 0, limit)
 
 
 def _add_band(out: Binned, band: np.ndarray, r0: int) -> None:
-    """Fold the rows r0.. of a master (band: rows x W, r0 a multiple of b) into `out`."""
-    b = out.binning
-    h, w = out.shape
-    ny, nx = h // b, w // b
-    finite_rows = min(band.shape[0], ny * b - r0)
-    if band.size:
-        low, high = float(np.min(band)), float(np.max(band))
-        out.positive &= low > 0 and math.isfinite(high)
+    """Fold the rows r0.. of a master (band: rows x W) into `out`."""
     step = 2 * sample_step(out.shape)
     for py in (0, 1):  # the CFA positions' samples: rows py, py + step, ... and columns px, px + step, ...
         first = (py - r0) % step
         for px in (0, 1):
             if first < band.shape[0]:  # copied: a band read from a file is overwritten by the next
                 out.samples[py][px].append(band[first::step, px::step].copy())
-    if finite_rows <= 0:
-        return
-    y0 = r0 // b
-    rows = finite_rows // b
-    for ci in range(min(2, b)):
-        parity = band[ci: rows * b: b, : nx * b].astype(np.float32, copy=True)  # block rows' offset ci
-        for i in range(ci + 2, b, 2):
-            parity += band[i: rows * b: b, : nx * b]
-        for cj in range(min(2, b)):
-            acc = out.sums[ci, cj, y0: y0 + rows]
-            for j in range(cj, b, 2):
-                acc += parity[:, j::b]
+    out.flags |= fold(band, out.binning, out.sums, r0, out.limit)
 
 
 def _finish(out: Binned) -> Binned:
@@ -166,10 +162,11 @@ def _finish(out: Binned) -> Binned:
     return out
 
 
-def binned_master(image: np.ndarray) -> Binned:
-    """A master in memory, binned for the comparison (no copy of it)."""
+def binned_master(image: np.ndarray, limit: float = math.inf) -> Binned:
+    """A master in memory, binned for the comparison (no copy of it) in one pass, which
+    also tells whether any pixel is at or above `limit` (the master checks' saturation)."""
     image = np.asarray(image, dtype=np.float32)
-    out = _empty_binned(image.shape, binning_for(image.shape))
+    out = _empty_binned(image.shape, binning_for(image.shape), limit)
     _add_band(out, image, 0)
     return _finish(out)
 
@@ -664,9 +661,10 @@ def read_ahead(cards: Mapping[str, object], paths: Sequence[Path], job_id: Optio
 
 def check_previous(master: np.ndarray, cards: Mapping[str, object], output_dir: Optional[Path], ledger=None,
                    job_id: Optional[str] = None, limits=None, ahead: Optional[ReadAhead] = None,
-                   paths: Optional[Sequence[Path]] = None) -> PreviousCheck:
+                   paths: Optional[Sequence[Path]] = None, binned: Optional[Binned] = None) -> PreviousCheck:
     """Find the newest usable previous master of the same setup and compare with it
-    (`paths`: the candidates, if already listed; `ahead`: one read ahead). Unusable ones
+    (`paths`: the candidates, if already listed; `ahead`: one read ahead; `binned`: the
+    master's binned_master, when already made). Unusable ones
     (another size, unreadable, truncated, no data, NaN) are skipped with the reason;
     earlier bad (QCSTATUS) masters and other setups are passed over quietly."""
     check = PreviousCheck()
@@ -674,7 +672,8 @@ def check_previous(master: np.ndarray, cards: Mapping[str, object], output_dir: 
     for path in _comparable(candidates(output_dir, ledger, job_id) if paths is None else paths, cards, job_id):
         tries += 1
         try:
-            check.comparison = compare_with_file(master, path, limits, _ahead_for(ahead, path, np.shape(master)))
+            check.comparison = compare_with_file(master, path, limits, _ahead_for(ahead, path, np.shape(master)),
+                                                 binned)
         except (ValueError, MemoryError) as exc:
             check.skipped.append(f"{path.name}: {exc}")
             if tries >= MAX_TRIES:
@@ -695,15 +694,17 @@ def _ahead_for(ahead: Optional[ReadAhead], path: Path, shape) -> Optional[Binned
         return None
 
 
-def compare_with_file(master: np.ndarray, path: Path, limits=None, old: Optional[Binned] = None) -> Comparison:
+def compare_with_file(master: np.ndarray, path: Path, limits=None, old: Optional[Binned] = None,
+                      new: Optional[Binned] = None) -> Comparison:
     """The comparison of a master in memory with a master file: binned as it is read
-    (read_binned; `old`: already read so) when the ratio is binned and both are finite and
-    positive throughout, else from the whole file (load_master). ValueError with the reason."""
+    (read_binned; `old`: already read so; `new`: the master's binned_master, if made)
+    when the ratio is binned and both are finite and positive throughout, else from the
+    whole file (load_master). ValueError with the reason."""
     settings = _settings(limits)
     if binning_for(np.shape(master)) > 1:
         old = old if old is not None else read_binned(path, np.shape(master))
         if old.positive:
-            new = binned_master(master)
+            new = new if new is not None and new.shape == np.shape(master) else binned_master(master)
             if new.positive:
                 return compare(new, old, **settings)
     _, pixels = load_master(path)

@@ -372,6 +372,103 @@ static PyObject *py_fill(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* block_sums(band, rows, w, row0, b, out, ny, nx, limit) -> flags: a float32 band (rows x w,
+ * C order) whose row 0 is row `row0` of an image, folded into out (float32 (2, 2, ny, nx),
+ * C order, added to): out[ci, cj, Y, X] += the pixels of block (Y, X) (b x b pixels) whose
+ * row and column offsets in the block have the parities ci and cj. Rows of blocks >= ny
+ * and columns of blocks >= nx are left out of the sums (the last block of a row may be
+ * partial: x < w). One pass, for the quality checks' binned masters (flatd.qc.previous)
+ * and the previews' area averages (flatd.qc.previews). Returns what the band holds, as
+ * bits: 1 a value not finite, 2 a finite value <= 0, 4 a finite value >= limit. */
+enum { FOLD_NONFINITE = 1, FOLD_NONPOSITIVE = 2, FOLD_LIMIT = 4 };
+
+/* The blocks of one buffered row: a few values each, so no vector loops (their set-up
+ * costs more than the sums). */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-vectorize")))
+#endif
+static void fold_row_blocks(const float *acc, ix w, ix b, float *even, float *odd, ix nx) {
+    for (ix X = 0; X < nx; X++) {
+        ix x0 = X * b, x1 = x0 + b < w ? x0 + b : w;
+        float a0 = 0.0f, a1 = 0.0f;
+        for (ix x = x0; x < x1; x += 2) a0 += acc[x];
+        for (ix x = x0 + 1; x < x1; x += 2) a1 += acc[x];
+        even[X] += a0;
+        odd[X] += a1;
+    }
+}
+
+/* The rows of a block of one parity are added into a row buffer first (contiguous,
+ * vectorized), then the buffer is summed by blocks once per block row and parity. */
+static int fold_blocks(const float *band, ix rows, ix w, ix row0, ix b, float *out, ix ny, ix nx, float limit,
+                       int *flags) {
+    uint32_t nonfinite = 0, nonpositive = 0, high = 0;
+    float *acc = calloc(2 * (size_t)(w > 0 ? w : 1), sizeof(float));
+    if (!acc) return -1;
+    int used[2] = {0, 0};
+    for (ix r = 0; r < rows; r++) {
+        const float *row = band + r * w;
+        ix y = row0 + r, Y = y / b;
+        int ci = (int)((y % b) & 1);
+        float *a = acc + ci * w;
+        /* v - v is 0 for a finite value, NaN otherwise */
+        if (Y >= ny) {
+            for (ix x = 0; x < w; x++) {
+                float v = row[x];
+                nonfinite |= (uint32_t)!(v - v == 0.0f);
+                nonpositive |= (uint32_t)(v <= 0.0f) & (uint32_t)(v - v == 0.0f);
+                high |= (uint32_t)(v >= limit) & (uint32_t)(v - v == 0.0f);
+            }
+            continue;
+        }
+        for (ix x = 0; x < w; x++) {
+            float v = row[x];
+            a[x] += v;
+            nonfinite |= (uint32_t)!(v - v == 0.0f);
+            nonpositive |= (uint32_t)(v <= 0.0f) & (uint32_t)(v - v == 0.0f);
+            high |= (uint32_t)(v >= limit) & (uint32_t)(v - v == 0.0f);
+        }
+        used[ci] = 1;
+        if (y % b == b - 1 || r == rows - 1) { /* the block row ends here, or the band does */
+            for (int c = 0; c < 2; c++) {
+                if (!used[c]) continue;
+                float *even = out + ((c * 2) * ny + Y) * nx, *odd = even + ny * nx;
+                fold_row_blocks(acc + c * w, w, b, even, odd, nx);
+                memset(acc + c * w, 0, (size_t)w * sizeof(float));
+                used[c] = 0;
+            }
+        }
+    }
+    free(acc);
+    *flags = (nonfinite ? FOLD_NONFINITE : 0) | (nonpositive ? FOLD_NONPOSITIVE : 0) | (high ? FOLD_LIMIT : 0);
+    return 0;
+}
+
+static PyObject *py_block_sums(PyObject *self, PyObject *args) {
+    PyObject *o_band, *o_out;
+    ix rows, w, row0, b, ny, nx;
+    float limit;
+    Buf bufs[2];
+    int failed, flags = 0;
+    memset(bufs, 0, sizeof bufs);
+    if (!PyArg_ParseTuple(args, "OnnnnOnnf", &o_band, &rows, &w, &row0, &b, &o_out, &ny, &nx, &limit)) return NULL;
+    if (rows < 0 || w < 0 || row0 < 0 || b < 1 || ny < 0 || nx < 0) {
+        PyErr_SetString(PyExc_ValueError, "block_sums: bad shape");
+        return NULL;
+    }
+    if (take(o_band, &bufs[0], 0, rows * w * 4, "band", 0) < 0 ||
+        take(o_out, &bufs[1], 1, 4 * ny * nx * 4, "out", 0) < 0) {
+        release(bufs, 2);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    failed = fold_blocks((const float *)bufs[0].b.buf, rows, w, row0, b, (float *)bufs[1].b.buf, ny, nx, limit, &flags);
+    Py_END_ALLOW_THREADS
+    release(bufs, 2);
+    if (failed) return PyErr_NoMemory();
+    return PyLong_FromLong(flags);
+}
+
 static PyObject *py_t_ppf(PyObject *self, PyObject *args) {
     double p, df;
     if (!PyArg_ParseTuple(args, "dd", &p, &df)) return NULL;
@@ -388,6 +485,7 @@ static PyMethodDef methods[] = {
     {"combine_rows", py_combine_rows, METH_VARARGS, "Combine rows r0..r1 of a float32 stack (see combine.py)."},
     {"reject_row", py_reject_row, METH_VARARGS, "The keep codes of one row (see combine.reject_codes)."},
     {"fill", py_fill, METH_VARARGS, "Raw pixels to calibrated float32 (see pixels.py)."},
+    {"block_sums", py_block_sums, METH_VARARGS, "Fold a float32 band into per-parity block sums; what it holds, as bits."},
     {"t_ppf", py_t_ppf, METH_VARARGS, "The p-quantile of Student's t with df degrees of freedom."},
     {"betainc", py_betainc, METH_VARARGS, "The regularized incomplete beta function I_x(a, b)."},
     {NULL, NULL, 0, NULL}};
@@ -415,6 +513,8 @@ PyMODINIT_FUNC PyInit__kernels(void) {
                                           REJ_PERCENTILE, REJ_LINEAR_FIT, REJ_ESD, REJ_GIVEN};
     static const char *const estimators[] = {"mean", "median"};
     static const int estimator_codes[] = {EST_MEAN, EST_MEDIAN};
+    static const char *const fold_names[] = {"nonfinite", "nonpositive", "limit"};
+    static const int fold_codes[] = {FOLD_NONFINITE, FOLD_NONPOSITIVE, FOLD_LIMIT};
     PyObject *m;
     choose_impl();
     m = PyModule_Create(&module);
@@ -422,7 +522,8 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     if (PyModule_AddStringConstant(m, "ISA", impl.isa) < 0 ||
         PyModule_AddIntConstant(m, "WINSOR_ITERATIONS", WINSOR_ITERATIONS) < 0 ||
         add_codes(m, "REJECTIONS", rejections, rejection_codes, 9) < 0 ||
-        add_codes(m, "ESTIMATORS", estimators, estimator_codes, 2) < 0) {
+        add_codes(m, "ESTIMATORS", estimators, estimator_codes, 2) < 0 ||
+        add_codes(m, "FOLD_FLAGS", fold_names, fold_codes, 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }
