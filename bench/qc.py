@@ -490,7 +490,7 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
     from flatd.output.masters import add_checks, master_header, write_master
     from flatd.qc.masters import judge, measure_master
     from flatd.qc.previous import check_previous
-    from flatd.runner import Rejection, _start_preview, _start_ratio_picture, _write_previews
+    from flatd.runner import Rejection, _binned, _start_preview, _start_ratio_picture, _write_previews
     from flatd.stack.auto import choose
     from flatd.stack.engines.local import stack_frames
 
@@ -502,7 +502,7 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
     method, _ = choose(len(inputs))
     quality = limits()
     job = SimpleNamespace(inputs=inputs, method=method, rejection_warn=0.005, id="bench", label="bench")
-    picture_job = SimpleNamespace(frames=[i.frame for i in inputs], id="bench")
+    picture_job = SimpleNamespace(frames=[i.frame for i in inputs], id="bench", quality=quality, previews=True)
     frames = [i.frame for i in inputs]
     out = tmp / "masters"
     out.mkdir()
@@ -545,14 +545,16 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
         result = stack_frames(inputs, method, quality=quality, min_group_size=3)
         split["stack with the flat checks"] = time.perf_counter() - t
         split["_flat checks"] = sum(flat_checks)
-        t = time.perf_counter()  # as the runner does: the picture drawn, the previous master compared beside the figures
-        pictures = [_start_preview(picture_job, result.image)]
+        t = time.perf_counter()  # as the runner does: the master binned once, its picture drawn, the previous
+        binned = _binned(picture_job, result)  # master compared beside the figures
+        pictures = [_start_preview(picture_job, result.image, (0, 0), binned)]
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(check_previous, result.image, header_of(result), out, None, "bench", quality)
+            pending = pool.submit(check_previous, result.image, header_of(result), out, None, "bench", quality,
+                                  binned=binned)
             rejection = Rejection.of(job, result)
             qc = measure_master(result.image, frames=frames, method=method, levels=result.levels,
                                 factors=result.factors, patches=result.noise_patches, noise_rows=result.noise_rows,
-                                colour=False, rejection=rejection, baseline=rejection.baseline)
+                                colour=False, rejection=rejection, baseline=rejection.baseline, binned=binned)
             split["_figures"] = time.perf_counter() - t
             qc.previous = previous = pending.result()
         judge(qc, quality)

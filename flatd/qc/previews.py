@@ -420,37 +420,44 @@ def master_preview(image: np.ndarray, layout=None, bottom_up: Optional[bool] = N
 # --------------------------------------------------------------------- the ratio
 
 
-DIVERGING_STEPS = 127  # steps of the diverging scale on each side of white (1.6 grey levels each)
+DIVERGING_STEPS = 125  # steps of the diverging scale on each side of white (1.6 grey levels each)
+NOT_FINITE = 2 * DIVERGING_STEPS + 1  # the palette's grey
+
+
+# the marks take the colour of what they mark: new dust darkens (blue), dust gone brightens (red)
+BLOB_COLOURS = {"appeared": (0, 30, 170), "went": (170, 0, 0), "moved": (130, 0, 150)}
+MARK_INDEX = {kind: NOT_FINITE + 1 + k for k, kind in enumerate(BLOB_COLOURS)}
+OTHER_MARK = 255  # black: a blob of another kind
 
 
 def _diverging_palette() -> list[int]:
-    """The colours of -1..1 in 2 DIVERGING_STEPS + 1 steps, blue (darker now) - white -
-    red (brighter now), then grey (not finite): a Pillow palette, 256 RGB entries."""
+    """The ratio picture's palette, 256 RGB entries: the colours of -1..1 in
+    2 DIVERGING_STEPS + 1 steps, blue (darker now) - white - red (brighter now); grey (not
+    finite); the marks' colours; black."""
     t = np.linspace(-1.0, 1.0, 2 * DIVERGING_STEPS + 1)
     neg, pos = np.clip(-t, 0, 1), np.clip(t, 0, 1)
     rgb = np.stack([1.0 - 0.8 * neg, 1.0 - 0.75 * neg - 0.8 * pos, 1.0 - 0.8 * pos], axis=1)
-    return _to_grey(np.vstack([rgb, [0.5, 0.5, 0.5]])).ravel().tolist()
+    scale = _to_grey(np.vstack([rgb, [0.5, 0.5, 0.5]])).ravel().tolist()
+    marks = [v for colour in BLOB_COLOURS.values() for v in colour]
+    return scale + marks + [0, 0, 0] * (256 - len(scale) // 3 - len(BLOB_COLOURS))
 
 
 _DIVERGING = _diverging_palette()
 
 
 def _diverging(values: np.ndarray) -> Image.Image:
-    """-1..1 to an RGB picture: blue (darker now) - white - red (brighter now); not
-    finite: grey. Each value's step of the scale, coloured by Pillow's palette (an RGB
-    image of floats is six passes more)."""
+    """-1..1 to a palette picture ("P"): blue (darker now) - white - red (brighter now); not
+    finite: grey. Each value's step of the scale (an RGB image is three times the bytes
+    to write, and PNG filters them row by row: a palette picture is written unfiltered,
+    in a sixth of the time)."""
     index = np.clip(values, -1.0, 1.0)
     index += 1.0
     index *= DIVERGING_STEPS
     index += 0.5
-    index[~np.isfinite(values)] = 2 * DIVERGING_STEPS + 1
+    index[~np.isfinite(values)] = NOT_FINITE
     picture = Image.fromarray(index.astype(np.uint8))
     picture.putpalette(_DIVERGING)
-    return picture.convert("RGB")
-
-
-# the marks take the colour of what they mark: new dust darkens (blue), dust gone brightens (red)
-BLOB_COLOURS = {"appeared": (0, 30, 170), "went": (170, 0, 0), "moved": (130, 0, 150)}
+    return picture
 
 
 def _marks(draw: ImageDraw.ImageDraw, blobs: Iterable, scale: float, size: tuple[int, int],
@@ -472,7 +479,7 @@ def _marks(draw: ImageDraw.ImageDraw, blobs: Iterable, scale: float, size: tuple
         x, y = x - 0.5, y - 0.5
         r = min(max(radius * 1.4, 6.0), 2.0 * max(width, height))
         kind = str(getattr(blob, "kind", "") or "changed")
-        colour = BLOB_COLOURS.get(kind, (0, 0, 0))
+        colour = MARK_INDEX.get(kind, OTHER_MARK)
         draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=2)
         label = f"{kind} {depth:.1f}%" if math.isfinite(depth) else kind
         tx = min(max(0.0, x + r + 2), max(0.0, width - 6.0 * len(label)))
@@ -482,8 +489,8 @@ def _marks(draw: ImageDraw.ImageDraw, blobs: Iterable, scale: float, size: tuple
 
 def ratio_preview(ratio: np.ndarray, blobs: Iterable = (), bottom_up: bool = False,
                   max_side: int = MAX_SIDE, binning: int = 1) -> Image.Image:
-    """The ratio new / previous master (large-scale shapes already matched) as an RGB
-    picture: white at 1 (and within 3 noise sigmas of it), red where the new master is
+    """The ratio new / previous master (large-scale shapes already matched) as a palette
+    picture ("P", flatd's colours): white at 1 (and within 3 noise sigmas of it), red where the new master is
     brighter, blue where darker, full colour at 1 +- 1 % (or +-6 noise sigmas), grey
     where unknown. `binning`: master pixels per ratio pixel (Comparison.binning). Each
     blob (any object with x, y, radius in master pixels, depth in %, and kind:

@@ -224,9 +224,9 @@ def test_ratio_preview_marks_blobs_at_their_place(tmp_path):
     ratio = (now / before).astype(np.float32)
     blobs = [Blob(0.25 * 1600, 0.3 * 1000, 32, 1.0, "appeared"), Blob(0.7 * 1600, 0.7 * 1000, 32, 1.0, "went")]
     im = _roundtrip(tmp_path, P.ratio_preview(ratio, blobs))
-    assert im.mode == "RGB" and im.size == (800, 500)
-    rgb = np.asarray(im, dtype=np.int32)
-    unmarked = np.asarray(P.ratio_preview(ratio, []), dtype=np.int32)
+    assert im.mode == "P" and im.size == (800, 500)  # a palette picture: written unfiltered, a third of the bytes
+    rgb = np.asarray(im.convert("RGB"), dtype=np.int32)
+    unmarked = np.asarray(P.ratio_preview(ratio, []).convert("RGB"), dtype=np.int32)
     changed = np.any(rgb != unmarked, axis=2)
     ys, xs = np.nonzero(changed)
     for blob in blobs:
@@ -235,6 +235,7 @@ def test_ratio_preview_marks_blobs_at_their_place(tmp_path):
         assert near.sum() > 50  # a circle drawn there
         # on the circle, 1.4 radius out: the mark goes round the blob
         assert changed[int(cy), int(cx + 1.4 * blob.radius / 2)]
+        assert tuple(rgb[int(cy), int(cx + 1.4 * blob.radius / 2)]) == P.BLOB_COLOURS[blob.kind]  # in its colour
     assert not changed[:100, 600:].any()  # nothing drawn far from the blobs
     # the diverging stretch: darker now -> blue, brighter now -> red, unchanged -> white
     ring_now = rgb[int(0.3 * 500), int(0.25 * 800 + 0.7 * 16)]
@@ -292,8 +293,8 @@ def test_write_previews_never_raises(tmp_path):
 
 def _marked(ratio, blobs, **kw) -> np.ndarray:
     """Where the marks changed the picture."""
-    marked = np.asarray(P.ratio_preview(ratio, blobs, **kw), dtype=np.int32)
-    plain = np.asarray(P.ratio_preview(ratio, [], **kw), dtype=np.int32)
+    marked = np.asarray(P.ratio_preview(ratio, blobs, **kw).convert("RGB"), dtype=np.int32)
+    plain = np.asarray(P.ratio_preview(ratio, [], **kw).convert("RGB"), dtype=np.int32)
     return np.any(marked != plain, axis=2)
 
 
@@ -320,7 +321,7 @@ def test_ratio_preview_of_a_real_comparison_marks_the_moved_donut(tmp_path):
     assert [p.name for p in written] == ["m.preview.png", "m.ratio.png"]
     assert {b.kind for b in comparison.blobs} >= {"appeared", "went"}
     with Image.open(tmp_path / "m.ratio.png") as im:
-        assert im.mode == "RGB" and max(im.size) <= 1024
+        assert im.mode == "P" and max(im.size) <= 1024
     scale = shape[1] / P.ratio_preview(comparison.ratio, [], binning=comparison.binning).size[0] / comparison.binning
     changed = _marked(comparison.ratio, comparison.blobs, binning=comparison.binning)
     for x, y in ((0.65, 0.60), (0.30, 0.40)):  # a mark near where dust appeared, and where it went
