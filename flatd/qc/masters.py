@@ -143,10 +143,22 @@ def common_pattern2(a: np.ndarray, b: np.ndarray, stride: int = 1) -> float:
     return float(np.mean(x[keep] * y[keep]) / 6) if keep.any() else math.nan
 
 
+# Robust figures from at most about this many values, evenly spread (the MAD to 0.5 %).
+ROBUST_VALUES = 100_000
+
+
+def _spread_sample(values: np.ndarray) -> np.ndarray:
+    values = values.ravel()
+    step = values.size // ROBUST_VALUES
+    return values[::step] if step > 1 else values
+
+
 def robust_var(values: np.ndarray) -> float:
-    """(1.4826 MAD)**2: the variance of the Gaussian part; NaN when empty."""
+    """(1.4826 MAD)**2: the variance of the Gaussian part (of at most about
+    ROBUST_VALUES of the values); NaN when empty."""
     if values.size == 0:
         return math.nan
+    values = _spread_sample(values)
     med = np.median(values)
     return float((MAD_SIGMA * np.median(np.abs(values - med))) ** 2)
 
@@ -157,11 +169,11 @@ def pixel_noise2(image: np.ndarray, stride: int = 1) -> float:
     return robust_var(second_difference(image, stride)) / 6
 
 
-def pair_noise2(a: np.ndarray, b: np.ndarray, stride: int = 1) -> float:
+def pair_noise2(a: np.ndarray, b: np.ndarray, stride: int = 1, levels: Optional[tuple[float, float]] = None) -> float:
     """v_a + v_b: the summed relative photon variances of two frames of the same pattern,
     from the neighbour differences of their relative difference (pattern, vignetting and
-    slow gradients cancel)."""
-    la, lb = _median_level(a), _median_level(b)
+    slow gradients cancel). `levels`: their _median_level, when known."""
+    la, lb = levels or (_median_level(a), _median_level(b))
     x, y = a / la, b / lb
     with np.errstate(divide="ignore", invalid="ignore"):
         q = 2 * (x - y) / (x + y)
@@ -173,6 +185,7 @@ def pair_noise2(a: np.ndarray, b: np.ndarray, stride: int = 1) -> float:
 
 
 def _median_level(patch: np.ndarray) -> float:
+    patch = _spread_sample(patch)
     values = patch[np.isfinite(patch) & (patch > 0)]
     return float(np.median(values)) if values.size else math.nan
 
@@ -218,7 +231,7 @@ def noise_figures(master: np.ndarray, patches: Optional[np.ndarray], rows: Optio
         return None
     gains, shared = [], []
     for i in range(0, k, 2):
-        v = pair_noise2(patches[i], patches[i + 1], stride)
+        v = pair_noise2(patches[i], patches[i + 1], stride, (medians[i], medians[i + 1]))
         if not (math.isfinite(v) and v > 0):
             continue
         gains.append((1 / medians[i] + 1 / medians[i + 1]) / v)
@@ -324,7 +337,7 @@ def binned_block_means(binned, shape: tuple[int, int], blocks: int = 16) -> np.n
     """block_means of a master of `shape` from its binned sums (flatd.qc.previous.Binned,
     every pixel finite and positive): the same blocks, their edges on the nearest bin
     edges (within half a bin; the pixels of a last, partial bin left out)."""
-    sums = binned.sums.sum(axis=(0, 1), dtype=np.float64)
+    sums = binned.sums.sum(axis=(0, 1), dtype=np.float32).astype(np.float64)
     b = binned.binning
     edges = []
     for size, bins in zip(shape, sums.shape):

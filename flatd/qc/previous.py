@@ -363,14 +363,20 @@ def _design(x: np.ndarray, y: np.ndarray, w: int, h: int, degree: int) -> np.nda
 
 
 def box(image: np.ndarray, size: int) -> np.ndarray:
-    """The mean over a size x size box of the finite pixels around each (NaN when none)."""
+    """The mean over a size x size box of the finite pixels around each (0 when none), in
+    float32 (a ratio's deviations are some 1e-3: its 7 digits are plenty)."""
     size = max(1, int(size))
+    image = np.asarray(image, dtype=np.float32)
     good = np.isfinite(image)
     if good.all():  # the usual case: the count of a box is the product of its two 1-D counts
         h, w = image.shape
-        count = np.outer(_box_sum(np.ones((h, 1)), size), _box_sum(np.ones((1, w)), size))
-        return _box_sum(image, size) / np.maximum(count, 1)
-    return _box_sum(np.where(good, image, 0.0), size) / np.maximum(_box_sum(good.astype(np.float64), size), 1)
+        rows = _box_sum(np.ones((h, 1), np.float32), size)
+        cols = _box_sum(np.ones((1, w), np.float32), size)
+        out = _box_sum(image, size)
+        out /= rows
+        out /= cols
+        return out
+    return _box_sum(np.where(good, image, np.float32(0)), size) / np.maximum(_box_sum(good.astype(np.float32), size), 1)
 
 
 SHIFTED_BOX = 7  # boxes up to this side are summed by shifted adds, longer ones by cumulative sums
@@ -394,9 +400,9 @@ def _box_sum(a: np.ndarray, size: int) -> np.ndarray:
 
 def _shifted_box_sum(a: np.ndarray, size: int) -> np.ndarray:
     """_box_sum by adding the array to itself shifted by -size//2 .. size - size//2 - 1
-    along each axis (the same windows), in float64."""
+    along each axis (the same windows), in the array's float type."""
     lo = size // 2
-    out = np.asarray(a, dtype=np.float64)
+    out = np.asarray(a, dtype=a.dtype if a.dtype.kind == "f" else np.float64)
     for axis in (0, 1):
         n = out.shape[axis]
         acc = out.copy()
@@ -420,7 +426,7 @@ def find_blobs(r: np.ndarray, noise: float, nsigma: float, min_depth: float, sca
     size = int(round(scale)) | 1
     clip = max(5 * noise, 4 * min_depth) if math.isfinite(noise) else 4 * min_depth
     detect = box(np.clip(r, -clip, clip), size)
-    depth = box(r, size)
+    depth = None  # the unclipped mean, where there are blobs to measure
     finite = np.isfinite(detect)
     threshold = max(min_depth, nsigma * robust_std(detect[finite]))
     blobs: list[Blob] = []
@@ -432,6 +438,7 @@ def find_blobs(r: np.ndarray, noise: float, nsigma: float, min_depth: float, sca
         for pixels in components(mask):
             if len(pixels[0]) < size:
                 continue
+            depth = box(r, size) if depth is None else depth
             blobs.append(_blob(pixels, depth, kind, binning))
     blobs.sort(key=lambda blob: -blob.depth)
     return blobs[:MAX_BLOBS], False
