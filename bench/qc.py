@@ -669,7 +669,7 @@ def whole_run_part(cache: Path, rounds: int, tmp: Path) -> Optional[dict]:
     cpus: dict[bool, list] = {False: [], True: []}
     seen = None
     for r in range(rounds + 1):
-        for checks in (False, True):
+        for checks in ((False, True) if r % 2 else (True, False)):  # each first in turn: an order effect cancels
             root = tmp / f"run-{r}-{int(checks)}"
             rules = run_tree(files, root, checks)
             if checks:
@@ -704,7 +704,19 @@ def whole_run_part(cache: Path, rounds: int, tmp: Path) -> Optional[dict]:
           f"{cpu_off:.2f} | |")
     print(f"| checks on, previews on (defaults) | {on:.2f} | {min(times[True]):.2f}-{max(times[True]):.2f} | "
           f"{100 * (on - off) / off:+.1f} % | {cpu_on:.2f} | {100 * (cpu_on - cpu_off) / cpu_off:+.1f} % |")
+    # each round's checked run against its unchecked one (run just before or after it): the
+    # machine's drift over the minutes of the benchmark cancels
+    paired = sorted(100 * (b - a) / a for a, b in zip(times[False], times[True]))
+    paired_cpu = sorted(100 * (b - a) / a for a, b in zip(cpus[False], cpus[True]))
+    print(f"\nPer round, the checked run against the unchecked one beside it: median "
+          f"{statistics.median(paired):+.1f} % (quartiles {_quartiles(paired)}), CPU {statistics.median(paired_cpu):+.1f} % "
+          f"(quartiles {_quartiles(paired_cpu)}).")
     return {"off": off, "on": on}
+
+
+def _quartiles(values: list) -> str:
+    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+    return f"{q[0]:+.1f} / {q[2]:+.1f} %"
 
 
 def main() -> int:
