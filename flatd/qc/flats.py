@@ -401,8 +401,11 @@ def _ratio_blocks(norm: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray, np.
         for i in ref:
             np.divide(norm[i], _median_of_others(norm[i].ravel(), middle).reshape(consensus.shape), out=r[i])
     r -= np.float32(1.0)
-    r[~np.isfinite(r)] = 0.0
-    r[:, ~(consensus >= DARK_LEVEL)] = 0.0  # overscan strips, unlit edges: no pattern to compare
+    if not np.isfinite(r.sum(dtype=np.float64)):  # one reduction tells the usual case: all finite
+        r[~np.isfinite(r)] = 0.0
+    unlit = ~(consensus >= DARK_LEVEL)
+    if unlit.any():
+        r[:, unlit] = 0.0  # overscan strips, unlit edges: no pattern to compare
     return _blocks(r, b), consensus, _block_means(norm, b).astype(np.float32)
 
 
@@ -489,7 +492,8 @@ def odd_scores(norm: np.ndarray, step: int, min_deviation: float,
     n = norm.shape[0]
     b = block_side(step)
     x, consensus, own = _ratio_blocks(norm, b)
-    sigma = _noise(_to_others(x))  # the base blocks' noise, per frame
+    base = _to_others(x)
+    sigma = _noise(base)  # the base blocks' noise, per frame
     light = _blocks(consensus[None], b)[0]
     reference = _block_means(np.where(np.isfinite(consensus), consensus, 0.0), b)
     lit = reference >= DARK_LEVEL
@@ -502,7 +506,7 @@ def odd_scores(norm: np.ndarray, step: int, min_deviation: float,
     size = 1
     while min(x.shape[1:]) >= 1:
         expected = sigma[:, None, None] / size / np.sqrt(light)[None]
-        r = _to_others(x)
+        r = base if size == 1 else _to_others(x)
         # less a plane at the pooled scales (at the finest, noise hides a twilight gradient)
         views = [r, _without_planes(r)] if size > 1 and min(r.shape[1:]) >= 3 else [r]
         for view in views:

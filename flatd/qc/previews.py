@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from flatd.errors import FlatdError
 from flatd.qc.blocks import NONFINITE
@@ -460,7 +460,7 @@ def _diverging(values: np.ndarray) -> Image.Image:
     return picture
 
 
-def _marks(draw: ImageDraw.ImageDraw, blobs: Iterable, scale: float, size: tuple[int, int],
+def _marks(draw, blobs: Iterable, scale: float, size: tuple[int, int],
            flip_rows: Optional[float]) -> None:
     """A circle and a short label ("appeared 1.2%") around each blob: x, y, radius in master
     pixels, `scale` master pixels per picture pixel, depth in % of the level; `flip_rows`:
@@ -510,6 +510,11 @@ def ratio_preview(ratio: np.ndarray, blobs: Iterable = (), bottom_up: bool = Fal
     t = np.clip(relative / np.float32(span), -1, 1)
     t = np.sign(t) * np.maximum(np.abs(t) - np.float32(dead), 0) / np.float32(1 - dead)
     picture = _diverging(_display_rows(t, bottom_up))
+    blobs = list(blobs)
+    if not blobs:
+        return picture
+    from PIL import ImageDraw  # with its fonts: only when there is dust to mark
+
     _marks(ImageDraw.Draw(picture), blobs, float(factor * max(1, int(binning))), picture.size,
            array.shape[0] / factor if bottom_up else None)
     return picture
@@ -525,7 +530,9 @@ def png_bytes(image: Image.Image) -> bytes:
     import zlib
 
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
+    # named: Pillow then loads its PNG writer alone (a format given loads five of them)
+    buffer.name = "preview.png"
+    image.save(buffer, compress_level=1, compress_type=zlib.Z_RLE)
     return buffer.getvalue()
 
 
