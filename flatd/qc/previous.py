@@ -189,8 +189,11 @@ def read_binned(path: Path, shape: tuple[int, int]) -> Binned:
             scratch = np.empty(src.raw_bytes(0, band.shape[0]), dtype=np.uint8)
             for r0 in range(0, src.height, rows):
                 r1 = min(src.height, r0 + rows)
-                src.read_into(r0, r1, band[: r1 - r0], scratch=scratch)
-                _add_band(out, band[: r1 - r0], r0)
+                native = src.float32_rows(r0, r1, scratch)  # a float master: its bytes swapped in place
+                if native is None:
+                    src.read_into(r0, r1, band[: r1 - r0], scratch=scratch)
+                    native = band[: r1 - r0]
+                _add_band(out, native, r0)
     except FrameError as exc:
         raise ValueError(getattr(exc, "reason", None) or str(exc)) from None
     except ValueError:

@@ -212,6 +212,16 @@ class PixelSource:
         native.byteswap(inplace=True)
         return _fill_native, native.view(self.dtype.newbyteorder("=")).reshape(rows, self.width), scale, zero
 
+    def float32_rows(self, r0: int, r1: int, scratch: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """Rows r0..r1 as a native float32 (r1-r0, W) view of `scratch` (byte-swapped in
+        place: no copy), for a plain 32-bit float file without BSCALE/BZERO (a master);
+        None for any other file (read_into then)."""
+        if self._section is not None or self.frame.bitpix != -32 or float(self.frame.bscale) != 1.0 \
+                or float(self.frame.bzero) != 0.0 or not (0 <= r0 <= r1 <= self.height):
+            return None
+        _, native, _, _ = self._native_plain(self._read_plain(r0, r1, scratch), r1 - r0)
+        return native
+
     def read_into(self, r0: int, r1: int, out: np.ndarray, pedestal: Optional[float] = None,
                   cal: Optional[np.ndarray] = None, factor: float = 1.0,
                   scratch: Optional[np.ndarray] = None) -> None:

@@ -298,3 +298,25 @@ def test_the_read_aheads_setup_is_the_masters(frames):
     inputs = [make_frame(f"flat_{i}.fits", **frames) for i in range(3)]
     header = master_header(inputs, [Calibration()] * 3, Method("median"), "multiplicative", [1.0] * 3)
     assert identity(setup_cards(inputs)) == identity(header)
+
+
+@pytest.mark.parametrize("kind", ["float32", "uint16"])
+def test_a_master_binned_as_read_is_the_master_binned_in_memory(tmp_path, kind, monkeypatch):
+    """A float master's bytes are swapped in place and folded (no float copy); any other
+    file goes through the reader's fill: both give binned_master's sums and samples."""
+    from flatd.qc import previous as P
+
+    monkeypatch.setattr(P, "BAND_BYTES", 1 << 20)  # bands that start inside blocks of rows
+    image = big_flat(3, (1203, 2100))
+    if kind == "uint16":
+        image = np.clip(image, 0, 65535).astype(np.uint16).astype(np.float32)
+        fits.PrimaryHDU(image.astype(np.uint16)).writeto(tmp_path / "m.fits")  # BZERO 32768
+        path = tmp_path / "m.fits"
+    else:
+        path = write_master(tmp_path / "m.fits", image)
+    read, held = P.read_binned(path, image.shape), P.binned_master(image)
+    np.testing.assert_allclose(read.sums, held.sums, rtol=1e-6)
+    assert read.flags == held.flags == 0
+    for py in (0, 1):
+        for px in (0, 1):
+            np.testing.assert_array_equal(read.samples[py][px], held.samples[py][px])
