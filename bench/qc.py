@@ -545,9 +545,8 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
         result = stack_frames(inputs, method, quality=quality, min_group_size=3)
         split["stack with the flat checks"] = time.perf_counter() - t
         split["_flat checks"] = sum(flat_checks)
-        t = time.perf_counter()  # as the runner does: the master binned once, its picture drawn, the previous
-        binned = _binned(picture_job, result)  # master compared beside the figures
-        pictures = [_start_preview(picture_job, result.image, (0, 0), binned)]
+        t = time.perf_counter()  # as the runner does: the master binned once, the previous master compared
+        binned = _binned(picture_job, result)  # beside the figures
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(check_previous, result.image, header_of(result), out, None, "bench", quality,
                                   binned=binned)
@@ -560,8 +559,9 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
         judge(qc, quality)
         assert previous.path == prev_path, previous.skipped
         split["master checks and the previous master (beside them)"] = time.perf_counter() - t
-        t = time.perf_counter()  # as the runner does: the ratio's picture drawn while the master is written
-        pictures.append(_start_ratio_picture(picture_job, result.image.shape, (0, 0), previous.comparison))
+        t = time.perf_counter()  # as the runner does: the pictures drawn while the master is written
+        pictures = [_start_preview(picture_job, result.image, (0, 0), binned),
+                    _start_ratio_picture(picture_job, result.image.shape, (0, 0), previous.comparison)]
         master = write(result, qc)
         split["write the master"] = time.perf_counter() - t
         t = time.perf_counter()

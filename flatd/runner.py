@@ -348,7 +348,6 @@ class Runner:
             origin = geometry.origin if geometry is not None else (0, 0)
             cfa_notes = equalize_master(job.frames, result.image, origin) if job.equalize_cfa else []
             binned = _binned(job, result)
-            pictures = [_start_preview(job, result.image, origin, binned)] if job.previews else None
             header = master_header(
                 job.frames, [i.calibration for i in job.inputs], job.method,
                 job.normalize, result.factors, extra={JOB_CARD: job.id},
@@ -366,6 +365,7 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the other groups
             raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
         self._writing(job)
+        pictures = [_start_preview(job, result.image, origin, binned)] if job.previews else None
         if pictures is not None and _comparison(qc) is not None:
             pictures.append(_start_ratio_picture(job, result.image.shape, origin, _comparison(qc)))
         try:
@@ -731,11 +731,11 @@ def _binned(job: Job, result):
 
 
 def _start_preview(job: Job, image, origin=(0, 0), binned=None):
-    """output.previews: the master's PNG picture, drawn in a thread of its own from when
-    the master is combined, beside its checks and its write (numpy, zlib and Pillow let
-    go of the GIL; the write's fsync leaves the CPU idle); from `binned` (_binned's) when
-    it holds the picture's bins. A Future of flatd.qc.previews.render_master's (kind, PNG
-    bytes or the exception), for _write_previews."""
+    """output.previews: the master's PNG picture, drawn in a thread of its own while the
+    master is written (numpy, zlib and Pillow let go of the GIL; the write's fsync leaves
+    the CPU idle; drawn beside the checks instead, it only contends with them), from
+    `binned` (_binned's) when it holds the picture's bins. A Future of
+    flatd.qc.previews.render_master's (kind, PNG bytes or the exception), for _write_previews."""
     def draw() -> tuple:
         from flatd.qc.previews import master_layout, render_master
 
