@@ -510,14 +510,14 @@ def odd_scores(norm: np.ndarray, step: int, min_deviation: float,
         # less a plane at the pooled scales (at the finest, noise hides a twilight gradient)
         views = [r, _without_planes(r)] if size > 1 and min(r.shape[1:]) >= 3 else [r]
         for view in views:
-            z = _score(view, expected, min_deviation)
-            for i in range(n):
-                k = int(np.argmax(z[i]))
-                if z[i].flat[k] > best[i].z:
-                    by, bx = divmod(k, z.shape[2])
-                    side = b * size * step
-                    best[i] = OddScore(float(z[i].flat[k]), float(view[i].flat[k]),
-                                       step // 2 + bx * side, step // 2 + by * side, side)
+            z = _score(view, expected, min_deviation).reshape(n, -1)
+            worst = np.argmax(z, axis=1)
+            for i in np.flatnonzero(z[np.arange(n), worst] > np.array([s.z for s in best])):
+                k = int(worst[i])
+                by, bx = divmod(k, view.shape[2])
+                side = b * size * step
+                best[i] = OddScore(float(z[i, k]), float(view[i].flat[k]), step // 2 + bx * side,
+                                   step // 2 + by * side, side)
         if min(x.shape[1:]) < 4:
             break
         x, light = _pool(x), _pool(light[None])[0]
