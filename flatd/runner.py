@@ -74,6 +74,10 @@ class RunReport:
         failed = self.problems or self.pending_moves or self.plan.failed or any(o.failed for o in self.outcomes)
         return 1 if failed else 0
 
+    def marked(self, status: str) -> int:
+        """Masters written in this run that the checks marked `status` (warn, bad)."""
+        return sum(1 for o in self.outcomes if o.qc is not None and o.qc.status == status)
+
     def extend(self, other: "RunReport") -> None:
         self.plan.extend(other.plan)
         self.outcomes.extend(other.outcomes)

@@ -72,10 +72,11 @@ def run_once(rules: Rules, dry_run: bool = False, progress=None, wait: bool = Tr
 
 
 def summary(report) -> E.BatchDone:
-    """A run's report as one `batch_done` event: masters written, groups failed, files left out."""
+    """A run's report as one `batch_done` event: masters written (and how many the checks
+    marked warn or bad), groups failed, files left out."""
     from flatd.runner import not_a_flat
 
     masters = sum(1 for o in report.outcomes if o.state == "done")
     failed = sum(1 for o in report.outcomes if o.failed) + len(report.plan.failed) + len(report.problems)
     left = sum(1 for s in report.plan.left_out if not not_a_flat(s.reason))
-    return E.BatchDone(None, masters, failed, left)
+    return E.BatchDone(None, masters, failed, left, report.marked("warn"), report.marked("bad"))

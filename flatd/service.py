@@ -454,7 +454,8 @@ class Service:
         notes = batch_notes(folder, report)
         self.ledger.folder_processed(folder, time.time(), json.dumps(notes))
         self.failed_jobs = {j.id for j in self.ledger.jobs([JobState.FAILED])}
-        emit(BatchDone(folder, notes["masters"], len(notes["failed"])))
+        emit(BatchDone(folder, notes["masters"], len(notes["failed"]), warn=report.marked("warn"),
+                       bad=report.marked("bad")))
         self.systemd.status(f"watching {len(self.folders)} capture folder(s); last batch {folder}: "
                             f"{notes['masters']} master(s), {len(notes['failed'])} failed")
 

@@ -253,11 +253,16 @@ class BatchDone(Event):
     masters: int
     failed: int
     left_out: int = 0
+    warn: int = 0  # masters the checks marked warn (flatd.qc.masters), and bad
+    bad: int = 0
 
     @property
     def message(self) -> str:
         where = f"{self.folder}: " if self.folder is not None else "run-once: "
-        return (f"{where}{self.masters} master(s) written, {self.failed} group(s) failed"
+        marked = [f"{n} {status}" for n, status in ((self.warn, "warn"), (self.bad, "bad")) if n]
+        return (f"{where}{self.masters} master(s) written"
+                + (f" ({', '.join(marked)} by the checks)" if marked else "")
+                + f", {self.failed} group(s) failed"
                 + (f", {self.left_out} file(s) left out" if self.left_out else ""))
 
 
@@ -462,9 +467,11 @@ class ReportSubscriber:
 
     def summary(self) -> BatchDone:
         """Masters written, groups failed and files left out, as one event."""
+        checked = [e.status for e in self.of(MasterChecked)]
         return BatchDone(None, len([e for e in self.of(MasterWritten) if not e.found]), len(self.of(JobFailed)),
                          len([e for e in self.of(FrameLeftOut) if not e.quiet])
-                         + len([e for e in self.of(FlatRejectedQc) if e.action == "leave-out"]))
+                         + len([e for e in self.of(FlatRejectedQc) if e.action == "leave-out"]),
+                         checked.count("warn"), checked.count("bad"))
 
 
 BUS.subscribe(LogSubscriber())

@@ -184,10 +184,10 @@ def failure_call_facts(ev: E.JobFailed) -> tuple[dict, dict]:
 def batch_call_facts(ev: E.BatchDone, masters: list[E.MasterWritten], failures: list[E.JobFailed]) -> tuple[dict, dict]:
     status = "failed" if ev.failed else "ok"
     doc = {"status": status, "folder": jsonable(ev.folder), "masters": ev.masters, "failed": ev.failed,
-           "left_out": ev.left_out, "master_paths": [str(m.path) for m in masters],
+           "left_out": ev.left_out, "warn": ev.warn, "bad": ev.bad, "master_paths": [str(m.path) for m in masters],
            "failed_groups": [f.group for f in failures]}
     env = {"FLATD_STATUS": status, "FLATD_FOLDER": ev.folder or "", "FLATD_MASTERS": ev.masters,
-           "FLATD_FAILED": ev.failed, "FLATD_LEFT_OUT": ev.left_out}
+           "FLATD_FAILED": ev.failed, "FLATD_LEFT_OUT": ev.left_out, "FLATD_WARN": ev.warn, "FLATD_BAD": ev.bad}
     return doc, env
 
 

@@ -110,6 +110,9 @@ def test_second_night_with_a_moved_donut_is_compared_with_the_first(tree, capsys
     assert event.status == "warn" and event.previous == first and event.dust == 2
     assert event.level == E.WARNING
     assert re.search(r"warning: \S+: checks warn: .*dust changed", captured.err)
+    [done] = seen.of(E.BatchDone)  # the run's last line counts it
+    assert (done.masters, done.warn, done.bad) == (1, 1, 0)
+    assert "run-once: 1 master(s) written (1 warn by the checks), 0 group(s) failed" in captured.err
     assert main(["status", "--config", str(config)]) == 0
     assert "dust changed" in capsys.readouterr().out
 
@@ -124,7 +127,9 @@ def test_a_bad_master_is_written_under_its_own_name_and_its_inputs_moved(tree, c
     folder = tree.root / "captures" / "night1"
     assert not list(folder.glob("flat_*.fits"))
     assert len(list((folder / "originals").glob("flat_*.fits"))) == 6
-    assert "checks: bad" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "checks: bad" in captured.out
+    assert "run-once: 1 master(s) written (1 bad by the checks)" in captured.err
 
 
 def test_bad_keeps_inputs_leaves_them_in_place_and_not_combined_again(tree, capsys):

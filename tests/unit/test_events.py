@@ -87,6 +87,17 @@ def test_the_report_subscriber_gathers_a_one_shot_run():
     summary = report.summary()
     assert (summary.masters, summary.failed, summary.left_out) == (1, 1, 1)
     assert summary.message == "run-once: 1 master(s) written, 1 group(s) failed, 1 file(s) left out"
+    assert (summary.warn, summary.bad) == (0, 0)
+
+
+def test_the_batch_summary_counts_the_masters_the_checks_marked():
+    with E.ReportSubscriber() as report:
+        for job, status in (("j1", "good"), ("j2", "warn"), ("j3", "bad"), ("j4", "warn")):
+            E.emit(E.MasterWritten(job, Path(f"/m/{job}.fits"), 5))
+            E.emit(E.MasterChecked(job, Path(f"/m/{job}.fits"), status))
+    summary = report.summary()
+    assert (summary.masters, summary.warn, summary.bad) == (4, 2, 1)
+    assert summary.message == "run-once: 4 master(s) written (2 warn, 1 bad by the checks), 0 group(s) failed"
 
 
 # --------------------------------------------------------------------------- rejection reported (issue 9)
