@@ -107,7 +107,7 @@ def test_events_become_hook_calls_with_their_facts(tmp_path):
     runner(E.InputsMoved("j1", 2, Path("/c/originals")))
     runner(E.JobFailed("G 1x1", "no dark for it", job="j2", files=3, inputs=(Path("/c/g.fits"),)))
     runner(E.JobFailed("G 1x1", "failed before", job="j2", files=3, again=True))  # told already: no hook
-    runner(E.BatchDone(Path("/c"), 1, 1))
+    runner(E.BatchDone(Path("/c"), 1, 1, warn=1))
     runner.close()
     docs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [d["event"] for d in docs] == ["after_master", "on_failure", "after_batch"]
@@ -121,6 +121,8 @@ def test_events_become_hook_calls_with_their_facts(tmp_path):
     assert failure["env"]["FLATD_STATUS"] == "failed" and failure["inputs"] == ["/c/g.fits"]
     assert batch["master_paths"] == ["/m/FLAT-R.fits"] and batch["failed_groups"] == ["G 1x1"]
     assert batch["env"]["FLATD_MASTERS"] == "1" and batch["env"]["FLATD_STATUS"] == "failed"
+    assert (batch["warn"], batch["bad"]) == (1, 0)
+    assert (batch["env"]["FLATD_WARN"], batch["env"]["FLATD_BAD"]) == ("1", "0")
 
 
 def test_a_master_waits_for_its_verdict_before_its_hook():
