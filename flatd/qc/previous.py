@@ -189,7 +189,7 @@ def read_binned(path: Path, shape: tuple[int, int]) -> Binned:
             scratch = np.empty(src.raw_bytes(0, band.shape[0]), dtype=np.uint8)
             for r0 in range(0, src.height, rows):
                 r1 = min(src.height, r0 + rows)
-                native = src.float32_rows(r0, r1, scratch)  # a float master: its bytes swapped in place
+                native = getattr(src, "float32_rows", lambda *a: None)(r0, r1, scratch)  # a float FITS master
                 if native is None:
                     src.read_into(r0, r1, band[: r1 - r0], scratch=scratch)
                     native = band[: r1 - r0]

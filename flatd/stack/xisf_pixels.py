@@ -62,6 +62,10 @@ class XisfPixelSource(PixelSource):
         finally:
             os.close(fd)
 
+    def float32_rows(self, r0: int, r1: int, scratch: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """None: an XISF image is read through read_into (its own layout, codecs and byte order)."""
+        return None
+
     # ---- opening
     def _check_planned(self, fd: int) -> None:
         """Parse the XISF header (self._image); refuse a file changed since it was planned."""

@@ -300,10 +300,11 @@ def test_the_read_aheads_setup_is_the_masters(frames):
     assert identity(setup_cards(inputs)) == identity(header)
 
 
-@pytest.mark.parametrize("kind", ["float32", "uint16"])
+@pytest.mark.parametrize("kind", ["float32", "uint16", "xisf"])
 def test_a_master_binned_as_read_is_the_master_binned_in_memory(tmp_path, kind, monkeypatch):
-    """A float master's bytes are swapped in place and folded (no float copy); any other
-    file goes through the reader's fill: both give binned_master's sums and samples."""
+    """A float FITS master's bytes are swapped in place and folded (no float copy); any
+    other file (an XISF master: little-endian, its own layout) goes through the reader's
+    fill: all give binned_master's sums and samples."""
     from flatd.qc import previous as P
 
     monkeypatch.setattr(P, "BAND_BYTES", 1 << 20)  # bands that start inside blocks of rows
@@ -312,6 +313,10 @@ def test_a_master_binned_as_read_is_the_master_binned_in_memory(tmp_path, kind, 
         image = np.clip(image, 0, 65535).astype(np.uint16).astype(np.float32)
         fits.PrimaryHDU(image.astype(np.uint16)).writeto(tmp_path / "m.fits")  # BZERO 32768
         path = tmp_path / "m.fits"
+    elif kind == "xisf":
+        from flatd.output.masters import write_master as write_any
+
+        path = write_any(tmp_path, "m.xisf", image, fits.Header({"IMAGETYP": "Master Flat"}))
     else:
         path = write_master(tmp_path / "m.fits", image)
     read, held = P.read_binned(path, image.shape), P.binned_master(image)
