@@ -490,7 +490,7 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
     from flatd.output.masters import add_checks, master_header, write_master
     from flatd.qc.masters import judge, measure_master
     from flatd.qc.previous import check_previous
-    from flatd.runner import Rejection, _binned, _start_preview, _start_ratio_picture, _write_previews
+    from flatd.runner import Rejection, _binned, _start_pictures, _write_previews
     from flatd.stack.auto import choose
     from flatd.stack.engines.local import stack_frames
 
@@ -560,8 +560,7 @@ def time_part(cache: Path, rounds: int, tmp: Path) -> None:
         assert previous.path == prev_path, previous.skipped
         split["master checks and the previous master (beside them)"] = time.perf_counter() - t
         t = time.perf_counter()  # as the runner does: the pictures drawn while the master is written
-        pictures = [_start_preview(picture_job, result.image, (0, 0), binned),
-                    _start_ratio_picture(picture_job, result.image.shape, (0, 0), previous.comparison)]
+        pictures = _start_pictures(picture_job, result.image, (0, 0), binned, previous.comparison)
         master = write(result, qc)
         split["write the master"] = time.perf_counter() - t
         t = time.perf_counter()

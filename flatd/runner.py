@@ -369,9 +369,7 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the other groups
             raise JobFailed(f"internal error: {type(exc).__name__}: {exc}") from None
         self._writing(job)
-        pictures = [_start_preview(job, result.image, origin, binned)] if job.previews else None
-        if pictures is not None and _comparison(qc) is not None:
-            pictures.append(_start_ratio_picture(job, result.image.shape, origin, _comparison(qc)))
+        pictures = _start_pictures(job, result.image, origin, binned, _comparison(qc)) if job.previews else None
         try:
             master = write_master(job.output_dir, master_name_for(job, qc), result.image, header,
                                   rejection_map=result.rejection_map if job.rejection_map else None)
@@ -734,29 +732,32 @@ def _binned(job: Job, result):
         return None
 
 
-def _start_preview(job: Job, image, origin=(0, 0), binned=None):
-    """output.previews: the master's PNG picture, drawn in a thread of its own while the
-    master is written (numpy, zlib and Pillow let go of the GIL; the write's fsync leaves
-    the CPU idle; drawn beside the checks instead, it only contends with them), from
-    `binned` (_binned's) when it holds the picture's bins. A Future of
-    flatd.qc.previews.render_master's (kind, PNG bytes or the exception), for _write_previews."""
-    def draw() -> tuple:
-        from flatd.qc.previews import master_layout, render_master
+def _start_pictures(job: Job, image, origin=(0, 0), binned=None, comparison=None) -> list:
+    """output.previews: the master's PNG picture and, with a previous-master comparison,
+    the ratio's, each drawn in a thread of its own while the master is written (numpy,
+    zlib and Pillow let go of the GIL; the write's fsync leaves the CPU idle; drawn beside
+    the checks instead, they only contend with them); the master's from `binned`
+    (_binned's) when it holds the picture's bins. Futures of flatd.qc.previews'
+    render_master / render_ratio (kind, PNG bytes or the exception), for _write_previews."""
+    def layout():
+        from flatd.qc.previews import master_layout
 
-        return render_master(image, master_layout(job.frames, image.shape, origin), _bottom_up(job), binned)
+        return master_layout(job.frames, image.shape, origin)
 
-    return _in_thread("flatd-preview", draw)
+    def master() -> tuple:
+        from flatd.qc.previews import render_master
 
+        return render_master(image, layout(), _bottom_up(job), binned)
 
-def _start_ratio_picture(job: Job, shape, origin, comparison):
-    """The picture of the comparison with the previous master, drawn in a thread of its
-    own while the master is written: a Future of flatd.qc.previews.render_ratio's."""
-    def draw() -> tuple:
-        from flatd.qc.previews import master_layout, render_ratio
+    def ratio() -> tuple:
+        from flatd.qc.previews import render_ratio
 
-        return render_ratio(comparison, master_layout(job.frames, shape, origin), _bottom_up(job))
+        return render_ratio(comparison, layout(), _bottom_up(job))
 
-    return _in_thread("flatd-ratio-picture", draw)
+    pictures = [_in_thread("flatd-preview", master)]
+    if comparison is not None:
+        pictures.append(_in_thread("flatd-ratio-picture", ratio))
+    return pictures
 
 
 def _bottom_up(job: Job) -> bool:
@@ -776,7 +777,7 @@ def _in_thread(name: str, fn: Callable):
 
 
 def _write_previews(job: Job, master: Path, pictures) -> list[Path]:
-    """The pictures started by _start_preview and _start_ratio_picture, written beside the master just written; a
+    """The pictures started by _start_pictures, written beside the master just written; a
     failure (Pillow missing, a picture that cannot be drawn or written) is a warning,
     never the job's."""
     try:

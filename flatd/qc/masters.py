@@ -337,7 +337,7 @@ def binned_block_means(binned, shape: tuple[int, int], blocks: int = 16) -> np.n
     """block_means of a master of `shape` from its binned sums (flatd.qc.previous.Binned,
     every pixel finite and positive): the same blocks, their edges on the nearest bin
     edges (within half a bin; the pixels of a last, partial bin left out)."""
-    sums = binned.sums.sum(axis=(0, 1), dtype=np.float32).astype(np.float64)
+    sums = binned.total().astype(np.float64)
     b = binned.binning
     edges = []
     for size, bins in zip(shape, sums.shape):

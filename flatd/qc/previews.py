@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from flatd.errors import FlatdError
-from flatd.qc.blocks import NONFINITE
+from flatd.qc.blocks import block_sums
 
 MAX_SIDE = 1024  # the long side of a preview, at most (half the pixels of 1,200 px, and of the time)
 COARSE = 256  # the large-scale shape is found on a grid of at most this many px (long side)
@@ -103,23 +103,6 @@ def bin_factor(shape: Sequence[int], max_side: int = MAX_SIDE) -> int:
     return max(1, math.ceil(max(shape) / max_side))
 
 
-def _block_sums(a: np.ndarray, factor: int) -> np.ndarray:
-    """Sums over factor x factor blocks (zero-padded at the far edges), by strided adds."""
-    h, w = a.shape
-    hb, wb = -(-h // factor), -(-w // factor)
-    if (hb * factor, wb * factor) != (h, w):
-        padded = np.zeros((hb * factor, wb * factor), dtype=np.float32)
-        padded[:h, :w] = a
-        a = padded
-    rows = a[0::factor].astype(np.float32, copy=True)
-    for k in range(1, factor):
-        rows += a[k::factor]
-    out = rows[:, 0::factor].copy()
-    for k in range(1, factor):
-        out += rows[:, k::factor]
-    return out
-
-
 def _block_counts(n: int, factor: int) -> np.ndarray:
     counts = np.full(-(-n // factor), factor, dtype=np.float32)
     counts[-1] = n - (counts.size - 1) * factor
@@ -132,12 +115,12 @@ def bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
     row or column is lost."""
     if factor == 1:
         return _nan_for_infinite(image)
-    sums = _block_sums(image, factor)
-    if np.isfinite(sums).all():  # so is every pixel (a sum that overflowed takes the way below: still right)
-        return sums / np.outer(_block_counts(image.shape[0], factor), _block_counts(image.shape[1], factor))
+    blocks = block_sums(image, factor)  # the pass also tells whether every pixel is finite
+    if blocks.finite:
+        return blocks.total() / np.outer(_block_counts(image.shape[0], factor), _block_counts(image.shape[1], factor))
     finite = np.isfinite(image)
-    sums = _block_sums(np.where(finite, image, np.float32(0)), factor)
-    counts = _block_sums(finite.astype(np.float32), factor)
+    sums = block_sums(np.where(finite, image, np.float32(0)), factor).total()
+    counts = block_sums(finite.astype(np.float32), factor).total()
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, np.float32(1)), np.float32(np.nan))
 
@@ -365,10 +348,10 @@ def _display_rows(array: np.ndarray, bottom_up: bool) -> np.ndarray:
 
 def _from_blocks(blocks, shape: tuple[int, int], layout, max_side: int) -> Optional[list[np.ndarray]]:
     """The binned plane(s) master_preview would make, from a master's block sums by parity
-    (`blocks`: flatd.qc.previous.Binned or flatd.qc.blocks.Blocks: .binning, .sums
-    (2, 2, ny, nx), .flags) when they are of its bins: every pixel finite, whole blocks of
-    the preview's size. Mono: [plane]; colour: [R, G, B]. None otherwise."""
-    if blocks is None or blocks.flags & NONFINITE:
+    (`blocks`: flatd.qc.blocks.Blocks, e.g. flatd.qc.previous.Binned) when they are of its
+    bins: every pixel finite, whole blocks of the preview's size. Mono: [plane]; colour:
+    [R, G, B]. None otherwise."""
+    if blocks is None or not blocks.finite:
         return None
     h, w = shape
     b = blocks.binning
@@ -376,7 +359,7 @@ def _from_blocks(blocks, shape: tuple[int, int], layout, max_side: int) -> Optio
     if b != factor or h % b or w % b or blocks.sums.shape[2:] != (h // b, w // b):
         return None
     if layout is None:
-        return [blocks.sums.sum(axis=(0, 1), dtype=np.float32) / np.float32(b * b)]
+        return [blocks.total() / np.float32(b * b)]
     if b % 2:
         return None
     parts: dict[str, list[np.ndarray]] = {"R": [], "G": [], "B": []}
@@ -397,7 +380,7 @@ def master_preview(image: np.ndarray, layout=None, bottom_up: Optional[bool] = N
     master's block sums, when made (_from_blocks: no pass over the master). PreviewError
     when no picture can be made (no finite pixel, not 2-D)."""
     array = _as_image(image)
-    bottom_up = bool(layout.bottom_up) if bottom_up is None and layout is not None else bool(bottom_up)
+    bottom_up = _flip(layout, bottom_up)
     ready = _from_blocks(blocks, array.shape, layout, max_side)
     if layout is None:
         binned = ready[0] if ready else bin_mean(array, bin_factor(array.shape, max_side))
@@ -490,9 +473,9 @@ def _marks(draw, blobs: Iterable, scale: float, size: tuple[int, int],
 def ratio_preview(ratio: np.ndarray, blobs: Iterable = (), bottom_up: bool = False,
                   max_side: int = MAX_SIDE, binning: int = 1) -> Image.Image:
     """The ratio new / previous master (large-scale shapes already matched) as a palette
-    picture ("P", flatd's colours): white at 1 (and within 3 noise sigmas of it), red where the new master is
-    brighter, blue where darker, full colour at 1 +- 1 % (or +-6 noise sigmas), grey
-    where unknown. `binning`: master pixels per ratio pixel (Comparison.binning). Each
+    picture ("P", flatd's colours): white at 1 (and within 3 noise sigmas of it), red
+    where the new master is brighter, blue where darker, full colour at 1 +- 1 % (or +-6
+    noise sigmas), grey where unknown. `binning`: master pixels per ratio pixel (Comparison.binning). Each
     blob (any object with x, y, radius in master pixels, depth in %, and kind:
     "appeared" / "went") is circled and labelled. PreviewError when the ratio has no
     finite pixel."""
@@ -602,7 +585,7 @@ def render_ratio(comparison, layout=None, bottom_up: Optional[bool] = None) -> O
 def render_previews(image: np.ndarray, layout=None, comparison=None, bottom_up: Optional[bool] = None) -> list:
     """[(kind, PNG bytes or the exception that stopped it)]: the master's preview, and the
     ratio picture when the previous-master comparison ran. Pure computation (no file):
-    the runner draws them in a thread of their own (flatd.runner._start_previews)."""
+    the runner draws each in a thread of its own (flatd.runner._start_pictures)."""
     ratio = render_ratio(comparison, layout, bottom_up)
     return [render_master(image, layout, bottom_up)] + ([ratio] if ratio is not None else [])
 
@@ -618,10 +601,13 @@ def write_rendered(master_path: Path, rendered, **fields) -> list[Path]:
     written = []
     for item in rendered:
         try:
-            kind, data = item.result() if hasattr(item, "result") else item
+            item = item.result() if hasattr(item, "result") else item
         except Exception as exc:  # noqa: BLE001 - the drawing thread's own failure
             _warn(preview, exc, fields)
             continue
+        if item is None:  # render_ratio's: no ratio to draw
+            continue
+        kind, data = item
         try:
             if isinstance(data, Exception):
                 raise data

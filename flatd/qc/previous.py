@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from flatd.qc.blocks import NONFINITE, NONPOSITIVE, fold
+from flatd.qc.blocks import NONFINITE, NONPOSITIVE, Blocks, fold
 
 MAD_SIGMA = 1.4826
 MAX_SIDE = 1024  # the ratio is binned (b x b) until its longer side is at most this
@@ -108,20 +108,15 @@ SAMPLE_VALUES = 20_000  # per CFA position, for the median ratio of the position
 
 
 @dataclass
-class Binned:
-    """A master reduced for the comparison in one pass (flatd.qc.blocks.fold): per b x b
-    block, the sums of its pixels by the parity of their row and column offset in the
-    block (2, 2, ny, nx), so that each CFA position can be scaled afterwards; every
-    `step`-th pixel of each CFA position (2, 2, ...) for the positions' median ratio; and
-    what the master holds (fold's bits: a pixel not finite, not above 0, at or above
-    `limit`). `positive`: every pixel finite and above 0 (if not: compare the full
-    images, raw_ratio)."""
+class Binned(Blocks):
+    """A master reduced for the comparison in one pass (flatd.qc.blocks.fold): its Blocks
+    (per b x b block, the sums of its pixels by the parity of their row and column offset
+    in the block, so that each CFA position can be scaled afterwards; fold's bits: a pixel
+    not finite, not above 0, at or above `limit`); and every `step`-th pixel of each CFA
+    position (2, 2, ...) for the positions' median ratio. `positive`: every pixel finite
+    and above 0 (if not: compare the full images, raw_ratio)."""
 
-    shape: tuple[int, int]
-    binning: int
-    sums: np.ndarray
-    samples: list
-    flags: int = 0
+    samples: list = field(default_factory=list)
     limit: float = math.inf
 
     @property
@@ -142,7 +137,8 @@ def sample_step(shape: tuple[int, int]) -> int:
 
 def _empty_binned(shape: tuple[int, int], b: int, limit: float = math.inf) -> Binned:
     h, w = shape
-    return Binned((h, w), b, np.zeros((2, 2, h // b, w // b), dtype=np.float32), [[[], []], [[], []]], 0, limit)
+    return Binned((h, w), b, np.zeros((2, 2, h // b, w // b), dtype=np.float32), 0,
+                  samples=[[[], []], [[], []]], limit=limit)
 
 
 def _add_band(out: Binned, band: np.ndarray, r0: int) -> None:
@@ -189,7 +185,7 @@ def read_binned(path: Path, shape: tuple[int, int]) -> Binned:
             scratch = np.empty(src.raw_bytes(0, band.shape[0]), dtype=np.uint8)
             for r0 in range(0, src.height, rows):
                 r1 = min(src.height, r0 + rows)
-                native = getattr(src, "float32_rows", lambda *a: None)(r0, r1, scratch)  # a float FITS master
+                native = src.float32_rows(r0, r1, scratch)  # a float FITS master: its bytes swapped in place
                 if native is None:
                     src.read_into(r0, r1, band[: r1 - r0], scratch=scratch)
                     native = band[: r1 - r0]
@@ -219,7 +215,7 @@ def _ratio_of_binned(a: Binned, p: Binned) -> np.ndarray:
                     med = float(np.median(sa / sp))
                 if math.isfinite(med) and med > 0:
                     scale[py, px] = med
-    top = a.sums.sum(axis=(0, 1))
+    top = a.total()
     bottom = np.zeros((ny, nx), dtype=np.float32)
     # the CFA position of offset (ci, cj) in block (Y, X) is (Y b + ci, X b + cj) mod 2: with an
     # even b the same in every block, with an odd one it alternates with the block's parity

@@ -403,31 +403,25 @@ static void fold_row_blocks(const float *acc, ix w, ix b, float *even, float *od
 static int fold_blocks(const float *band, ix rows, ix w, ix row0, ix b, float *out, ix ny, ix nx, float limit,
                        int *flags) {
     uint32_t nonfinite = 0, nonpositive = 0, high = 0;
-    float *acc = calloc(2 * (size_t)(w > 0 ? w : 1), sizeof(float));
+    /* a row buffer per parity, and a third that rows beyond the ny blocks are added into
+     * and never folded (they are still looked at) */
+    float *acc = calloc(3 * (size_t)(w > 0 ? w : 1), sizeof(float));
     if (!acc) return -1;
     int used[2] = {0, 0};
     for (ix r = 0; r < rows; r++) {
         const float *row = band + r * w;
         ix y = row0 + r, Y = y / b;
         int ci = (int)((y % b) & 1);
-        float *a = acc + ci * w;
-        /* v - v is 0 for a finite value, NaN otherwise */
-        if (Y >= ny) {
-            for (ix x = 0; x < w; x++) {
-                float v = row[x];
-                nonfinite |= (uint32_t)!(v - v == 0.0f);
-                nonpositive |= (uint32_t)(v <= 0.0f) & (uint32_t)(v - v == 0.0f);
-                high |= (uint32_t)(v >= limit) & (uint32_t)(v - v == 0.0f);
-            }
-            continue;
-        }
+        float *a = acc + (Y < ny ? ci : 2) * w;
         for (ix x = 0; x < w; x++) {
             float v = row[x];
+            uint32_t finite = (uint32_t)(v - v == 0.0f); /* v - v is 0 for a finite value, NaN otherwise */
             a[x] += v;
-            nonfinite |= (uint32_t)!(v - v == 0.0f);
-            nonpositive |= (uint32_t)(v <= 0.0f) & (uint32_t)(v - v == 0.0f);
-            high |= (uint32_t)(v >= limit) & (uint32_t)(v - v == 0.0f);
+            nonfinite |= finite ^ 1u;
+            nonpositive |= (uint32_t)(v <= 0.0f) & finite;
+            high |= (uint32_t)(v >= limit) & finite;
         }
+        if (Y >= ny) continue;
         used[ci] = 1;
         if (y % b == b - 1 || r == rows - 1) { /* the block row ends here, or the band does */
             for (int c = 0; c < 2; c++) {
